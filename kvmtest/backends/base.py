@@ -1,0 +1,57 @@
+"""What every backend provides to the shared host loop (runner.py)."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Protocol
+
+from ..exits import Exit
+from ..observation import NestedView
+from ..payloads import Payload
+
+
+class Unsupported(Exception):
+    """The backend cannot run this case here; the message says why and what to do."""
+
+
+class Machine(Protocol):
+    """One L1 vCPU with the shared layout loaded, ready to run."""
+
+    def read(self, gpa: int, n: int) -> bytes: ...
+
+    def write(self, gpa: int, data: bytes) -> None: ...
+
+    def run(self, timeout: float) -> Exit:
+        """Run until the next exit to the host, or TimedOut."""
+        ...
+
+    def nested_state(self) -> NestedView | None:
+        """KVM_GET_NESTED_STATE's view, or None if the backend has none."""
+        ...
+
+    def set_nested_state(self, flags: int, vmcb12_gpa: int, vmcb12: bytes) -> int:
+        """KVM_SET_NESTED_STATE in guest mode with vmcb12 as the cached
+        VMCB12 control area; returns 0 or the errno it failed with."""
+        ...
+
+
+class Backend(Protocol):
+    name: str
+
+    def capabilities(self) -> dict[str, str | None]:
+        """need -> None if met, else the reason it is not (for skips)."""
+        ...
+
+    def machine(self, payload: Payload, svm: bool) -> AbstractContextManager[Machine]:
+        """A vCPU in long mode running `payload`, guest CPUID with or without SVM."""
+        ...
+
+    def kernel_log(self) -> AbstractContextManager[list[str] | None]:
+        """Collects new kernel-log lines that indicate a kernel bug during the
+        with-block; yields a list filled on exit, or None when the log cannot
+        be read (reported as 'kernel log not checked')."""
+        ...
+
+    def describe(self) -> dict[str, str]:
+        """backend, kernel release, profile ... for reports."""
+        ...

@@ -1,0 +1,118 @@
+"""A case is data: payload + parameters + VMCB12 changes + expectations.
+
+Backends never look at expectations; they turn a Case into an Observation.
+The judge (judge.py) compares the two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from . import layout, params
+
+# GIF modes for VMRUN cases: GIF=1 at VMRUN (as after reset) or CLGI first.
+GIF1 = "gif1"
+GIF0 = "gif0"
+
+# Scenarios: what the host loop does with the payload.
+VMRUN = "vmrun"  # payload vmrun: L1 runs VMRUN on a prepared VMCB12
+INSN = "insn"  # payload svm_insn: one instruction, exception or not
+SET_NESTED_STATE = "set_nested_state"  # KVM_SET_NESTED_STATE with a bad VMCB12
+
+# Capabilities a case needs from its backend (backends report theirs).
+NEED_SVM = "svm"  # SVM in the guest CPUID, nested SVM in the host
+NEED_NO_SVM = "no_svm"  # guest CPUID without SVM (runs on any KVM)
+NEED_NESTED_STATE = "nested_state"  # KVM_CAP_NESTED_STATE
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What a correct kernel does.
+
+    kind: "vmexit_invalid"  failed VMRUN: the contract of DESIGN.md section 1
+          "vmexit"          VMRUN succeeds and L2 exits with exit_code
+          "exception"       L1 takes `vector` at symbol `at` (error_code if set)
+          "no_fault"        the instruction completes
+          "einval"          the ioctl fails with EINVAL and L1 still runs
+    """
+
+    kind: str
+    exit_code: int | None = None
+    vector: int | None = None
+    at: str | None = None
+    error_code: int | None = None
+
+    def describe(self) -> str:
+        if self.kind == "vmexit":
+            return f"vmexit {self.exit_code:#x}"
+        if self.kind == "exception":
+            ec = "" if self.error_code is None else f" ec={self.error_code:#x}"
+            return f"{_VECTOR_NAMES.get(self.vector or 0, self.vector)}{ec} at {self.at}"
+        return self.kind.replace("_", " ")
+
+
+_VECTOR_NAMES = {0: "#DE", 6: "#UD", 13: "#GP", 14: "#PF", 8: "#DF"}
+
+VMEXIT_INVALID = Expect("vmexit_invalid")
+
+
+def vmexit(code: int) -> Expect:
+    return Expect("vmexit", exit_code=code)
+
+
+def exception(vector: int, at: str, error_code: int | None = None) -> Expect:
+    return Expect("exception", vector=vector, at=at, error_code=error_code)
+
+
+NO_FAULT = Expect("no_fault")
+EINVAL = Expect("einval")
+
+
+def _frozen(m: Mapping | None) -> Mapping:
+    return MappingProxyType(dict(m or {}))
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str  # e.g. "save/cr0-cd0-nw1[gif1]"
+    family: str  # insn, save, control, late, negative, nested_state
+    scenario: str  # VMRUN, INSN, SET_NESTED_STATE
+    expect: Expect  # what every correct kernel does (the contract)
+    source: str  # APM section or KVM check this case comes from
+    payload: str = "vmrun"
+    gif_mode: str | None = None
+    params: Mapping[str, int] = field(default_factory=dict)
+    vmcb: Mapping[str, int] = field(default_factory=dict)  # VMCB12 field -> value
+    l2_entry: str = "l2_vmmcall"
+    memory: Mapping[int, bytes] = field(default_factory=dict)  # extra guest memory
+    needs: frozenset[str] = frozenset({NEED_SVM})
+    # Kernel generations that legitimately differ: profile -> expectation.
+    # When set, `expect` is ignored and the case passes if the observation
+    # matches the selected (or, with none selected, any known) profile.
+    profiles: Mapping[str, Expect] = field(default_factory=dict)
+    # The case it is the negative control of (same VMCB minus the defect).
+    control_of: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("params", "vmcb", "memory", "profiles"):
+            object.__setattr__(self, name, _frozen(getattr(self, name)))
+        unknown = set(self.params) - set(params.PARAMS)
+        if unknown:
+            raise ValueError(f"{self.id}: unknown params {sorted(unknown)}")
+
+    @property
+    def consistency_check(self) -> bool:
+        """A VMRUN consistency-check failure (not a late failure)."""
+        return self.family in ("save", "control") and self.expect.kind == "vmexit_invalid"
+
+    def guest_params(self) -> dict[str, int]:
+        """The params block: defaults for the scenario, then the case's own."""
+        flags = params.PF_SET_SVME | params.PF_SET_HSAVE
+        if self.gif_mode == GIF0:
+            flags |= params.PF_CLGI
+        elif self.gif_mode == GIF1:
+            flags |= params.PF_STGI
+        base = {"flags": flags, "vmrun_rax": layout.VMCB12_GPA, "hsave_pa": layout.HSAVE_GPA}
+        return {**base, **self.params}

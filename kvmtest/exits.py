@@ -1,0 +1,92 @@
+"""Typed vCPU exits, shared by every backend (KVM_EXIT_* in KVM's terms).
+
+The kvm backend builds these from ``struct kvm_run``; the model backend builds
+the same ones from Unicorn hooks, so one host loop serves both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KVM_EXIT_IO_IN = 0
+KVM_EXIT_IO_OUT = 1
+
+
+@dataclass(frozen=True)
+class IoExit:
+    direction: int  # KVM_EXIT_IO_IN / KVM_EXIT_IO_OUT
+    port: int
+    size: int
+    count: int
+    data: bytes
+
+    @property
+    def value(self) -> int:
+        return int.from_bytes(self.data[: self.size], "little")
+
+
+@dataclass(frozen=True)
+class HltExit:
+    pass
+
+
+@dataclass(frozen=True)
+class ShutdownExit:
+    """Triple fault (or an exception with no usable IDT)."""
+
+
+@dataclass(frozen=True)
+class FailEntryExit:
+    reason: int
+    cpu: int
+
+
+@dataclass(frozen=True)
+class InternalErrorExit:
+    suberror: int
+    data: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class MmioExit:
+    phys_addr: int
+    data: bytes
+    len: int
+    is_write: bool
+
+
+@dataclass(frozen=True)
+class InterruptedExit:
+    """KVM_RUN returned EINTR or KVM_EXIT_INTR: a signal, not the guest."""
+
+
+@dataclass(frozen=True)
+class SystemEventExit:
+    type: int
+    data: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class UnknownExit:
+    reason: int
+
+
+@dataclass(frozen=True)
+class TimedOut:
+    """The guest did not exit within the run's timeout and was interrupted."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EmulationError:
+    """The model backend cannot go on (unknown instruction, unmapped fetch)."""
+
+    message: str
+    rip: int
+
+
+Exit = (
+    IoExit | HltExit | ShutdownExit | FailEntryExit | InternalErrorExit | MmioExit
+    | InterruptedExit | SystemEventExit | UnknownExit | TimedOut | EmulationError
+)

@@ -1,0 +1,70 @@
+"""What a backend saw when it ran a case: data only, no verdicts."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# KVM_STATE_NESTED_* flags (arch/x86/include/uapi/asm/kvm.h); the model uses
+# the same values so nested-state views compare directly.
+KVM_STATE_NESTED_GUEST_MODE = 0x1
+KVM_STATE_NESTED_RUN_PENDING = 0x2
+KVM_STATE_NESTED_GIF_SET = 0x100
+
+
+@dataclass(frozen=True)
+class NestedView:
+    """The part of KVM_GET_NESTED_STATE the contract needs."""
+
+    flags: int
+    vmcb12_gpa: int | None  # hdr.svm.vmcb_pa, meaningful in guest mode
+
+    @property
+    def gif(self) -> bool:
+        return bool(self.flags & KVM_STATE_NESTED_GIF_SET)
+
+    @property
+    def guest_mode(self) -> bool:
+        return bool(self.flags & KVM_STATE_NESTED_GUEST_MODE)
+
+
+# Outcomes of the host loop.
+SYNC = "sync"  # L1 reported after VMRUN (or after a non-faulting insn)
+EXCEPTION = "exception"  # L1's IDT stub reported an exception
+EINVAL = "einval"  # KVM_SET_NESTED_STATE refused the state
+ACCEPTED = "accepted"  # KVM_SET_NESTED_STATE accepted it
+TIMEOUT = "timeout"
+SHUTDOWN = "shutdown"
+GUEST_ASSERT = "guest_assert"
+UNEXPECTED_EXIT = "unexpected_exit"
+EMULATION_ERROR = "emulation_error"
+
+
+@dataclass
+class Observation:
+    outcome: str
+    detail: str = ""
+    # L1 exception (EXCEPTION outcome)
+    vector: int | None = None
+    error_code: int | None = None
+    rip: int | None = None
+    rip_symbol: str | None = None
+    # VMCB12 after the run (exit fields were poisoned before)
+    exit_code: int | None = None
+    exit_info_1: int | None = None
+    exit_info_2: int | None = None
+    exit_int_info: int | None = None
+    event_inj: int | None = None
+    # nested state at L1's report (None: backend cannot tell)
+    gif: bool | None = None
+    guest_mode: bool | None = None
+    # L1's own report: after VMRUN and just before it (result block)
+    l1: dict[str, int] | None = None
+    exits: list[str] = field(default_factory=list)
+    # new kernel-log lines that indicate a kernel bug; None: not checked
+    kernel_warnings: list[str] | None = None
+    kernel_log_checked: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: v for k, v in d.items() if v is not None and v != [] and v != ""}

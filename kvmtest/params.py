@@ -1,0 +1,71 @@
+"""Host->guest case parameters and guest->host result block.
+
+Both are arrays of u64 at fixed GPAs.  The payloads get the offsets from a
+header generated from this module (payload_build.py), so there is one source
+of truth for the layout.
+"""
+
+from __future__ import annotations
+
+from . import layout
+
+# struct params at PARAMS_GPA, written by the host before the run.
+PARAMS = (
+    "flags",  # PF_* below
+    "vmrun_rax",  # RAX operand of VMRUN (the VMCB12 GPA, possibly illegal)
+    "hsave_pa",  # value written to MSR_VM_HSAVE_PA
+    "insn",  # svm_insn payload: which instruction to execute (INSN_*)
+    "count",  # ping payload: number of round trips
+    "msr_index",  # svm_insn payload, INSN_WRMSR: MSR and value
+    "msr_value",
+)
+
+PF_SET_SVME = 1 << 0  # set EFER.SVME before the test
+PF_SET_HSAVE = 1 << 1  # write MSR_VM_HSAVE_PA
+PF_CLGI = 1 << 2  # CLGI before VMRUN (gif0 mode)
+PF_STGI = 1 << 3  # STGI before VMRUN (explicit gif1 mode)
+
+# struct result at RESULT_GPA, written by L1 after VMRUN returns.
+RESULT = (
+    "stage",  # STAGE_* reached
+    "rsp",
+    "cr0",
+    "cr3",
+    "cr4",
+    "efer",
+    "rflags",
+    "rax",
+    "pre_rsp",  # the same registers just before VMRUN
+    "pre_cr0",
+    "pre_cr3",
+    "pre_cr4",
+    "pre_efer",
+)
+
+STAGE_BEFORE_VMRUN = 1
+STAGE_AFTER_VMRUN = 2
+
+RESULT_GPA = layout.PARAMS_GPA + 0x400
+RESULT_POISON = 0x5A5A_5A5A_5A5A_5A5A
+
+# svm_insn payload: instruction selector.
+INSNS = ("vmrun", "vmmcall", "vmload", "vmsave", "stgi", "clgi", "skinit", "invlpga", "wrmsr")
+
+
+def offset(struct_fields: tuple[str, ...], name: str) -> int:
+    return 8 * struct_fields.index(name)
+
+
+def pack(struct_fields: tuple[str, ...], values: dict[str, int]) -> bytes:
+    unknown = set(values) - set(struct_fields)
+    if unknown:
+        raise KeyError(f"unknown fields: {sorted(unknown)}")
+    return b"".join(
+        (values.get(f, 0) & (2**64 - 1)).to_bytes(8, "little") for f in struct_fields
+    )
+
+
+def unpack(struct_fields: tuple[str, ...], raw: bytes) -> dict[str, int]:
+    return {
+        f: int.from_bytes(raw[8 * i : 8 * i + 8], "little") for i, f in enumerate(struct_fields)
+    }
