@@ -35,7 +35,8 @@ class Expect:
           "vmexit"          VMRUN succeeds and L2 exits with exit_code
           "exception"       L1 takes `vector` at symbol `at` (error_code if set)
           "no_fault"        the instruction completes
-          "einval"          the ioctl fails with EINVAL and L1 still runs
+          "einval"          KVM_SET_NESTED_STATE fails with EINVAL and L1 still runs
+          "accepted"        KVM_SET_NESTED_STATE succeeds and the vCPU is in guest mode
     """
 
     kind: str
@@ -43,6 +44,9 @@ class Expect:
     vector: int | None = None
     at: str | None = None
     error_code: int | None = None
+    # After the #VMEXIT: True = EVENTINJ must read 0, False = must be kept,
+    # None = not part of this expectation.
+    event_inj_cleared: bool | None = None
 
     def describe(self) -> str:
         if self.kind == "vmexit":
@@ -50,7 +54,10 @@ class Expect:
         if self.kind == "exception":
             ec = "" if self.error_code is None else f" ec={self.error_code:#x}"
             return f"{_VECTOR_NAMES.get(self.vector or 0, self.vector)}{ec} at {self.at}"
-        return self.kind.replace("_", " ")
+        text = self.kind.replace("_", " ")
+        if self.event_inj_cleared is not None:
+            text += ", EVENTINJ " + ("cleared" if self.event_inj_cleared else "kept")
+        return text
 
 
 _VECTOR_NAMES = {0: "#DE", 6: "#UD", 13: "#GP", 14: "#PF", 8: "#DF"}
@@ -68,6 +75,7 @@ def exception(vector: int, at: str, error_code: int | None = None) -> Expect:
 
 NO_FAULT = Expect("no_fault")
 EINVAL = Expect("einval")
+ACCEPTED = Expect("accepted")
 
 
 def _frozen(m: Mapping | None) -> Mapping:

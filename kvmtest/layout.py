@@ -69,6 +69,9 @@ L1_RFLAGS = 0x2
 # Page-table entry bits.
 PTE_P = 1 << 0
 PTE_RW = 1 << 1
+# U/S set so the same tables can serve as nested page tables: NPT walks
+# are user accesses.
+PTE_US = 1 << 2
 PTE_PS = 1 << 7
 
 IDT_VECTORS = 32  # exceptions only; the stubs report anything else as spurious
@@ -76,9 +79,9 @@ IDT_VECTORS = 32  # exceptions only; the stubs report anything else as spurious
 
 def page_tables() -> dict[int, bytes]:
     """PML4/PDPT/PD identity-mapping [0, 1 GiB) with 2 MiB pages."""
-    pml4 = (PDPT_GPA | PTE_P | PTE_RW).to_bytes(8, "little").ljust(PAGE_SIZE, b"\0")
-    pdpt = (PD_GPA | PTE_P | PTE_RW).to_bytes(8, "little").ljust(PAGE_SIZE, b"\0")
+    pml4 = (PDPT_GPA | PTE_P | PTE_RW | PTE_US).to_bytes(8, "little").ljust(PAGE_SIZE, b"\0")
+    pdpt = (PD_GPA | PTE_P | PTE_RW | PTE_US).to_bytes(8, "little").ljust(PAGE_SIZE, b"\0")
     pd = b"".join(
-        ((i << 21) | PTE_P | PTE_RW | PTE_PS).to_bytes(8, "little") for i in range(512)
+        ((i << 21) | PTE_P | PTE_RW | PTE_US | PTE_PS).to_bytes(8, "little") for i in range(512)
     )
     return {PML4_GPA: pml4, PDPT_GPA: pdpt, PD_GPA: pd}

@@ -65,6 +65,15 @@ class Observation:
     kernel_warnings: list[str] | None = None
     kernel_log_checked: bool = False
 
+    def describe(self) -> str:
+        if self.outcome == EXCEPTION:
+            where = self.rip_symbol or hex(self.rip or 0)
+            return f"vector {self.vector} ec={self.error_code:#x} at {where}"
+        if self.outcome == SYNC and self.exit_code is not None:
+            gif = {None: "?", True: "1", False: "0"}[self.gif]
+            return f"exit {self.exit_code:#x} GIF={gif}"
+        return f"{self.outcome} {self.detail}".rstrip()
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         return {k: v for k, v in d.items() if v is not None and v != [] and v != ""}

@@ -39,7 +39,7 @@ def symbolize(payload: Payload, addr: int) -> str | None:
 def prepare_memory(m: Machine, case: Case, payload: Payload) -> None:
     m.write(layout.PARAMS_GPA, params.pack(params.PARAMS, case.guest_params()))
     m.write(params.RESULT_GPA, params.RESULT_POISON.to_bytes(8, "little") * len(params.RESULT))
-    if case.scenario in (VMRUN, SET_NESTED_STATE):
+    if NEED_SVM in case.needs:
         m.write(layout.VMCB12_GPA, vmcb12.prepare(payload, case.l2_entry, case.vmcb).to_bytes())
     for gpa, data in case.memory.items():
         m.write(gpa, data)

@@ -1,0 +1,36 @@
+"""The case catalogue: every family, built for one MAXPHYADDR.
+
+Case ids do not depend on MAXPHYADDR; values such as "the first GPA above
+MAXPHYADDR" do, so a backend builds the catalogue for its own vCPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from ..case import Case
+from . import control, insn, late, nested_state, save
+from ._build import vmrun_cases
+
+# Used for listing and collection; backends pass their real value.
+DEFAULT_MAXPHYADDR = 40
+
+
+@functools.cache
+def catalogue(maxphyaddr: int = DEFAULT_MAXPHYADDR) -> tuple[Case, ...]:
+    cases: list[Case] = [*insn.no_svm_cases(), *insn.svm_cases(maxphyaddr)]
+    cases += vmrun_cases("save", save.rows(maxphyaddr))
+    cases += vmrun_cases("control", control.rows(maxphyaddr))
+    cases += vmrun_cases("control", control.observation_rows(maxphyaddr))
+    cases += vmrun_cases("late", late.rows(maxphyaddr))
+    cases += nested_state.cases()
+    seen: set[str] = set()
+    for c in cases:
+        if c.id in seen:
+            raise ValueError(f"duplicate case id {c.id}")
+        seen.add(c.id)
+    return tuple(cases)
+
+
+def by_id(maxphyaddr: int = DEFAULT_MAXPHYADDR) -> dict[str, Case]:
+    return {c.id: c for c in catalogue(maxphyaddr)}

@@ -1,0 +1,171 @@
+"""The kvm backend: cases run on this host's /dev/kvm.
+
+L1 is put straight into long mode by KVM_SET_SREGS (no firmware), with the
+memory image of kvmtest.l1 in one memslot.  The guest CPUID is KVM's
+supported CPUID, with SVM removed for the no-SVM family.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import platform
+from collections.abc import Iterator
+
+from .. import kmsg, l1, layout
+from ..exits import Exit
+from ..kvm import CpuidEntry, Kvm, KvmError, NestedState, Vcpu, Vm, lib
+from ..observation import NestedView
+from ..payloads import Payload
+
+CPUID_EXT_FEATURES = 0x8000_0001
+CPUID_SVM_FEATURES = 0x8000_000A
+CPUID_ADDR_SIZES = 0x8000_0008
+SVM_BIT = 1 << 2  # CPUID 0x80000001 ECX
+MSR_VM_HSAVE_PA = 0xC001_0117
+
+
+def host_vendor() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def kvm_module() -> str:
+    for name in ("kvm_amd", "kvm_intel", "kvm_pvm"):
+        if os.path.isdir(f"/sys/module/{name}"):
+            return name
+    return "unknown"
+
+
+def has_svm(cpuid: list[CpuidEntry]) -> bool:
+    return any(e.function == CPUID_EXT_FEATURES and e.ecx & SVM_BIT for e in cpuid)
+
+
+def maxphyaddr(cpuid: list[CpuidEntry]) -> int:
+    for e in cpuid:
+        if e.function == CPUID_ADDR_SIZES:
+            return e.eax & 0xFF
+    return 36
+
+
+def guest_cpuid(supported: list[CpuidEntry], svm: bool) -> list[CpuidEntry]:
+    """KVM's supported CPUID, with SVM (leaf 0x8000000A and the feature bit)
+    removed when the case wants a guest without SVM."""
+    out = []
+    for e in supported:
+        e = CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+        if not svm and e.function == CPUID_SVM_FEATURES:
+            continue
+        if not svm and e.function == CPUID_EXT_FEATURES:
+            e.ecx &= ~SVM_BIT
+        out.append(e)
+    return out
+
+
+def _set_segment(seg, s: l1.Segment) -> None:
+    seg.selector, seg.base, seg.limit, seg.type = s.selector, s.base, s.limit, s.type
+    seg.present, seg.dpl, seg.db, seg.s, seg.l, seg.g, seg.avl = (
+        s.present, s.dpl, s.db, s.s, s.l, s.g, s.avl)
+    seg.unusable = s.unusable
+
+
+class KvmMachine:
+    """One VM with one vCPU in long mode, implementing backends.base.Machine."""
+
+    def __init__(self, kvm: Kvm, cpuid: list[CpuidEntry], payload: Payload) -> None:
+        self.vm: Vm = kvm.create_vm()
+        try:
+            self.mem = self.vm.set_user_memory_region(0, 0, layout.MEM_SIZE)
+            self.vcpu: Vcpu = self.vm.create_vcpu(0)
+            # KVM_SET_CPUID2 must precede EFER.LME (DESIGN.md section 3).
+            self.vcpu.set_cpuid2(cpuid)
+            for gpa, data in l1.memory_image(payload).items():
+                self.mem.write(gpa, data)
+            self._enter_long_mode(l1.initial_state(payload))
+        except BaseException:
+            self.vm.close()
+            raise
+        self.read = self.mem.read
+        self.write = self.mem.write
+
+    def _enter_long_mode(self, st: l1.L1State) -> None:
+        sregs = self.vcpu.get_sregs()
+        for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr"):
+            _set_segment(getattr(sregs, name), getattr(st, name))
+        _set_segment(sregs.ldt, st.ldt)
+        sregs.gdt.base, sregs.gdt.limit = st.gdt
+        sregs.idt.base, sregs.idt.limit = st.idt
+        sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer = st.cr0, st.cr3, st.cr4, st.efer
+        self.vcpu.set_sregs(sregs)
+        self.vcpu.set_regs(rip=st.rip, rsp=st.rsp, rflags=st.rflags)
+
+    def run(self, timeout: float) -> Exit:
+        return self.vcpu.run(timeout=timeout)
+
+    def nested_state(self) -> NestedView | None:
+        try:
+            st = self.vcpu.get_nested_state()
+        except KvmError:
+            return None
+        return NestedView(st.flags, st.vmcb12_gpa if st.guest_mode else None)
+
+    def set_nested_state(self, flags: int, vmcb12_gpa: int, vmcb12: bytes) -> int:
+        # KVM refuses guest mode unless L1 has EFER.SVME; L1 has not run yet.
+        sregs = self.vcpu.get_sregs()
+        sregs.efer |= layout.EFER_SVME
+        self.vcpu.set_sregs(sregs)
+        self.vcpu.set_msrs({MSR_VM_HSAVE_PA: layout.HSAVE_GPA})
+        try:
+            self.vcpu.set_nested_state(NestedState.svm(flags, vmcb12_gpa, vmcb12))
+        except KvmError as e:
+            return e.errno or errno.EIO
+        return 0
+
+    def close(self) -> None:
+        self.vm.close()
+
+
+class KvmBackend:
+    name = "kvm"
+
+    def __init__(self, profile: str | None = None) -> None:
+        self.profile = profile
+        self.kvm = Kvm()  # raises KvmUnavailable with an actionable message
+        self.supported = self.kvm.supported_cpuid()
+        self.svm = has_svm(self.supported)
+        self.nested_cap = self.kvm.check_extension(lib.KVM_CAP_NESTED_STATE)
+        self.maxphyaddr = maxphyaddr(self.supported)
+
+    def close(self) -> None:
+        self.kvm.close()
+
+    def no_svm_reason(self) -> str:
+        return (f"host KVM has no SVM: {host_vendor()}, {kvm_module()}; "
+                "use --backend qemu or model")
+
+    def capabilities(self) -> dict[str, str | None]:
+        return {
+            "no_svm": None,
+            "svm": None if self.svm else self.no_svm_reason(),
+            "nested_state": None if self.nested_cap else (
+                "host KVM lacks KVM_CAP_NESTED_STATE (needs kvm_amd with nested=1)"),
+        }
+
+    @contextlib.contextmanager
+    def machine(self, payload: Payload, svm: bool) -> Iterator[KvmMachine]:
+        m = KvmMachine(self.kvm, guest_cpuid(self.supported, svm), payload)
+        try:
+            yield m
+        finally:
+            m.close()
+
+    def kernel_log(self):
+        return kmsg.watch()
+
+    def describe(self) -> dict[str, str]:
+        return {"backend": self.name, "kernel": platform.release(),
+                "detail": f"{host_vendor()}, {kvm_module()}"}

@@ -1,0 +1,87 @@
+"""Control-area consistency checks (KVM: __nested_vmcb_check_controls)."""
+
+from __future__ import annotations
+
+from .. import layout
+from ..case import VMEXIT_INVALID, Expect, vmexit
+from ..vmcb import (
+    EVTINJ_TYPE_EXEPT,
+    EVTINJ_VALID,
+    INTERCEPT_VMMCALL,
+    INTERCEPT_VMRUN,
+    NESTED_CTL_NP_ENABLE,
+    SVM_EXIT_VMMCALL,
+    TLB_CONTROL_FLUSH_ALL_ASID,
+)
+from ._build import APM_CC, Row
+
+KVM = "KVM nested.c __nested_vmcb_check_controls"
+MSRPM_SIZE = 0x2000
+IOPM_SIZE = 0x3000
+UD_VECTOR = 6
+NMI_VECTOR = 2
+
+
+def rows(maxphyaddr: int) -> list[Row]:
+    top = 1 << maxphyaddr  # first illegal GPA
+    return [
+        Row("vmrun-intercept0", {"intercept_misc2": INTERCEPT_VMMCALL},
+            {"intercept_misc2": INTERCEPT_VMMCALL | INTERCEPT_VMRUN},
+            f"{APM_CC}: the VMRUN intercept bit is clear; {KVM}"),
+        Row("asid0", {"asid": 0}, {"asid": 1},
+            f"{APM_CC}: the ASID is equal to zero; {KVM}"),
+        # KVM checks the page-aligned base and base + size - 1 against
+        # MAXPHYADDR (nested_svm_check_bitmap_pa); the fix is the last legal
+        # base, which is unbacked but never read (MSR_PROT/IOIO_PROT clear).
+        Row("msrpm-end-above-maxphyaddr", {"msrpm_base_pa": top - 0x1000},
+            {"msrpm_base_pa": top - MSRPM_SIZE},
+            f"{APM_CC}: MSRPM_BASE_PA + size above MAXPHYADDR; {KVM}"),
+        Row("msrpm-above-maxphyaddr", {"msrpm_base_pa": top}, {"msrpm_base_pa": top - MSRPM_SIZE},
+            f"{APM_CC}: MSRPM_BASE_PA above MAXPHYADDR; {KVM}"),
+        Row("iopm-end-above-maxphyaddr", {"iopm_base_pa": top - 0x2000},
+            {"iopm_base_pa": top - IOPM_SIZE},
+            f"{APM_CC}: IOPM_BASE_PA + size above MAXPHYADDR; {KVM}"),
+        Row("iopm-above-maxphyaddr", {"iopm_base_pa": top}, {"iopm_base_pa": top - IOPM_SIZE},
+            f"{APM_CC}: IOPM_BASE_PA above MAXPHYADDR; {KVM}"),
+        # With NP the same identity tables serve as L2's nested page tables.
+        Row("np-ncr3-above-maxphyaddr",
+            {"nested_ctl": NESTED_CTL_NP_ENABLE, "nested_cr3": top},
+            {"nested_ctl": NESTED_CTL_NP_ENABLE, "nested_cr3": layout.PML4_GPA},
+            f"{APM_CC}: nCR3 illegal with NP_ENABLE; KVM nested.c (nested_cr3 legality)"),
+        # An exception event with the NMI vector is an illegal injection.
+        Row("eventinj-exept-nmi",
+            {"event_inj": EVTINJ_VALID | EVTINJ_TYPE_EXEPT | NMI_VECTOR}, {"event_inj": 0},
+            f"{APM_CC} and 15.20: EVENTINJ holds an illegal event; Linux 7.1 nested.c "
+            "(EVENTINJ validity)"),
+        Row("eventinj-type1",
+            {"event_inj": EVTINJ_VALID | 1 << 8 | UD_VECTOR}, {"event_inj": 0},
+            "APM vol. 2 15.20: EVENTINJ.TYPE 1 is reserved; Linux 7.1 nested.c "
+            "(EVENTINJ validity)"),
+    ]
+
+
+def observation_rows(maxphyaddr: int) -> list[Row]:
+    """Profile-dependent observations: recorded and fingerprinted."""
+    ud = EVTINJ_VALID | EVTINJ_TYPE_EXEPT | UD_VECTOR
+    out = [
+        # A legal pending event on a VMCB12 that fails (ASID 0): Linux 7.1
+        # clears EVENTINJ on #VMEXIT, older kernels write the cached value back.
+        Row("eventinj-after-invalid", {"asid": 0, "event_inj": ud}, {"asid": 1, "event_inj": 0},
+            "Linux 7.1 nested.c: EVENTINJ cleared on #VMEXIT; APM 15.20",
+            profiles={
+                "legacy": Expect("vmexit_invalid", event_inj_cleared=False),
+                "fixed": Expect("vmexit_invalid", event_inj_cleared=False),
+                "upstream": Expect("vmexit_invalid", event_inj_cleared=True),
+            }),
+    ]
+    # TLB_CONTROL: reserved encodings.  Linux 7.1 masks them (VMRUN goes on);
+    # no kernel we model rejects them.  Control: FLUSH_ALL_ASID.
+    for value in (2, 4, 0x80):
+        out.append(Row(
+            f"tlb-ctl-{value:#x}", {"tlb_ctl": value}, {"tlb_ctl": TLB_CONTROL_FLUSH_ALL_ASID},
+            "APM vol. 2 15.16.1 TLB_CONTROL encodings; Linux 7.1 nested.c masks TLB_CTL",
+            expect=vmexit(SVM_EXIT_VMMCALL)))
+    return out
+
+
+assert VMEXIT_INVALID.kind == "vmexit_invalid"

@@ -1,0 +1,145 @@
+"""Compare an Observation with the contract and the kernel profiles.
+
+The contract (DESIGN.md section 1) decides pass/fail.  Where kernel
+generations legitimately differ, a case lists per-profile expectations and
+the judge records which profiles the observation agrees with; the run's
+fingerprint is the profile that agrees with every case.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from . import observation as o
+from . import params
+from .case import Case, Expect
+from .payloads import load_payload
+from .vmcb import SVM_EXIT_ERR
+
+PASS, FAIL, ERROR, SKIP = "pass", "fail", "error", "skip"
+PROFILES = ("legacy", "fixed", "upstream")
+# Outcomes that mean the harness or the guest broke, not the kernel's answer.
+HARNESS_OUTCOMES = {o.TIMEOUT, o.GUEST_ASSERT, o.EMULATION_ERROR}
+L1_REGS = ("rsp", "cr0", "cr3", "cr4", "efer")
+
+
+@dataclass
+class Verdict:
+    verdict: str
+    reason: str = ""
+    profiles: tuple[str, ...] = ()  # profiles the observation agrees with
+    failures: list[str] = field(default_factory=list)
+
+
+def _check_vmexit(obs: o.Observation, want: Expect, case: Case) -> list[str]:
+    bad: list[str] = []
+    if obs.outcome != o.SYNC:
+        return [f"L1 did not resume after VMRUN: {obs.outcome} {obs.detail}".rstrip()]
+    code = SVM_EXIT_ERR if want.kind == "vmexit_invalid" else want.exit_code
+    if obs.exit_code != code:
+        bad.append(f"EXITCODE {obs.exit_code:#x} != {code:#x}")
+    if want.kind == "vmexit_invalid":
+        if obs.exit_info_1 != 0:
+            bad.append(f"EXITINFO1 {obs.exit_info_1:#x} != 0")
+        if obs.exit_info_2 != 0:
+            bad.append(f"EXITINFO2 {obs.exit_info_2:#x} != 0")
+    if obs.gif is None:
+        bad.append("GIF unknown (no KVM_GET_NESTED_STATE)")
+    elif obs.gif:
+        bad.append("GIF=1 after #VMEXIT")
+    if obs.guest_mode:
+        bad.append("still in guest mode after #VMEXIT")
+    l1 = obs.l1 or {}
+    if l1.get("stage") != params.STAGE_AFTER_VMRUN:
+        bad.append("L1 result block not written after VMRUN")
+    else:
+        for reg in L1_REGS:
+            if l1[reg] != l1[f"pre_{reg}"]:
+                bad.append(f"L1 {reg.upper()} {l1[reg]:#x} != {l1[f'pre_{reg}']:#x} before VMRUN")
+    if want.event_inj_cleared is not None:
+        before = case.vmcb.get("event_inj", 0)
+        after = 0 if want.event_inj_cleared else before
+        if obs.event_inj != after:
+            bad.append(f"EVENTINJ {obs.event_inj:#x} != {after:#x}")
+    return bad
+
+
+def _check_exception(obs: o.Observation, want: Expect, case: Case) -> list[str]:
+    if obs.outcome != o.EXCEPTION:
+        return [f"no exception (outcome {obs.outcome}) where {want.describe()} was due"]
+    bad = []
+    if obs.vector != want.vector:
+        bad.append(f"vector {obs.vector} != {want.vector}")
+    at = load_payload(case.payload).sym(want.at or "")
+    if obs.rip != at:
+        bad.append(f"RIP {obs.rip:#x} ({obs.rip_symbol}) != {at:#x} ({want.at})")
+    if want.error_code is not None and obs.error_code != want.error_code:
+        bad.append(f"error code {obs.error_code:#x} != {want.error_code:#x}")
+    return bad
+
+
+def check(case: Case, obs: o.Observation, want: Expect) -> list[str]:
+    """The list of ways obs breaks want (empty: it holds)."""
+    if want.kind in ("vmexit_invalid", "vmexit"):
+        bad = _check_vmexit(obs, want, case)
+    elif want.kind == "exception":
+        bad = _check_exception(obs, want, case)
+    elif want.kind == "no_fault":
+        bad = [] if obs.outcome == o.SYNC else [f"{obs.outcome}: {obs.describe()}"]
+    elif want.kind == "einval":
+        bad = [] if obs.outcome == o.EINVAL else [f"KVM_SET_NESTED_STATE: {obs.detail}"]
+        if not bad and (obs.l1 or {}).get("stage") != params.STAGE_AFTER_VMRUN:
+            bad.append(f"L1 does not run correctly afterwards ({obs.detail})")
+    elif want.kind == "accepted":
+        bad = [] if obs.outcome == o.ACCEPTED else [f"KVM_SET_NESTED_STATE: {obs.detail}"]
+        if not bad and not obs.guest_mode:
+            bad.append("accepted but not in guest mode")
+    else:
+        raise ValueError(f"unknown expectation {want.kind!r}")
+    if obs.kernel_warnings:
+        bad.append(f"kernel log: {obs.kernel_warnings[0]}")
+    return bad
+
+
+def judge(case: Case, obs: o.Observation, profile: str | None = None) -> Verdict:
+    """profile: the kernel behaviour expected (None: any known one)."""
+    if obs.outcome in HARNESS_OUTCOMES:
+        return Verdict(ERROR, f"{obs.outcome}: {obs.detail}")
+    if not case.profiles:
+        bad = check(case, obs, case.expect)
+        agree = tuple(p for p in PROFILES if _profile_agrees(case, obs, p, bad))
+        return Verdict(FAIL if bad else PASS, "; ".join(bad), agree, bad)
+    results = {p: check(case, obs, want) for p, want in case.profiles.items()}
+    agree = tuple(p for p, bad in results.items() if not bad)
+    if profile is not None and profile in results:
+        bad = results[profile]
+        if bad:
+            seen = f" (matches {', '.join(agree)})" if agree else ""
+            return Verdict(FAIL, f"profile {profile}: {'; '.join(bad)}{seen}", agree, bad)
+        return Verdict(PASS, "", agree)
+    if agree:
+        return Verdict(PASS, f"matches {', '.join(agree)}", agree)
+    first = next(iter(results.values()))
+    return Verdict(FAIL, "matches no known profile: " + "; ".join(first), agree, first)
+
+
+def _profile_agrees(case: Case, obs: o.Observation, profile: str, bad: list[str]) -> bool:
+    """Profile-independent cases still tell profiles apart in one way: the
+    legacy kernels leave GIF set after a consistency-check failure."""
+    if case.consistency_check and case.gif_mode == "gif1" and obs.gif is not None:
+        return obs.gif if profile == "legacy" else not obs.gif
+    return not bad
+
+
+def fingerprint(verdicts: Iterable[Verdict]) -> str:
+    """The profile that agrees with every judged case, or the closest one."""
+    vs = [v for v in verdicts if v.verdict in (PASS, FAIL)]
+    if not vs:
+        return "unknown"
+    misses = {p: sum(p not in v.profiles for v in vs) for p in PROFILES}
+    # Prefer the newest profile on ties: they are listed oldest first.
+    best = min(reversed(PROFILES), key=lambda p: misses[p])
+    if misses[best] == 0:
+        return best
+    return f"unknown (closest: {best}, {misses[best]} of {len(vs)} cases disagree)"
