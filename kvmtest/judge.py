@@ -135,8 +135,8 @@ def _profile_agrees(case: Case, obs: o.Observation, profile: str, bad: list[str]
 def fingerprint(verdicts: Iterable[Verdict]) -> str:
     """The profile that agrees with every judged case, or the closest one."""
     vs = [v for v in verdicts if v.verdict in (PASS, FAIL)]
-    if not vs:
-        return "unknown"
+    if not any(len(v.profiles) < len(PROFILES) for v in vs):
+        return "unknown (no case run tells the kernel behaviours apart)"
     misses = {p: sum(p not in v.profiles for v in vs) for p in PROFILES}
     # Prefer the newest profile on ties: they are listed oldest first.
     best = min(reversed(PROFILES), key=lambda p: misses[p])

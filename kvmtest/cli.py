@@ -1,0 +1,179 @@
+"""kvmtest command line: info, list, run, bench (and the qemu tools)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import report as rep
+from .backends import NAMES, BackendError, make
+from .cases import DEFAULT_MAXPHYADDR, catalogue
+from .judge import PROFILES
+from .payloads import PayloadError
+from .selection import SelectionError, select
+from .session import Report, run_cases
+
+# Exit codes (documented in the README).
+EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_ENV, EXIT_KERNEL, EXIT_UNTESTED = 0, 1, 2, 3, 4, 125
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .info import backends_usable, host_facts, summary
+
+    facts = host_facts()
+    facts["backends"] = backends_usable(facts)
+    if args.json:
+        print(json.dumps(facts, indent=1, sort_keys=True))
+    else:
+        print(summary(facts))
+    return EXIT_PASS
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    cases = select(catalogue(DEFAULT_MAXPHYADDR), args.k)
+    rows = [{"id": c.id, "family": c.family, "gif_mode": c.gif_mode,
+             "expect": (c.expect.describe() if not c.profiles else
+                        {p: e.describe() for p, e in c.profiles.items()}),
+             "source": c.source, "needs": sorted(c.needs), "control_of": c.control_of}
+            for c in cases]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        for r in rows:
+            exp = r["expect"] if isinstance(r["expect"], str) else "profile-dependent"
+            print(f"{r['id']:<50} {exp}")
+        print(f"{len(rows)} cases")
+    return EXIT_PASS
+
+
+def _backend_options(args: argparse.Namespace) -> dict:
+    if args.backend != "qemu":
+        for opt in ("kernel", "modules", "kvm_modules"):
+            if getattr(args, opt, None):
+                raise CliError(f"--{opt.replace('_', '-')} needs --backend qemu", EXIT_USAGE)
+        return {}
+    if not args.kernel:
+        raise CliError("--backend qemu needs --kernel SPEC (e.g. debian:"
+                       "linux-image-6.1.0-56-amd64-unsigned)", EXIT_USAGE)
+    params = dict(p.split("=", 1) for p in args.kvm_amd_param or [])
+    return {"kernel": args.kernel, "modules": args.modules, "kvm_modules": args.kvm_modules,
+            "cpu": args.cpu, "kvm_amd_params": params, "artifacts": args.artifacts}
+
+
+def run_report(args: argparse.Namespace, quiet: bool = False) -> Report:
+    try:
+        backend, note = make(args.backend, args.profile, **_backend_options(args))
+    except BackendError as e:
+        raise CliError(str(e), EXIT_ENV) from None
+    maxphy = getattr(backend, "maxphyaddr", DEFAULT_MAXPHYADDR)
+    cases = select(catalogue(maxphy), args.k)
+    if not cases:
+        raise CliError(f"no case matches -k {args.k!r}", EXIT_USAGE)
+    desc = backend.describe()
+    if not quiet:
+        print(note, file=sys.stderr)
+    progress = None if quiet else (
+        lambda r, i, n: print(rep.progress_line(r, i, n), file=sys.stderr, flush=True))
+    try:
+        results = run_cases(backend, cases, args.profile, progress, timeout=args.timeout)
+    finally:
+        close = getattr(backend, "close", None)
+        if close:
+            close()
+    report = Report(backend=desc["backend"], profile=args.profile,
+                    kernel=desc.get("kernel", "?"), results=results, notes=[note])
+    return report
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    report = run_report(args)
+    print(rep.table(report))
+    print(rep.summary_line(report))
+    if args.json:
+        rep.write_json(report, Path(args.json))
+    if args.ktap:
+        Path(args.ktap).write_text(rep.ktap(report))
+    return report.exit_code()
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .benchmarks import run_all
+
+    return run_all(args)
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=NAMES, default="auto")
+    p.add_argument("--profile", choices=PROFILES, default=None,
+                   help="kernel behaviour expected (model: behaviour to emulate)")
+    p.add_argument("-k", metavar="EXPR", help="select cases, e.g. 'save and gif1'")
+    p.add_argument("--timeout", type=float, default=5.0, help="per-case run timeout (s)")
+    p.add_argument("--kernel", metavar="SPEC",
+                   help="qemu: bzImage path, kernel build tree, or debian:PACKAGE")
+    p.add_argument("--modules", metavar="DIR", help="qemu: modules dir for a bzImage")
+    p.add_argument("--kvm-modules", metavar="DIR", help="qemu: rebuilt kvm.ko/kvm-amd.ko")
+    p.add_argument("--cpu", default="EPYC", help="qemu: CPU model under TCG")
+    p.add_argument("--kvm-amd-param", action="append", metavar="NAME=VALUE",
+                   help="qemu: extra kvm_amd parameter (nested=1 is always set)")
+    p.add_argument("--artifacts", metavar="DIR", help="qemu: keep console and logs here")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="kvmtest", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("info", help="what this host's KVM can test")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+    p = sub.add_parser("list", help="list the case catalogue")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("-k", metavar="EXPR")
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser("run", help="run cases and judge them")
+    add_run_options(p)
+    p.add_argument("--json", metavar="FILE", help="write the JSON report here")
+    p.add_argument("--ktap", metavar="FILE", help="write a KTAP v1 report here")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("bench", help="benchmarks (Python vs C, model reuse)")
+    p.add_argument("--quick", action="store_true", help="fewer iterations")
+    p.add_argument("--soak", type=int, default=10_000, help="lifecycles in the soak")
+    p.set_defaults(func=cmd_bench)
+    _add_qemu_commands(sub)
+    return ap
+
+
+def _add_qemu_commands(sub) -> None:
+    try:
+        from .qemu_cli import add_commands
+    except ImportError:
+        return
+    add_commands(sub, add_run_options)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CliError as e:
+        print(f"kvmtest: error: {e}", file=sys.stderr)
+        return e.code
+    except (SelectionError, ValueError) as e:
+        print(f"kvmtest: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except PayloadError as e:
+        print(f"kvmtest: error: {e}", file=sys.stderr)
+        return EXIT_ENV
+    except KeyboardInterrupt:
+        print("kvmtest: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
