@@ -158,6 +158,11 @@ def _add_qemu_commands(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["agent"]:  # the qemu backend's guest side (not for users)
+        from .agent import main as agent_main
+
+        return agent_main(argv[1:])
     args = parser().parse_args(argv)
     try:
         return args.func(args)

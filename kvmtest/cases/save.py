@@ -31,8 +31,9 @@ def rows(maxphyaddr: int) -> list[Row]:
     ]
     out += bits("cr0-hi", "cr0", CR0, (32, 47, 63),
                 f"{APM_CC}: CR0[63:32] are not zero; {KVM}")
-    out += bits("cr3-mbz", "cr3", CR3, (maxphyaddr, 51, 63),
-                f"{APM_CC}: any MBZ bit of CR3 is set (long mode, above MAXPHYADDR); {KVM}")
+    cr3 = f"{APM_CC}: any MBZ bit of CR3 is set (long mode, above MAXPHYADDR); {KVM}"
+    out.append(Row("cr3-above-maxphyaddr", {"cr3": CR3 | 1 << maxphyaddr}, {"cr3": CR3}, cr3))
+    out += bits("cr3-mbz", "cr3", CR3, (52, 63), cr3)
     out += bits("cr4-rsvd", "cr4", CR4, (15, 31, 48, 63),
                 f"{APM_CC}: CR4 MBZ bit is set; KVM __kvm_is_valid_cr4")
     out += bits("dr6-hi", "dr6", DR6_INIT, (32, 63),

@@ -1,0 +1,67 @@
+"""Invariants of the case catalogue (pure data: no backend involved)."""
+
+import pytest
+
+from kvmtest import layout
+from kvmtest.case import GIF0, GIF1, VMRUN
+from kvmtest.cases import catalogue
+from kvmtest.judge import PROFILES
+from kvmtest.payloads import load_payload
+from kvmtest.vmcb import FIELDS
+
+CASES = catalogue()
+BY_ID = {c.id: c for c in CASES}
+
+
+def test_enough_cases_and_unique_ids():
+    assert len(CASES) >= 60
+    assert len(BY_ID) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_case_is_well_formed(case):
+    assert case.source, "every case cites its source"
+    assert set(case.vmcb) <= set(FIELDS)
+    assert set(case.profiles) <= set(PROFILES)
+    payload = load_payload(case.payload)
+    if case.expect.kind == "exception":
+        payload.sym(case.expect.at)
+    if case.scenario == VMRUN:
+        payload.sym(case.l2_entry)
+        assert case.gif_mode in (GIF0, GIF1)
+
+
+def failing(c):
+    return c.scenario == VMRUN and c.family != "negative" and (
+        c.expect.kind == "vmexit_invalid" or any(
+            e.kind == "vmexit_invalid" for e in c.profiles.values()))
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if failing(c)], ids=lambda c: c.id)
+def test_failing_case_has_negative_control_differing_only_by_the_defect(case):
+    controls = [c for c in CASES if c.control_of == case.id]
+    assert len(controls) == 1, f"{case.id} has {len(controls)} negative controls"
+    ctl = controls[0]
+    assert ctl.expect.kind == "vmexit" and ctl.gif_mode == case.gif_mode
+    assert set(ctl.vmcb) <= set(case.vmcb), "the control only undoes the defect"
+    assert ctl.vmcb != case.vmcb
+    assert (ctl.payload, ctl.l2_entry, ctl.params) == (case.payload, case.l2_entry, case.params)
+
+
+def test_both_gif_modes_for_every_vmrun_row():
+    ids = {c.id for c in CASES if c.scenario == VMRUN}
+    for i in ids:
+        if i.endswith(f"[{GIF1}]"):
+            assert i.replace(GIF1, GIF0) in ids
+
+
+def test_catalogue_tracks_maxphyaddr_but_not_ids():
+    a, b = catalogue(40), catalogue(48)
+    assert [c.id for c in a] == [c.id for c in b]
+    ma = {c.id: c for c in a}["control/msrpm-above-maxphyaddr[gif1]"].vmcb["msrpm_base_pa"]
+    mb = {c.id: c for c in b}["control/msrpm-above-maxphyaddr[gif1]"].vmcb["msrpm_base_pa"]
+    assert (ma, mb) == (1 << 40, 1 << 48)
+
+
+def test_unbacked_gpa_is_outside_the_memslot_but_mapped():
+    assert layout.MEM_SIZE <= layout.UNBACKED_GPA < 1 << 30
