@@ -268,4 +268,6 @@ int kvmtest_timer_create(int signo, void **timer_out);
 int kvmtest_timer_arm(void *timer, long long ns);
 int kvmtest_timer_delete(void *timer);
 int kvmtest_signal_consume(int signo);
+int kvmtest_block_signal(int signo, uint64_t *old_mask);
+int kvmtest_unblock_signal(int signo);
 int kvmtest_gettid(void);

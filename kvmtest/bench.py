@@ -23,6 +23,7 @@ import gc
 import hashlib
 import os
 import shutil
+import statistics
 import struct
 import subprocess
 import tempfile
@@ -32,7 +33,7 @@ from pathlib import Path
 
 from . import l1, layout, params
 from .exits import IoExit
-from .kvm import CpuidEntry, Kvm, Vcpu, Vm, ffi
+from .kvm import Kvm, Vcpu, Vm, ffi, pack_cpuid2
 from .payloads import load_payload
 from .ucall import UCALL_PORT, Ucall
 
@@ -65,7 +66,7 @@ class Guest:
     memory: dict[int, bytes]
     regs: object  # struct kvm_regs *
     sregs: object  # struct kvm_sregs *
-    cpuid: list[CpuidEntry]
+    cpuid: object  # struct kvm_cpuid2 *, packed once
 
 
 def _set_segment(dst, seg: l1.Segment) -> None:
@@ -87,7 +88,7 @@ def make_guest(kvm: Kvm, payload_name: str, count: int) -> Guest:
     sregs.gdt.base, sregs.gdt.limit = state.gdt
     sregs.idt.base, sregs.idt.limit = state.idt
     sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer = state.cr0, state.cr3, state.cr4, state.efer
-    return Guest(memory, regs, sregs, kvm.supported_cpuid())
+    return Guest(memory, regs, sregs, pack_cpuid2(kvm.supported_cpuid()))
 
 
 _SREG_FIELDS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt", "gdt", "idt",
@@ -132,10 +133,15 @@ def run_to_done(vcpu: Vcpu) -> int:
             raise BenchError(f"unexpected ucall {cmd}")
 
 
-def lifecycle(kvm: Kvm, guest: Guest) -> int:
+def lifecycle(kvm: Kvm, guest: Guest, timeout: float | None = None) -> int:
+    """One VM from creation to destruction; with ``timeout`` the run loop is
+    bounded by a deadline (the soak uses it to prove timers are cleaned up)."""
     vm, vcpu = setup(kvm, guest)
     with vm:
-        return run_to_done(vcpu)
+        if timeout is None:
+            return run_to_done(vcpu)
+        with vcpu.deadline(timeout):
+            return run_to_done(vcpu)
 
 
 # -- the C reference ---------------------------------------------------------------
@@ -173,26 +179,25 @@ def _record(tag: int, payload: bytes) -> bytes:
 
 
 def write_spec(guest: Guest, path: Path) -> None:
-    from .kvm.cpuid import pack_cpuid2
-
     out = [_record(TAG_MEM_SIZE, struct.pack("<Q", layout.MEM_SIZE))]
     for gpa, data in guest.memory.items():
         out.append(_record(TAG_CHUNK, struct.pack("<Q", gpa) + data))
     out.append(_record(TAG_REGS, bytes(ffi.buffer(guest.regs))))
     out.append(_record(TAG_SREGS, bytes(ffi.buffer(guest.sregs))))
-    cpuid = pack_cpuid2(guest.cpuid)
-    out.append(_record(TAG_CPUID, bytes(ffi.buffer(cpuid))))
+    out.append(_record(TAG_CPUID, bytes(ffi.buffer(guest.cpuid))))
     out.append(_record(TAG_UCALL, struct.pack("<III", UCALL_PORT, _DONE, _PING)))
     path.write_bytes(b"".join(out))
 
 
-def run_reference(exe: Path, spec: Path, mode: str, n: int) -> tuple[float, int]:
-    """(seconds, exits) from one bench_ref run."""
+def run_reference(exe: Path, spec: Path, mode: str, n: int) -> tuple[float, int, list[float]]:
+    """(seconds, exits, per-iteration seconds for lifecycle) from one bench_ref run."""
     r = subprocess.run([str(exe), str(spec), mode, str(n)], capture_output=True, text=True)
     if r.returncode != 0:
         raise BenchError(f"bench_ref {mode} failed: {r.stderr.strip()}")
-    _, _, ns, exits = r.stdout.split()
-    return int(ns) / 1e9, int(exits)
+    lines = r.stdout.splitlines()
+    _, _, ns, exits = lines[0].split()
+    samples = [int(x) / 1e9 for x in lines[1].split()] if len(lines) > 1 else []
+    return int(ns) / 1e9, int(exits), samples
 
 
 # -- measurements ------------------------------------------------------------------------
@@ -223,6 +228,8 @@ class Soak:
     fds_after: int
     rss_before: int
     rss_after: int
+    timers_before: int = 0
+    timers_after: int = 0
 
     @property
     def fd_growth(self) -> int:
@@ -234,11 +241,21 @@ class Soak:
 
     @property
     def ok(self) -> bool:
-        return self.fd_growth <= 0 and self.rss_growth < SOAK_RSS_LIMIT
+        return (self.fd_growth <= 0 and self.rss_growth < SOAK_RSS_LIMIT
+                and self.timers_after <= self.timers_before)
 
 
 def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+def timer_count() -> int:
+    """POSIX timers of this process (/proc/self/timers; 0 if the kernel lacks it)."""
+    try:
+        with open("/proc/self/timers") as f:
+            return sum(1 for line in f if line.startswith("ID:"))
+    except OSError:
+        return 0
 
 
 def rss_bytes() -> int:
@@ -246,61 +263,57 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _best_of(repeats: int, fn) -> float:
-    return min(fn() for _ in range(repeats))
-
-
-def bench_lifecycle(kvm: Kvm, exe: Path, n: int, repeats: int = 3) -> Figure:
+def bench_lifecycle(kvm: Kvm, exe: Path, n: int, rounds: int = 5) -> Figure:
+    """Median lifecycle, Python vs C, over ``rounds`` alternating batches of n/rounds:
+    other load on the host shifts both sides alike, and the median drops outliers."""
     guest = make_guest(kvm, "ping", 0)
+    batch = max(1, n // rounds)
+    py: list[float] = []
+    c: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / "lifecycle.spec"
         write_spec(guest, spec)
-
-        def py() -> float:
-            t0 = time.perf_counter()
-            for _ in range(n):
+        lifecycle(kvm, guest)  # warm up (payload, imports, page cache)
+        for _ in range(rounds):
+            for _ in range(batch):
+                t0 = time.perf_counter()
                 lifecycle(kvm, guest)
-            return (time.perf_counter() - t0) / n
-
-        lifecycle(kvm, guest)  # warm caches (payload, page cache, imports)
-        py_s = _best_of(repeats, py)
-        c_s = _best_of(repeats, lambda: run_reference(exe, spec, "lifecycle", n)[0] / n)
-    return Figure("lifecycle", "µs", py_s * 1e6, c_s * 1e6, TARGET_LIFECYCLE)
+                py.append(time.perf_counter() - t0)
+            c += run_reference(exe, spec, "lifecycle", batch)[2]
+    return Figure("lifecycle", "µs", statistics.median(py) * 1e6,
+                  statistics.median(c) * 1e6, TARGET_LIFECYCLE)
 
 
-def bench_exits(kvm: Kvm, exe: Path, n: int, repeats: int = 3) -> Figure:
+def bench_exits(kvm: Kvm, exe: Path, n: int, rounds: int = 5) -> Figure:
+    """Per-exit cost, Python vs C: best of ``rounds`` alternating runs of n exits."""
     guest = make_guest(kvm, "ping", n)
+    py: list[float] = []
+    c: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / "exits.spec"
         write_spec(guest, spec)
-
-        def py() -> float:
+        for _ in range(rounds):
             vm, vcpu = setup(kvm, guest)
             with vm:
                 t0 = time.perf_counter()
                 exits = run_to_done(vcpu)
-                return (time.perf_counter() - t0) / exits
-
-        def c() -> float:
-            s, exits = run_reference(exe, spec, "exits", n)
-            return s / exits
-
-        py_s = _best_of(repeats, py)
-        c_s = _best_of(repeats, c)
-    return Figure("per exit", "µs", py_s * 1e6, c_s * 1e6, TARGET_EXIT)
+                py.append((time.perf_counter() - t0) / exits)
+            seconds, exits, _ = run_reference(exe, spec, "exits", n)
+            c.append(seconds / exits)
+    return Figure("per exit", "µs", min(py) * 1e6, min(c) * 1e6, TARGET_EXIT)
 
 
 def soak(kvm: Kvm, n: int) -> Soak:
     guest = make_guest(kvm, "ping", 0)
-    lifecycle(kvm, guest)  # first-use allocations are not growth
+    lifecycle(kvm, guest, timeout=10.0)  # first-use allocations are not growth
     gc.collect()
-    fds0, rss0 = fd_count(), rss_bytes()
+    fds0, rss0, timers0 = fd_count(), rss_bytes(), timer_count()
     t0 = time.perf_counter()
     for _ in range(n):
-        lifecycle(kvm, guest)
+        lifecycle(kvm, guest, timeout=10.0)
     seconds = time.perf_counter() - t0
     gc.collect()
-    return Soak(n, seconds, fds0, fd_count(), rss0, rss_bytes())
+    return Soak(n, seconds, fds0, fd_count(), rss0, rss_bytes(), timers0, timer_count())
 
 
 @dataclass
@@ -322,6 +335,7 @@ class Report:
             s = self.soak
             d["soak"] = {"lifecycles": s.lifecycles, "seconds": round(s.seconds, 2),
                          "fd_growth": s.fd_growth, "rss_growth_bytes": s.rss_growth,
+                         "timers_left": s.timers_after - s.timers_before,
                          "ok": s.ok}
         d["ok"] = self.ok
         return d
@@ -337,18 +351,19 @@ class Report:
             out.append(
                 f"soak       {s.lifecycles} lifecycles in {s.seconds:.1f}s: "
                 f"fds {s.fds_before}->{s.fds_after} ({s.fd_growth:+d}), "
-                f"RSS {s.rss_growth / 2**20:+.2f} MiB  {'ok' if s.ok else 'OVER'}"
+                f"RSS {s.rss_growth / 2**20:+.2f} MiB, "
+                f"timers {s.timers_after - s.timers_before:+d}  {'ok' if s.ok else 'OVER'}"
             )
         return out
 
 
-def run(lifecycles: int = 200, exits: int = 20000, soak_lifecycles: int = 10000,
-        repeats: int = 3) -> Report:
+def run(lifecycles: int = 300, exits: int = 20000, soak_lifecycles: int = 10000,
+        rounds: int = 5) -> Report:
     """The whole benchmark (``kvmtest bench``); soak_lifecycles=0 skips the soak."""
     exe = build_reference()
     with Kvm() as kvm:
-        figures = [bench_lifecycle(kvm, exe, lifecycles, repeats),
-                   bench_exits(kvm, exe, exits, repeats)]
+        figures = [bench_lifecycle(kvm, exe, lifecycles, rounds),
+                   bench_exits(kvm, exe, exits, rounds)]
         s = soak(kvm, soak_lifecycles) if soak_lifecycles else None
     return Report(figures, s)
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import platform
 from collections.abc import Iterator
 
 from .. import kmsg, l1, layout
+from ..info import host_vendor, kvm_module
 from ..exits import Exit
-from ..kvm import CpuidEntry, Kvm, KvmError, NestedState, Vcpu, Vm, lib
+from ..kvm import CpuidEntry, Deadline, Kvm, KvmError, NestedState, Vcpu, Vm, lib
+from ..kvm.cpuid import pack_cpuid2
 from ..observation import NestedView
 from ..payloads import Payload
 
@@ -24,21 +25,6 @@ CPUID_SVM_FEATURES = 0x8000_000A
 CPUID_ADDR_SIZES = 0x8000_0008
 SVM_BIT = 1 << 2  # CPUID 0x80000001 ECX
 MSR_VM_HSAVE_PA = 0xC001_0117
-
-
-def host_vendor() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
-def kvm_module() -> str:
-    for name in ("kvm_amd", "kvm_intel", "kvm_pvm"):
-        if os.path.isdir(f"/sys/module/{name}"):
-            return name
-    return "unknown"
 
 
 def has_svm(cpuid: list[CpuidEntry]) -> bool:
@@ -76,7 +62,8 @@ def _set_segment(seg, s: l1.Segment) -> None:
 class KvmMachine:
     """One VM with one vCPU in long mode, implementing backends.base.Machine."""
 
-    def __init__(self, kvm: Kvm, cpuid: list[CpuidEntry], payload: Payload) -> None:
+    def __init__(self, kvm: Kvm, cpuid, payload: Payload) -> None:
+        self._deadline: Deadline | None = None
         self.vm: Vm = kvm.create_vm()
         try:
             self.mem = self.vm.set_user_memory_region(0, 0, layout.MEM_SIZE)
@@ -104,7 +91,12 @@ class KvmMachine:
         self.vcpu.set_regs(rip=st.rip, rsp=st.rsp, rflags=st.rflags)
 
     def run(self, timeout: float) -> Exit:
-        return self.vcpu.run(timeout=timeout)
+        # One deadline for the whole case, armed at its first run: arming a
+        # timer per exit costs as much as the exit itself under kvm_pvm.
+        if self._deadline is None:
+            self._deadline = self.vcpu.deadline(timeout)
+            self._deadline.__enter__()
+        return self.vcpu.run()
 
     def nested_state(self) -> NestedView | None:
         try:
@@ -126,6 +118,9 @@ class KvmMachine:
         return 0
 
     def close(self) -> None:
+        if self._deadline is not None:
+            self._deadline.__exit__(None, None, None)
+            self._deadline = None
         self.vm.close()
 
 
@@ -139,12 +134,15 @@ class KvmBackend:
         self.svm = has_svm(self.supported)
         self.nested_cap = self.kvm.check_extension(lib.KVM_CAP_NESTED_STATE)
         self.maxphyaddr = maxphyaddr(self.supported)
+        # Packing ~60 entries costs as much as KVM_SET_CPUID2: do it once.
+        self._cpuid = {svm: pack_cpuid2(guest_cpuid(self.supported, svm)) for svm in (False, True)}
 
     def close(self) -> None:
         self.kvm.close()
 
     def no_svm_reason(self) -> str:
-        return (f"host KVM has no SVM: {host_vendor()}, {kvm_module()}; "
+        return (f"host KVM has no SVM: {host_vendor() or 'unknown vendor'}, "
+                f"{kvm_module() or 'no kvm module'}; "
                 "use --backend qemu or model")
 
     def capabilities(self) -> dict[str, str | None]:
@@ -157,7 +155,7 @@ class KvmBackend:
 
     @contextlib.contextmanager
     def machine(self, payload: Payload, svm: bool) -> Iterator[KvmMachine]:
-        m = KvmMachine(self.kvm, guest_cpuid(self.supported, svm), payload)
+        m = KvmMachine(self.kvm, self._cpuid[svm], payload)
         try:
             yield m
         finally:
