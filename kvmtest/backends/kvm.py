@@ -13,8 +13,8 @@ import platform
 from collections.abc import Iterator
 
 from .. import kmsg, l1, layout
-from ..info import host_vendor, kvm_module
 from ..exits import Exit
+from ..info import host_vendor, kvm_module
 from ..kvm import CpuidEntry, Deadline, Kvm, KvmError, NestedState, Vcpu, Vm, lib
 from ..kvm.cpuid import pack_cpuid2
 from ..observation import NestedView

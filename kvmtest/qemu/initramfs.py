@@ -33,7 +33,12 @@ from kvmtest.qemu.kernels import Kernel, ModuleTree, cache_root, locked, read_mo
 
 BUSYBOX_CANDIDATES = (Path("/bin/busybox"), Path("/usr/bin/busybox"))
 # Modules needed to mount the 9p shares; dependencies come from .modinfo.
-BASE_MODULES = ("virtio_pci", "9pnet_virtio", "9p")
+# virtio_pci serves -machine pc/q35, virtio_mmio -machine microvm; /init
+# skips the transport of the other machine type (config SKIP_MODULES).
+BASE_MODULES = ("virtio_pci", "virtio_mmio", "9pnet_virtio", "9p")
+OPTIONAL_BASE_MODULES = frozenset({"virtio_mmio"})
+TRANSPORT_MODULES = {"pci": ("virtio_pci", "virtio_pci_modern_dev", "virtio_pci_legacy_dev"),
+                     "mmio": ("virtio_mmio",)}
 # kvm_amd pulls kvm, irqbypass and (with SEV) ccp through its depends= field.
 KVM_MODULES = ("kvm_amd",)
 HOSTROOT_TAG = "hostroot"
@@ -63,6 +68,7 @@ mark init
 
 # 1. virtio + 9p: without them nothing else is reachable.
 while read -r name file; do
+    case " $SKIP_MODULES " in *" $name "*) continue ;; esac
     insmod "/lib/kvmtest/base/$file" || fatal "insmod $name failed"
 done </lib/kvmtest/base.list
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=$MSIZE,cache=$ROOT_CACHE \
@@ -116,6 +122,7 @@ class BootConfig:
     kvm_modules_dir: Path | None = None
     msize: int = 512 * 1024
     root_cache: str = "loose"  # host / is read-only and static during a run
+    transport: str = "pci"  # virtio transport of the machine type: pci or mmio
 
 
 # --------------------------------------------------------------------------
@@ -195,7 +202,7 @@ def base_initramfs(kernel: Kernel, *, cache: Path | None = None) -> Path:
     """The cached base archive for KERNEL (built once per release + content)."""
     busybox = find_busybox()
     tree = _modules_tree(kernel)
-    order, missing = tree.load_order(list(BASE_MODULES))
+    order, missing = tree.load_order(list(BASE_MODULES), optional=OPTIONAL_BASE_MODULES)
     if missing:
         raise QemuError(f"kernel {kernel.release} lacks {', '.join(missing)} (as module or "
                         "built-in): needs CONFIG_VIRTIO_PCI, CONFIG_NET_9P_VIRTIO, CONFIG_9P_FS")
@@ -308,7 +315,9 @@ def boot_archive(plan: list[PlannedModule], config: BootConfig) -> bytes:
             cpio.add_file(f"lib/kvmtest/kvm/{file}", read_module(module.path))
         lines.append(f"{module.name} {module.status} {file} {module.params}".rstrip() + "\n")
     cpio.add_file("lib/kvmtest/kvm.list", "".join(lines).encode())
+    other = "mmio" if config.transport == "pci" else "pci"
     settings = {"OUT": str(config.outdir), "MSIZE": str(config.msize),
+                "SKIP_MODULES": " ".join(TRANSPORT_MODULES[other]),
                 "ROOT_CACHE": config.root_cache}
     text = "".join(f"{key}={shlex.quote(value)}\n" for key, value in settings.items())
     cpio.add_file("lib/kvmtest/config", text.encode())
