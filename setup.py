@@ -13,7 +13,8 @@ class BuildPayloads(build_py):
     """Assemble guest_payloads/*.S into kvmtest/payloads/ before packaging."""
 
     def run(self) -> None:
-        spec = importlib.util.spec_from_file_location("payload_build", ROOT / "kvmtest/payload_build.py")
+        path = ROOT / "kvmtest" / "payload_build.py"
+        spec = importlib.util.spec_from_file_location("payload_build", path)
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         try:

@@ -27,7 +27,8 @@ def make(name: str, profile: str | None = None, **options: Any) -> tuple[Any, st
     if name == "model":
         from .model import ModelBackend
 
-        return ModelBackend(profile or "upstream"), f"backend model: profile {profile or 'upstream'}"
+        profile = profile or "upstream"
+        return ModelBackend(profile), f"backend model: profile {profile}"
     if name == "qemu":
         from .qemu import QemuBackend
 
