@@ -26,9 +26,10 @@ class CliError(Exception):
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from .backends.kvm import dev_kvm
     from .info import backends_usable, host_facts, summary
 
-    facts = host_facts()
+    facts = host_facts(dev_kvm())
     facts["backends"] = backends_usable(facts)
     if args.json:
         print(json.dumps(facts, indent=1, sort_keys=True))

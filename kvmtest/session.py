@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from . import judge as j
-from .case import Case
+from .case import NEED_NESTED_STATE, NEED_NO_SVM, NEED_SVM, Case
 from .observation import Observation
 from .runner import DEFAULT_TIMEOUT, run_case
 
@@ -75,12 +75,14 @@ class Report:
         }
 
 
+NEED_ORDER = (NEED_NO_SVM, NEED_SVM, NEED_NESTED_STATE)
 Progress = Callable[[Result, int, int], None]
 
 
 def skip_reason(backend, case: Case) -> str | None:
     caps = backend.capabilities()
-    for need in sorted(case.needs):
+    # The most basic missing capability first: no SVM explains no nested state.
+    for need in sorted(case.needs, key=NEED_ORDER.index):
         reason = caps.get(need, f"backend {backend.name} cannot provide {need!r}")
         if reason:
             return reason

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import platform
 from collections.abc import Iterator
 
 from .. import kmsg, l1, layout
 from ..exits import Exit
 from ..info import host_vendor, kvm_module
-from ..kvm import CpuidEntry, Deadline, Kvm, KvmError, NestedState, Vcpu, Vm, lib
+from ..kvm import DEV_KVM, CpuidEntry, Deadline, Kvm, KvmError, NestedState, Vcpu, Vm, lib
 from ..kvm.cpuid import pack_cpuid2
 from ..observation import NestedView
 from ..payloads import Payload
@@ -25,6 +26,12 @@ CPUID_SVM_FEATURES = 0x8000_000A
 CPUID_ADDR_SIZES = 0x8000_0008
 SVM_BIT = 1 << 2  # CPUID 0x80000001 ECX
 MSR_VM_HSAVE_PA = 0xC001_0117
+
+
+def dev_kvm() -> str:
+    """The KVM device: KVMTEST_DEV_KVM overrides /dev/kvm (e.g. a node made
+    with mknod to test another permission setup)."""
+    return os.environ.get("KVMTEST_DEV_KVM", DEV_KVM)
 
 
 def has_svm(cpuid: list[CpuidEntry]) -> bool:
@@ -129,7 +136,7 @@ class KvmBackend:
 
     def __init__(self, profile: str | None = None) -> None:
         self.profile = profile
-        self.kvm = Kvm()  # raises KvmUnavailable with an actionable message
+        self.kvm = Kvm(dev_kvm())  # raises KvmUnavailable with an actionable message
         self.supported = self.kvm.supported_cpuid()
         self.svm = has_svm(self.supported)
         self.nested_cap = self.kvm.check_extension(lib.KVM_CAP_NESTED_STATE)

@@ -61,7 +61,8 @@ def unavailable_reason(path: str, err: OSError) -> KvmUnavailable:
             except KeyError:
                 group = str(st.st_gid)
             mode = stat.filemode(st.st_mode)
-            who = f"{path} is {mode} root:{group}" if st.st_uid == 0 else f"{path} is {mode}"
+            owner = "root" if st.st_uid == 0 else str(st.st_uid)
+            who = f"{path} ({mode} {owner}:{group})"
         except OSError:
             who, group = path, "kvm"
         return KvmUnavailable(

@@ -1,0 +1,17 @@
+import pytest
+
+
+@pytest.fixture(scope="session")
+def real_kvm():
+    """Facts about this host's /dev/kvm; skips when it cannot be opened."""
+    from kvmtest.backends.kvm import KvmBackend
+    from kvmtest.kvm import KvmUnavailable
+
+    try:
+        b = KvmBackend()
+    except KvmUnavailable as e:
+        pytest.skip(f"no usable /dev/kvm: {e}")
+    facts = {"svm": b.svm, "nested_state": bool(b.nested_cap), "maxphyaddr": b.maxphyaddr,
+             "backend": b}
+    yield facts
+    b.close()

@@ -1,0 +1,109 @@
+"""The command line as a user meets it: real processes, real /dev/kvm (or a
+real device node made to be unusable), exit codes and one-line errors."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from kvmtest.cli import EXIT_ENV, EXIT_FAIL, EXIT_PASS, EXIT_USAGE, EXIT_UNTESTED
+
+
+def kvmtest(*args, env=None, prefix=()):
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([*prefix, sys.executable, "-m", "kvmtest", *args],
+                          capture_output=True, text=True, env=e, timeout=600)
+
+
+def one_line_error(p):
+    assert "Traceback" not in p.stderr
+    errors = [line for line in p.stderr.splitlines() if line.startswith("kvmtest: error:")]
+    assert len(errors) == 1, p.stderr
+    return errors[0]
+
+
+def test_list_json_has_the_documented_fields():
+    p = kvmtest("list", "--json")
+    assert p.returncode == EXIT_PASS
+    rows = json.loads(p.stdout)
+    assert len(rows) >= 60
+    for r in rows:
+        assert {"id", "family", "gif_mode", "expect", "source"} <= set(r)
+
+
+def test_usage_errors_exit_2():
+    assert kvmtest("run", "--backend", "nope").returncode == EXIT_USAGE
+    p = kvmtest("run", "--backend", "model", "-k", "no-such-case-anywhere")
+    assert p.returncode == EXIT_USAGE and "no case matches" in one_line_error(p)
+    p = kvmtest("run", "--backend", "qemu")
+    assert p.returncode == EXIT_USAGE and "--kernel" in one_line_error(p)
+
+
+def test_missing_dev_kvm_is_one_line_and_exit_3(tmp_path):
+    p = kvmtest("run", "--backend", "kvm", env={"KVMTEST_DEV_KVM": str(tmp_path / "kvm")})
+    assert p.returncode == EXIT_ENV
+    assert "modprobe kvm_amd" in one_line_error(p)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="needs root and setpriv (util-linux) to make an unopenable node")
+def test_no_permission_names_mode_and_group(tmp_path):
+    """A real device node with mode 000, opened by root without
+    CAP_DAC_OVERRIDE: the kernel itself refuses it."""
+    node = tmp_path / "kvm"
+    os.mknod(node, 0o020000, os.makedev(10, 232))
+    os.chmod(node, 0)
+    p = kvmtest("run", "--backend", "kvm", env={"KVMTEST_DEV_KVM": str(node)},
+                prefix=("setpriv", "--bounding-set", "-dac_override,-dac_read_search",
+                        "--inh-caps", "-all"))
+    assert p.returncode == EXIT_ENV
+    line = one_line_error(p)
+    assert "no permission" in line and "c---------" in line and "usermod" in line
+
+
+@pytest.mark.kvm
+def test_run_json_and_ktap_on_real_kvm(tmp_path, real_kvm):
+    """The no-SVM family on this host's KVM; SVM families skip with the reason."""
+    out, ktap = tmp_path / "r.json", tmp_path / "r.ktap"
+    p = kvmtest("run", "--backend", "kvm", "-k", "insn or asid0", "--json", str(out),
+                "--ktap", str(ktap))
+    report = json.loads(out.read_text())
+    assert {"backend", "profile", "kernel", "fingerprint", "summary", "cases"} <= set(report)
+    assert set(report["summary"]) == {"passed", "failed", "skipped", "errors"}
+    for c in report["cases"]:
+        assert {"id", "verdict", "expected", "observed", "reason"} <= set(c)
+    nosvm = [c for c in report["cases"] if c["id"].startswith("insn/nosvm-")]
+    assert nosvm and all(c["verdict"] == "pass" for c in nosvm)
+    if not real_kvm["svm"]:
+        svm = [c for c in report["cases"] if not c["id"].startswith("insn/nosvm-")]
+        assert svm and all(c["verdict"] == "skip" for c in svm)
+        assert all("host KVM has no SVM" in c["reason"] for c in svm)
+    assert p.returncode == (EXIT_PASS if report["summary"]["failed"] == 0 else EXIT_FAIL)
+    lines = ktap.read_text().splitlines()
+    assert lines[0] == "KTAP version 1"
+    assert f"1..{len(report['cases'])}" in lines
+    assert sum(line.startswith(("ok ", "not ok ")) for line in lines) == len(report["cases"])
+
+
+@pytest.mark.kvm
+def test_nothing_testable_exits_125(real_kvm):
+    if real_kvm["svm"]:
+        pytest.skip("this host has SVM: every case is testable")
+    p = kvmtest("run", "--backend", "kvm", "-k", "control/asid0")
+    assert p.returncode == EXIT_UNTESTED
+
+
+def test_info_json_is_truthful_about_this_host():
+    p = kvmtest("info", "--json")
+    assert p.returncode == EXIT_PASS
+    facts = json.loads(p.stdout)
+    for key in ("api_version", "vendor", "kvm_module", "nested", "svm", "maxphyaddr", "caps",
+                "backends"):
+        assert key in facts
+    with open("/proc/cpuinfo") as f:
+        assert f"vendor_id\t: {facts['vendor']}" in f.read()
+    assert set(facts["backends"]) == {"kvm", "qemu", "model"}
+    assert kvmtest("info").stdout.count("\n") == 1
