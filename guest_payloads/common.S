@@ -108,3 +108,47 @@ exc_common:
 1:	cli
 	hlt
 	jmp 1b
+
+/* ---- L2 code: runs only after a successful VMRUN; in every payload so any
+ * payload can VMRUN the default VMCB12 (vmcb12.py picks the entry) ---- */
+	.balign 16
+	.globl l2_vmmcall
+l2_vmmcall:
+	VMMCALL
+	/* VMMCALL must be intercepted; falling through is a harness bug. */
+	ud2
+
+	.balign 16
+	.globl l2_hlt
+l2_hlt:
+	hlt
+	ud2
+
+	.balign 16
+	.globl l2_ioio
+l2_ioio:
+	mov dx, 0x80
+	out dx, al
+	VMMCALL
+
+	.balign 16
+	.globl l2_rdmsr
+l2_rdmsr:
+	mov ecx, MSR_EFER
+	rdmsr
+	VMMCALL
+
+	.balign 16
+	.globl l2_ud
+l2_ud:
+	ud2
+
+/* 32-bit L2 entry for the legacy PAE-paging (late failure) cases.  VMMCALL
+ * has the same encoding in 32-bit code. */
+	.balign 16
+	.code32
+	.globl l2_vmmcall32
+l2_vmmcall32:
+	VMMCALL
+	ud2
+	.code64

@@ -4,7 +4,7 @@
  * block and reports SYNC(STAGE_AFTER_VMRUN).  Reaching vmrun_next at all is
  * what proves L1 resumed after the VMRUN.
  *
- * L2 entry points follow; the host's VMCB12 save.rip picks one. */
+ */
 #include "kvmtest_layout.h"
 #include "svm.h"
 	.intel_syntax noprefix
@@ -59,45 +59,3 @@ vmrun_next:
 	call ucall
 	ret
 
-/* ---- L2 code: runs only after a successful VMRUN ---- */
-	.balign 16
-	.globl l2_vmmcall
-l2_vmmcall:
-	VMMCALL
-	/* VMMCALL must be intercepted; falling through is a harness bug. */
-	ud2
-
-	.balign 16
-	.globl l2_hlt
-l2_hlt:
-	hlt
-	ud2
-
-	.balign 16
-	.globl l2_ioio
-l2_ioio:
-	mov dx, 0x80
-	out dx, al
-	VMMCALL
-
-	.balign 16
-	.globl l2_rdmsr
-l2_rdmsr:
-	mov ecx, MSR_EFER
-	rdmsr
-	VMMCALL
-
-	.balign 16
-	.globl l2_ud
-l2_ud:
-	ud2
-
-/* 32-bit L2 entry for the legacy PAE-paging (late failure) cases.  VMMCALL
- * has the same encoding in 32-bit code. */
-	.balign 16
-	.code32
-	.globl l2_vmmcall32
-l2_vmmcall32:
-	VMMCALL
-	ud2
-	.code64

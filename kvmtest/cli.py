@@ -78,25 +78,36 @@ def run_report(args: argparse.Namespace, quiet: bool = False) -> Report:
     cases = select(catalogue(maxphy), args.k)
     if not cases:
         raise CliError(f"no case matches -k {args.k!r}", EXIT_USAGE)
-    desc = backend.describe()
     if not quiet:
         print(note, file=sys.stderr)
     progress = None if quiet else (
         lambda r, i, n: print(rep.progress_line(r, i, n), file=sys.stderr, flush=True))
     try:
         results = run_cases(backend, cases, args.profile, progress, timeout=args.timeout)
+    except RuntimeError as e:
+        if type(e).__name__ != "KernelError":  # the qemu backend's "kernel broke"
+            raise
+        raise CliError(str(e), EXIT_KERNEL) from None
     finally:
         close = getattr(backend, "close", None)
         if close:
             close()
-    report = Report(backend=desc["backend"], profile=args.profile,
-                    kernel=desc.get("kernel", "?"), results=results, notes=[note])
-    return report
+    desc = backend.describe()  # the qemu guest reports its release only now
+    notes = [note]
+    if getattr(backend, "timings", None):
+        notes.append("timings: " + ", ".join(
+            f"{k} {v}" for k, v in backend.timings.items() if v is not None))
+    if getattr(backend, "outdir", None):
+        notes.append(f"artifacts: {backend.outdir}")
+    return Report(backend=desc["backend"], profile=args.profile,
+                  kernel=desc.get("kernel", "?"), results=results, notes=notes)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     report = run_report(args)
     print(rep.table(report))
+    for line in report.notes[1:]:
+        print(line)
     print(rep.summary_line(report))
     if args.json:
         rep.write_json(report, Path(args.json))

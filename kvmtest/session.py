@@ -94,7 +94,7 @@ def run_cases(backend, cases: Sequence[Case], profile: str | None,
     """Judge every case; a backend with run_batch (qemu) runs them in one go."""
     runnable = [c for c in cases if skip_reason(backend, c) is None]
     batch = getattr(backend, "run_batch", None)
-    observations: dict[str, Observation] = batch(runnable, timeout) if batch else {}
+    observations: dict[str, Observation | str] = batch(runnable, timeout) if batch else {}
     results = []
     for i, case in enumerate(cases, 1):
         reason = skip_reason(backend, case)
@@ -104,6 +104,8 @@ def run_cases(backend, cases: Sequence[Case], profile: str | None,
             obs = observations.get(case.id) if batch else run_case(backend, case, timeout)
             if obs is None:
                 r = Result(case, j.Verdict(j.ERROR, "no observation came back"))
+            elif isinstance(obs, str):  # the guest found a capability missing
+                r = Result(case, j.Verdict(j.SKIP, obs))
             else:
                 r = Result(case, j.judge(case, obs, profile), obs)
         results.append(r)
