@@ -198,6 +198,14 @@ def _modules_tree(kernel: Kernel, *extra: Path) -> ModuleTree:
     return ModuleTree.scan(*dirs)
 
 
+def has_module(kernel: Kernel, name: str) -> bool:
+    """True if KERNEL has module NAME, as a file or built in."""
+    if kernel.modules_dir is None:
+        return False
+    tree = ModuleTree.scan(kernel.modules_dir)
+    return name in tree.files or name in tree.builtin
+
+
 def base_initramfs(kernel: Kernel, *, cache: Path | None = None) -> Path:
     """The cached base archive for KERNEL (built once per release + content)."""
     busybox = find_busybox()
