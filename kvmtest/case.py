@@ -52,6 +52,12 @@ class Expect:
     # exit code, and QEMU's TCG writes VMEXIT_INVALID as 32 bits
     # (cpu_vmexit takes a uint32_t), so 0xFFFFFFFF is also a faithful copy.
     hw_checked: bool = False
+    # A profile's behaviour that breaks the contract (e.g. a CVE fixed in a
+    # later stable release): matching it fingerprints the kernel, but the
+    # case still fails.
+    known_bug: str | None = None
+    # GIF after the #VMEXIT: architecturally 0; a legacy kernel leaves it set.
+    gif_after: bool = False
 
     def describe(self) -> str:
         if self.kind == "vmexit":
@@ -60,6 +66,8 @@ class Expect:
             ec = "" if self.error_code is None else f" ec={self.error_code:#x}"
             return f"{_VECTOR_NAMES.get(self.vector or 0, self.vector)}{ec} at {self.at}"
         text = self.kind.replace("_", " ")
+        if self.known_bug:
+            text += f" (bug: {self.known_bug})"
         if self.event_inj_cleared is not None:
             text += ", EVENTINJ " + ("cleared" if self.event_inj_cleared else "kept")
         return text

@@ -47,8 +47,8 @@ def _check_vmexit(obs: o.Observation, want: Expect, case: Case) -> list[str]:
             bad.append(f"EXITINFO2 {obs.exit_info_2:#x} != 0")
     if obs.gif is None:
         bad.append("GIF unknown (no KVM_GET_NESTED_STATE)")
-    elif obs.gif:
-        bad.append("GIF=1 after #VMEXIT")
+    elif obs.gif != want.gif_after:
+        bad.append(f"GIF={int(obs.gif)} after #VMEXIT")
     if obs.guest_mode:
         bad.append("still in guest mode after #VMEXIT")
     l1 = obs.l1 or {}
@@ -98,21 +98,33 @@ def check(case: Case, obs: o.Observation, want: Expect) -> list[str]:
             bad.append("accepted but not in guest mode")
     else:
         raise ValueError(f"unknown expectation {want.kind!r}")
-    if obs.kernel_warnings:
-        bad.append(f"kernel log: {obs.kernel_warnings[0]}")
     return bad
 
 
 def judge(case: Case, obs: o.Observation, profile: str | None = None) -> Verdict:
-    """profile: the kernel behaviour expected (None: any known one)."""
+    """profile: the kernel behaviour expected (None: any known one).
+
+    A kernel-log warning fails the case whatever it did, but does not change
+    which profiles its behaviour matches."""
+    v = _judge_behaviour(case, obs, profile)
+    if obs.kernel_warnings and v.verdict in (PASS, FAIL):
+        warn = f"kernel log: {obs.kernel_warnings[0]}"
+        v = Verdict(FAIL, "; ".join(filter(None, [warn, v.reason])), v.profiles,
+                    [warn, *v.failures])
+    return v
+
+
+def _judge_behaviour(case: Case, obs: o.Observation, profile: str | None) -> Verdict:
     if obs.outcome in HARNESS_OUTCOMES:
         return Verdict(ERROR, f"{obs.outcome}: {obs.detail}")
     if not case.profiles:
         bad = check(case, obs, case.expect)
-        agree = tuple(p for p in PROFILES if _profile_agrees(case, obs, p, bad))
-        return Verdict(FAIL if bad else PASS, "; ".join(bad), agree, bad)
+        return Verdict(FAIL if bad else PASS, "; ".join(bad), PROFILES if not bad else (), bad)
     results = {p: check(case, obs, want) for p, want in case.profiles.items()}
     agree = tuple(p for p, bad in results.items() if not bad)
+    bugs = [case.profiles[p].known_bug for p in agree if case.profiles[p].known_bug]
+    if bugs:  # the kernel behaves like a profile known to be broken here
+        return Verdict(FAIL, f"known bug ({', '.join(agree)}): {bugs[0]}", agree, bugs[:1])
     if profile is not None and profile in results:
         bad = results[profile]
         if bad:
@@ -123,14 +135,6 @@ def judge(case: Case, obs: o.Observation, profile: str | None = None) -> Verdict
         return Verdict(PASS, f"matches {', '.join(agree)}", agree)
     first = next(iter(results.values()))
     return Verdict(FAIL, "matches no known profile: " + "; ".join(first), agree, first)
-
-
-def _profile_agrees(case: Case, obs: o.Observation, profile: str, bad: list[str]) -> bool:
-    """Profile-independent cases still tell profiles apart in one way: the
-    legacy kernels leave GIF set after a consistency-check failure."""
-    if case.consistency_check and case.gif_mode == "gif1" and obs.gif is not None:
-        return obs.gif if profile == "legacy" else not obs.gif
-    return not bad
 
 
 def fingerprint(verdicts: Iterable[Verdict]) -> str:

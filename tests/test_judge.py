@@ -11,7 +11,7 @@ from kvmtest.vmcb import POISON, SVM_EXIT_ERR
 
 CASES = by_id()
 CC = CASES["control/asid0[gif1]"]
-OBSERVATION_CASE = CASES["control/eventinj-after-invalid[gif1]"]
+OBSERVATION_CASE = CASES["control/eventinj-after-invalid[gif0]"]
 L1 = {"stage": params.STAGE_AFTER_VMRUN, "rsp": 0x1FFF8, "cr0": 0x80050033, "cr3": 0x4000,
       "cr4": 0x620, "efer": 0x1500, "rflags": 2, "rax": 0x9000}
 L1 |= {f"pre_{k}": L1[k] for k in ("rsp", "cr0", "cr3", "cr4", "efer")}
@@ -31,9 +31,13 @@ def test_contract_holds():
 
 def test_gif_left_set_fails_and_points_at_legacy():
     v = j.judge(CC, invalid(gif=True))
-    assert v.verdict == j.FAIL and "GIF=1" in v.reason
+    assert v.verdict == j.FAIL and "GIF left set" in v.reason
     assert v.profiles == ("legacy",)
     assert j.fingerprint([v]) == "legacy"
+    # With CLGI first, GIF=0 either way: nothing tells legacy apart.
+    v0 = j.judge(CASES["control/asid0[gif0]"], invalid())
+    assert v0.verdict == j.PASS and v0.profiles == j.PROFILES
+    assert j.judge(CASES["control/asid0[gif0]"], invalid(gif=True)).verdict == j.FAIL
 
 
 def test_missing_exit_code_write_is_caught():

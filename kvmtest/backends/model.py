@@ -36,6 +36,7 @@ class ModelBackend:
     def __init__(self, profile: str = DEFAULT_PROFILE, timer: str = TIMER_WATCHDOG) -> None:
         self.profile = get_profile(profile)
         self.timer = timer
+        self.maxphyaddr = MAXPHYADDR  # the model guest's CPUID 0x80000008
         self._machines: dict[str, ModelMachine] = {}
 
     def capabilities(self) -> dict[str, str | None]:

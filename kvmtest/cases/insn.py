@@ -24,11 +24,24 @@ GATED = ("vmrun", "vmload", "vmsave", "stgi", "clgi", "invlpga")
 
 
 def _insn(id_: str, insn: str, expect: Expect, source: str, needs: str, flags: int = 0,
-          **extra: int) -> Case:
+          profiles: dict[str, Expect] | None = None, **extra: int) -> Case:
     p = {"flags": flags, "insn": params.INSNS.index(insn), "vmrun_rax": layout.VMCB12_GPA,
          "hsave_pa": layout.HSAVE_GPA, **extra}
     return Case(id=id_, family="insn", scenario=INSN, payload="svm_insn", expect=expect,
-                source=source, params=p, needs=frozenset({needs}))
+                source=source, params=p, needs=frozenset({needs}), profiles=profiles or {})
+
+
+# Before "KVM: SVM: Inject #UD for INVLPGA if EFER.SVME=0" (CVE-2026-46082;
+# Debian 6.1.176) KVM emulated INVLPGA for any L1: no #UD.
+INVLPGA_BUG = Expect("no_fault", known_bug="INVLPGA without #UD when EFER.SVME=0 "
+                     "(CVE-2026-46082, fixed by 'KVM: SVM: Inject #UD for INVLPGA if EFER.SVME=0')")
+
+
+def _gated_profiles(insn: str) -> dict[str, Expect]:
+    if insn != "invlpga":
+        return {}
+    ud = exception(UD, "insn_invlpga")
+    return {"legacy": INVLPGA_BUG, "fixed": ud, "upstream": ud}
 
 
 def no_svm_cases() -> Iterator[Case]:
@@ -36,7 +49,7 @@ def no_svm_cases() -> Iterator[Case]:
     for insn in (*GATED, "skinit"):
         yield _insn(f"insn/nosvm-{insn}", insn, exception(UD, f"insn_{insn}"),
                     f"{APM_INSN}: #UD when SVM is not available; KVM svm.c / vmx.c",
-                    NEED_NO_SVM)
+                    NEED_NO_SVM, profiles=_gated_profiles(insn))
     yield _insn("insn/nosvm-wrmsr-efer-svme", "wrmsr", exception(GP, "insn_wrmsr", 0),
                 "APM vol. 2 3.1.7: setting a reserved EFER bit #GP; KVM kvm_valid_efer "
                 "(EFER.SVME needs SVM in guest CPUID)", NEED_NO_SVM,
@@ -50,7 +63,7 @@ def svm_cases(maxphyaddr: int) -> Iterator[Case]:
     for insn in GATED:
         yield _insn(f"insn/svme0-{insn}", insn, exception(UD, f"insn_{insn}"),
                     f"{APM_INSN}: #UD when EFER.SVME=0; KVM nested_svm_check_permissions",
-                    NEED_SVM, flags=params.PF_SET_HSAVE)
+                    NEED_SVM, flags=params.PF_SET_HSAVE, profiles=_gated_profiles(insn))
     yield _insn("insn/skinit", "skinit", exception(UD, "insn_skinit"),
                 "KVM svm.c skinit_interception: SKINIT is always #UD in a guest", NEED_SVM,
                 flags=params.PF_SET_SVME | params.PF_SET_HSAVE)

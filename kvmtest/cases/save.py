@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .. import layout
+from ..case import VMEXIT_INVALID, VMEXIT_INVALID_HW
 from ..vmcb import ATTR_CS_DB
 from ..vmcb12 import DR6_INIT, DR7_INIT
 from ._build import APM_CC, Row, bits
@@ -26,8 +27,12 @@ def rows(maxphyaddr: int) -> list[Row]:
             f"{APM_CC}: EFER.LME and CR0.PG are both set and CR4.PAE is zero; {KVM}"),
         Row("lme-pg-pe0", {"cr0": CR0 & ~layout.CR0_PE}, {"cr0": CR0},
             f"{APM_CC}: EFER.LME and CR0.PG are both non-zero and CR0.PE is zero; {KVM}"),
+        # KVM checks this in software since "KVM: nSVM: Add missing consistency
+        # check for EFER, CR0, CR4, and CS" (Debian 6.1.176); before, the CPU did.
         Row("lme-pg-cs-l-d", {"cs.attrib": CS_ATTR | ATTR_CS_DB}, {"cs.attrib": CS_ATTR},
-            f"{APM_CC}: EFER.LME, CR0.PG, CS.L and CS.D are all non-zero; {KVM}"),
+            f"{APM_CC}: EFER.LME, CR0.PG, CS.L and CS.D are all non-zero; {KVM}",
+            profiles={"legacy": VMEXIT_INVALID_HW, "fixed": VMEXIT_INVALID,
+                      "upstream": VMEXIT_INVALID}),
     ]
     out += bits("cr0-hi", "cr0", CR0, (32, 47, 63),
                 f"{APM_CC}: CR0[63:32] are not zero; {KVM}")
