@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from kvmtest.cli import EXIT_ENV, EXIT_FAIL, EXIT_PASS, EXIT_USAGE, EXIT_UNTESTED
+from kvmtest.cli import EXIT_ENV, EXIT_FAIL, EXIT_PASS, EXIT_UNTESTED, EXIT_USAGE
 
 
 def kvmtest(*args, env=None, prefix=()):

@@ -30,8 +30,10 @@ class Machine(Protocol):
         ...
 
     def set_nested_state(self, flags: int, vmcb12_gpa: int, vmcb12: bytes) -> int:
-        """KVM_SET_NESTED_STATE in guest mode with vmcb12 as the cached
-        VMCB12 control area; returns 0 or the errno it failed with."""
+        """KVM_SET_NESTED_STATE with vmcb12 (control area: VMCB12's; save
+        area: L1's state before VMRUN); returns 0 or the errno it failed with.
+        L1 has not run yet, so the machine first sets EFER.SVME and
+        MSR_VM_HSAVE_PA from the host side (KVM refuses guest mode without SVME)."""
         ...
 
 

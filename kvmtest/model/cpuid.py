@@ -1,0 +1,64 @@
+"""The guest CPU the model emulates: what KVM would derive from its CPUID.
+
+KVM decides which bits of CR4/EFER are reserved and what MAXPHYADDR is from
+the guest CPUID (kvm_is_valid_cr4(), kvm_valid_efer(), kvm_vcpu_is_legal_gpa()).
+The model fixes one guest CPU so its answers are exact and documented:
+QEMU's ``-cpu EPYC`` (Zen 1, "Naples") as seen by an L1 under KVM, which is
+also what the qemu backend runs on this machine (DESIGN.md section 3).
+"""
+
+from __future__ import annotations
+
+from .. import layout
+
+# QEMU TCG's default phys-bits; CPUID 0x80000008 EAX[7:0] of the EPYC model.
+MAXPHYADDR = 40
+
+# The model host has nested paging (kvm_amd npt=1), as TCG's EPYC model does,
+# so "NP_ENABLE without host NPT" can never fail (nested.c:
+# __nested_vmcb_check_controls, CC(... && !npt_enabled)).
+HOST_NPT = True
+# No NRIPS in the guest CPUID (TCG has no next-RIP save, DESIGN.md section 3):
+# KVM then does not write VMCB12.next_rip on #VMEXIT.
+GUEST_NRIPS = False
+
+# CR4 bits the EPYC guest may set (kvm_is_valid_cr4 -> __cr4_reserved_bits()):
+# VME PVI TSD DE PSE PAE MCE PGE PCE OSFXSR OSXMMEXCPT, FSGSBASE, OSXSAVE,
+# SMEP, SMAP.  Zen 1 has no UMIP(11), LA57(12), VMXE(13, Intel), SMXE(14),
+# PCIDE(17), PKE(22), CET(23), PKS(24); bit 15 and 25..63 are reserved on any
+# CPU.  Sweeps that must fail on every guest CPU should use bit 15 or 32..63.
+CR4_VALID = (
+    0x7FF  # bits 0..10
+    | 1 << 16  # FSGSBASE
+    | 1 << 18  # OSXSAVE
+    | 1 << 20  # SMEP
+    | 1 << 21  # SMAP
+)
+CR4_RESERVED = ((1 << 64) - 1) & ~CR4_VALID
+
+# EFER bits KVM accepts for this guest (efer_reserved_bits as opened by
+# kvm_enable_efer_bits() in svm_hardware_setup(), filtered by guest CPUID in
+# __kvm_valid_efer()): SCE, LME, LMA, NXE, SVME (only with SVM in CPUID),
+# LMSLE (6.1 enables it together with SVME), FFXSR.  Bits 1..7, 9, 15..63
+# are reserved.
+EFER_SVME = layout.EFER_SVME
+EFER_LMSLE = 1 << 13
+EFER_FFXSR = 1 << 14
+EFER_VALID_NO_SVM = (
+    layout.EFER_SCE | layout.EFER_LME | layout.EFER_LMA | layout.EFER_NXE | EFER_FFXSR
+)
+EFER_VALID_SVM = EFER_VALID_NO_SVM | EFER_SVME | EFER_LMSLE
+
+
+def efer_reserved(svm: bool) -> int:
+    return ((1 << 64) - 1) & ~(EFER_VALID_SVM if svm else EFER_VALID_NO_SVM)
+
+
+def legal_gpa(gpa: int) -> bool:
+    """kvm_vcpu_is_legal_gpa(): no bit at or above MAXPHYADDR."""
+    return 0 <= gpa < (1 << MAXPHYADDR)
+
+
+def backed(gpa: int, size: int = 1) -> bool:
+    """Is [gpa, gpa+size) inside the one memslot (layout.MEM_SIZE)?"""
+    return gpa >= 0 and gpa + size <= layout.MEM_SIZE

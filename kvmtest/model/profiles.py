@@ -1,0 +1,154 @@
+"""Kernel generations the model reproduces, as data.
+
+A profile is a frozen set of switches; the model consults them at the few
+places where kernels legitimately differ, so a profile difference is one
+field here, never an ``if kernel == ...`` elsewhere.
+
+Sources (public):
+- KVM ``arch/x86/kvm/svm/nested.c``: ``nested_svm_vmrun()``,
+  ``__nested_vmcb_check_controls()``, ``__nested_vmcb_check_save()``,
+  ``nested_svm_check_tlb_ctl()``, ``nested_svm_vmexit()``,
+  ``svm_set_nested_state()`` of Linux 6.1 (torvalds/linux at the 6.1-era
+  snapshot 00f08d99dd7d) and the 2026 upstream/stable patches below.
+- f85a6ce06e4a "KVM: nSVM: Clear GIF on nested #VMEXIT(INVALID)" (Yosry
+  Ahmed, Cc stable; in 6.1-stable review as "[PATCH 6.1 240/969]", 2026-05-30:
+  adds ``svm_set_gif(svm, false)`` to the early consistency-check path).
+- "KVM: nSVM: Set exit_code_hi to -1 when synthesizing SVM_EXIT_ERR (failed
+  VMRUN)" (stable, e.g. Linux 6.6.120, 2026-01-11): before it the early path
+  wrote exit_code_hi = 0, i.e. EXITCODE 0x00000000ffffffff.  Debian's 6.1.170
+  is newer than that backport, so every profile here writes the full -1.
+- The stable patches that came with the GIF fix: Debian's linux 6.1.176-1
+  changelog lists, together, "KVM: SVM: Inject #UD for INVLPGA if
+  EFER.SVME=0" (CVE-2026-46082), "KVM: nSVM: Always inject a #GP if mapping
+  VMCB12 fails on nested VMRUN", "KVM: nSVM: Clear GIF on nested
+  #VMEXIT(INVALID)", "KVM: nSVM: Add missing consistency check for EFER, CR0,
+  CR4, and CS" and "... for nCR3 validity"; linux-source-6.1 (6.1.192)
+  nested.c has all of them.  Measured: Debian 6.1.170 (linux-image-6.1.0-47)
+  and 6.1.192 (linux-image-6.1.0-56) under QEMU TCG agree with `legacy` and
+  `fixed` case by case (tests/qemu/test_kernels.py).
+- a484755ab252 "KVM: nSVM: Revert KVM's made-up consistency check on SVM's
+  TLB control" (Linux 6.7, backported to 6.6/6.1 stable).
+- The "nSVM: unify VMRUN failures" series (reference/nsvm-unify-vmrun-
+  failures-v4-13.txt; v7 merged for Linux 7.1): nCR3, EVENTINJ and CS.L&&CS.D
+  checks, #GP when VMCB12 cannot be mapped, EVENTINJ cleared on every
+  #VMEXIT (``__nested_svm_vmexit``: ``vmcb12->control.event_inj = 0``),
+  TLB_CTL masked instead of rejected, late failures (CR3/PDPTR load, MSRPM
+  merge) handled before switching to VMCB02, consistency checks added to
+  ``svm_leave_smm()`` (be5fa8737d42).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+# tlb_ctl handling
+# nested_svm_check_tlb_ctl() (174a921b6975, 5.13) accepted only DO_NOTHING
+# and FLUSH_ALL_ASID; a484755ab252 "Revert KVM's made-up consistency check on
+# SVM's TLB control" (6.7, Cc stable: in 6.6-stable and 6.1-stable) removed
+# it.  No modelled kernel rejects; "reject" is kept for older kernels.
+TLB_CTL_REJECT = "reject"
+TLB_CTL_ACCEPT = "accept"  # any value passes; KVM ignores it for VMCB02
+TLB_CTL_MASK = "mask"  # 7.1: accepted, reserved bits dropped from the cache
+
+# What L1 sees when NP is enabled and nCR3 is legal-looking but no memslot
+# backs it (or, before 7.1, when it is beyond MAXPHYADDR: no check).
+# 6.1: mmu_alloc_shadow_roots() -> mmu_check_root() requests a triple
+# fault for an invisible root GFN; in guest mode that is
+# nested_svm_triple_fault(): #VMEXIT(SHUTDOWN).  Newer kernels run L2 on a
+# dummy root and reflect the failed NPT walk as #VMEXIT(NPF).
+NCR3_SHUTDOWN = "shutdown"
+NCR3_NPF = "npf"
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    kernels: str
+    summary: str
+    # Early consistency-check failure (nested_svm_vmrun's "goto out" path)
+    # clears GIF, as every #VMEXIT does architecturally (f85a6ce06e4a).
+    clear_gif_on_check_failure: bool
+    # Checks only upstream (7.1) performs in software; older kernels pass
+    # the state to hardware, whose own VMRUN checks then fail (see svm.py).
+    check_ncr3: bool
+    check_event_inj: bool
+    check_cs_l_d: bool
+    tlb_ctl: str
+    unbacked_ncr3: str
+    # invlpga_interception() calls nested_svm_check_permissions(): before
+    # "KVM: SVM: Inject #UD for INVLPGA if EFER.SVME=0" (CVE-2026-46082) KVM
+    # emulated INVLPGA as INVLPG whatever EFER.SVME, CPL or the guest CPUID.
+    invlpga_checks_permissions: bool
+    # EVENTINJ/EVENTINJ_ERR written as 0 into VMCB12 on every #VMEXIT,
+    # including a failed VMRUN.  Older kernels copy back the cached value.
+    clear_event_inj_on_vmexit: bool
+    # Late failures (L2 CR3/PDPTR load, MSRPM merge) go through the
+    # complete nested_svm_vmexit(), which also writes L2's state into the
+    # VMCB12 save area.  Upstream fails before loading L2 state and only
+    # writes the exit fields.
+    late_failure_writes_save_area: bool
+
+    def describe(self) -> dict[str, str]:
+        return {f.name: str(getattr(self, f.name)) for f in fields(self)}
+
+
+LEGACY = Profile(
+    name="legacy",
+    kernels="Linux 6.1 stable before 6.1.175 (Debian 6.1.170 = linux-image-6.1.0-47), "
+    "6.12 before 6.12.86, mainline before 7.1",
+    summary="consistency-check failure writes VMEXIT_INVALID but leaves GIF unchanged",
+    clear_gif_on_check_failure=False,
+    check_ncr3=False,
+    check_event_inj=False,
+    check_cs_l_d=False,
+    tlb_ctl=TLB_CTL_ACCEPT,
+    unbacked_ncr3=NCR3_SHUTDOWN,
+    invlpga_checks_permissions=False,
+    clear_event_inj_on_vmexit=False,
+    late_failure_writes_save_area=True,
+)
+
+FIXED = Profile(
+    name="fixed",
+    kernels="Linux 6.1.175+ (Debian 6.1.192 = linux-image-6.1.0-56), 6.12.86+, "
+    "other stable trees with f85a6ce06e4a backported",
+    summary="legacy + GIF cleared on #VMEXIT(INVALID) from a consistency check, "
+    "nCR3 and CS.L&&CS.D checked, INVLPGA gated",
+    clear_gif_on_check_failure=True,
+    check_ncr3=True,
+    check_event_inj=False,
+    check_cs_l_d=True,
+    tlb_ctl=TLB_CTL_ACCEPT,
+    unbacked_ncr3=NCR3_SHUTDOWN,
+    invlpga_checks_permissions=True,
+    clear_event_inj_on_vmexit=False,
+    late_failure_writes_save_area=True,
+)
+
+UPSTREAM = Profile(
+    name="upstream",
+    kernels="Linux 7.1 (mainline with the merged v7 'nSVM: VMRUN failures' series)",
+    summary="fixed + nCR3/EVENTINJ/CS.L&&CS.D checks, EVENTINJ cleared on #VMEXIT, "
+    "TLB_CTL masked, late failures before VMCB02 is loaded",
+    clear_gif_on_check_failure=True,
+    check_ncr3=True,
+    check_event_inj=True,
+    check_cs_l_d=True,
+    tlb_ctl=TLB_CTL_MASK,
+    unbacked_ncr3=NCR3_NPF,
+    invlpga_checks_permissions=True,
+    clear_event_inj_on_vmexit=True,
+    late_failure_writes_save_area=False,
+)
+
+PROFILES: dict[str, Profile] = {p.name: p for p in (LEGACY, FIXED, UPSTREAM)}
+DEFAULT_PROFILE = UPSTREAM.name
+
+
+def get_profile(name: str) -> Profile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown model profile {name!r} (known: {', '.join(PROFILES)})"
+        ) from None

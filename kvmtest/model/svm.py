@@ -1,0 +1,637 @@
+"""The reference model of KVM's nested SVM (arch/x86/kvm/svm/nested.c).
+
+It sees L1 through the small CPU interface of machine.py and decides what
+KVM (and, below it, the CPU) does for each SVM instruction, SVM MSR access
+and L2 event.  Names follow KVM: vmcb12 is L1's VMCB for L2, "vmcb01" is
+L1's own state saved at VMRUN, GIF, hsave_msr, nested_run_pending...
+
+Two layers of VMRUN checks are modelled:
+- KVM's software checks (checks.py; nested_svm_vmrun() ->
+  nested_vmcb_check_save()/nested_vmcb_check_controls()), whose failure
+  writes VMEXIT_INVALID without the #VMEXIT cleanup on kernels without
+  f85a6ce06e4a (profile ``clear_gif_on_check_failure``);
+- the CPU's own VMRUN checks of VMCB02 (APM 15.5.1) for state KVM passes
+  through unchecked on older kernels (CS.L&&CS.D, EVENTINJ): the hardware
+  VMRUN fails with VMEXIT_INVALID, svm_handle_exit() sees SVM_EXIT_ERR in
+  guest mode and reflects it to L1 with the complete nested_svm_vmexit(),
+  which clears GIF -- so those cases fail on every profile, only the path
+  differs.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from unicorn import x86_const as x86
+
+from .. import layout
+from ..exits import ShutdownExit
+from ..observation import (
+    KVM_STATE_NESTED_GIF_SET,
+    KVM_STATE_NESTED_GUEST_MODE,
+    KVM_STATE_NESTED_RUN_PENDING,
+    NestedView,
+)
+from ..vmcb import (
+    EVTINJ_VALID,
+    EVTINJ_VALID_ERR,
+    INTERCEPT_HLT,
+    INTERCEPT_IOIO_PROT,
+    INTERCEPT_MSR_PROT,
+    INTERCEPT_SHUTDOWN,
+    SVM_EXIT_ERR,
+    SVM_EXIT_EXCP_BASE,
+    SVM_EXIT_HLT,
+    SVM_EXIT_IOIO,
+    SVM_EXIT_MSR,
+    SVM_EXIT_NPF,
+    SVM_EXIT_SHUTDOWN,
+    SVM_EXIT_VMRUN,
+    Vmcb,
+)
+from . import checks, cpuid, paging
+from .profiles import NCR3_NPF, Profile
+
+if TYPE_CHECKING:
+    from .machine import ModelMachine
+
+MSR_EFER = 0xC000_0080
+MSR_VM_CR = 0xC001_0114
+MSR_VM_HSAVE_PA = 0xC001_0117
+SVM_MSRS = frozenset({MSR_EFER, MSR_VM_CR, MSR_VM_HSAVE_PA})
+
+SVM_VM_CR_VALID_MASK = 0x1F
+SVM_VM_CR_SVM_LOCK = 1 << 3
+SVM_VM_CR_SVM_DIS = 1 << 4
+
+KVM_ENOSYS = 1000
+KVM_EPERM = 1
+
+DR6_ACTIVE_LOW = 0xFFFF0FF0
+DR7_FIXED_1 = 0x400
+RFLAGS_VM = 1 << 17
+M64 = (1 << 64) - 1
+
+UD = 6
+GP = 13
+
+# Intercepts of L1 for L2 (VMCB control words 3 and 4) and their exit codes.
+INSN_INTERCEPTS = {  # insn: (control field, bit, exit code)
+    "vmrun": ("intercept_misc2", 0, SVM_EXIT_VMRUN),
+    "vmmcall": ("intercept_misc2", 1, 0x81),
+    "vmload": ("intercept_misc2", 2, 0x82),
+    "vmsave": ("intercept_misc2", 3, 0x83),
+    "stgi": ("intercept_misc2", 4, 0x84),
+    "clgi": ("intercept_misc2", 5, 0x85),
+    "skinit": ("intercept_misc2", 6, 0x86),
+    "invlpga": ("intercept_misc1", 26, 0x7A),
+}
+
+# MSRs KVM lets L1 access directly and so merges from the VMCB12 MSRPM at
+# VMRUN (svm.c direct_access_msrs, 6.1): reading their MSRPM words is what
+# fails for an MSRPM in unbacked memory (nested_svm_vmrun_msrpm).
+DIRECT_ACCESS_MSRS = (0x48, 0x49, 0x174, 0x175, 0x176, 0x1DB, 0x1DC, 0x1DD, 0x1DE,
+                      0xC000_0081, 0xC000_0082, 0xC000_0083, 0xC000_0084,
+                      0xC000_0100, 0xC000_0101, 0xC000_0102, 0xC000_0103)
+MSRPM_RANGES = ((0x0000_0000, 0x0), (0xC000_0000, 0x800), (0xC001_0000, 0x1000))
+
+
+@dataclass(frozen=True)
+class Raise:
+    """Inject an exception into the current level."""
+
+    vector: int
+    error_code: int | None = None
+    cr2: int | None = None
+
+
+@dataclass(frozen=True)
+class VmExit:
+    """A #VMEXIT from L2 to L1 (nested_svm_vmexit)."""
+
+    exit_code: int
+    exit_info_1: int = 0
+    exit_info_2: int = 0
+    rip: int | None = None  # L2 RIP to record, if not the current one
+
+
+def msrpm_bit(msr: int) -> int | None:
+    """Bit offset of msr's read bit in the MSRPM (APM 15.11), None if the
+    MSR is outside the three ranges (always intercepted)."""
+    for base, offset in MSRPM_RANGES:
+        if base <= msr < base + 0x2000:
+            return 8 * offset + 2 * (msr - base)
+    return None
+
+
+class NestedSvm:
+    """Per-vCPU nested state: KVM's struct svm_nested_state and friends."""
+
+    def __init__(self, m: ModelMachine, profile: Profile, svm_in_cpuid: bool) -> None:
+        self.m = m
+        self.profile = profile
+        self.svm_in_cpuid = svm_in_cpuid
+        self.gif = True
+        self.svme = False  # EFER.SVME of the current level (vcpu->arch.efer)
+        self.hsave_msr = 0
+        self.vm_cr_msr = 0
+        self.guest_mode = False
+        self.vmcb12_gpa = 0
+        self.last_failure: tuple[str, list[str]] | None = None
+        # Saved at VMRUN ("vmcb01"), cached from VMCB12 ("nested.ctl/save").
+        self._l1_ctx: object | None = None
+        self._l1_svme = False
+        self._ctl: Vmcb | None = None
+        self._l2_static: dict[str, int] = {}
+        self._event_inj = 0
+
+    # ---- KVM_GET/SET_NESTED_STATE ---------------------------------------
+
+    def nested_view(self) -> NestedView:
+        flags = KVM_STATE_NESTED_GIF_SET if self.gif else 0
+        if self.guest_mode:
+            flags |= KVM_STATE_NESTED_GUEST_MODE
+        return NestedView(flags, self.vmcb12_gpa if self.guest_mode else 0)
+
+    def set_nested_state(self, flags: int, vmcb12_gpa: int, blob: Vmcb) -> int:
+        """svm_set_nested_state(): the blob's control area is VMCB12's, its
+        save area L1's state from before VMRUN; the vCPU's current registers
+        become L2's.  Returns 0 or the errno the ioctl fails with."""
+        if flags & ~(KVM_STATE_NESTED_GUEST_MODE | KVM_STATE_NESTED_RUN_PENDING
+                     | KVM_STATE_NESTED_GIF_SET):
+            return errno.EINVAL
+        # "If in guest mode, vcpu->arch.efer actually refers to the L2
+        # guest's EFER.SVME": GIF=1 and no guest mode are required if SVME=0.
+        if not self.svme and flags != KVM_STATE_NESTED_GIF_SET:
+            return errno.EINVAL
+        if not flags & KVM_STATE_NESTED_GUEST_MODE:
+            self._leave_nested()
+            self.gif = bool(flags & KVM_STATE_NESTED_GIF_SET)
+            return 0
+        if vmcb12_gpa & 0xFFF or not cpuid.legal_gpa(vmcb12_gpa):  # page_address_valid
+            return errno.EINVAL
+        if checks.failed_control_checks(checks.Control12.from_vmcb(blob), self.profile):
+            return errno.EINVAL
+        cr0 = self.m.cr0
+        if not cr0 & layout.CR0_CD and cr0 & layout.CR0_NW:
+            return errno.EINVAL
+        save = checks.Save12.from_vmcb(blob)
+        if (not save.cr0 & layout.CR0_PG or not save.cr0 & layout.CR0_PE
+                or blob["rflags"] & RFLAGS_VM
+                or checks.failed_save_checks(save, self.profile, self.svm_in_cpuid)):
+            return errno.EINVAL
+        # Accepted: L1's state comes from the blob, L2 keeps the vCPU's.
+        m = self.m
+        l2_ctx = m.save_context()
+        problem = m.load_guest_state(blob)
+        if problem is not None:
+            m.restore_context(l2_ctx, keep_gprs=False)
+            raise NotImplementedError(f"model cannot hold this L1 state: {problem}")
+        m.set_reg(x86.UC_X86_REG_RIP, blob["rip"])
+        self._l1_ctx = m.save_context()
+        m.restore_context(l2_ctx, keep_gprs=False)
+        self._l1_svme = bool(save.efer & layout.EFER_SVME)
+        self._ctl = Vmcb(blob.to_bytes())
+        self._event_inj = blob["event_inj"]
+        self._l2_static = self._static_from_current()
+        self.gif = bool(flags & KVM_STATE_NESTED_GIF_SET)
+        self.guest_mode = True
+        self.vmcb12_gpa = vmcb12_gpa
+        return 0
+
+    def _static_from_current(self) -> dict[str, int]:
+        """L2 segment/debug state when L2's registers are the vCPU's own."""
+        v = Vmcb()
+        from .. import l1  # the vCPU still has the shared L1 segment setup
+        st = l1.initial_state(self.m.payload)
+        for name in ("es", "cs", "ss", "ds"):
+            seg = getattr(st, name)
+            v[f"{name}.selector"], v[f"{name}.attrib"] = seg.selector, seg.vmcb_attrib
+            v[f"{name}.limit"], v[f"{name}.base"] = seg.limit, seg.base
+        v["dr7"], v["dr6"] = DR7_FIXED_1, DR6_ACTIVE_LOW
+        return _static_state(v)
+
+    def _leave_nested(self) -> None:
+        """svm_leave_nested(): forcibly back to L1."""
+        if self.guest_mode and self._l1_ctx is not None:
+            self.m.restore_context(self._l1_ctx, keep_gprs=True)
+            self.svme = self._l1_svme
+        self.guest_mode = False
+        self.vmcb12_gpa = 0
+
+    # ---- instructions -------------------------------------------------------
+
+    def owns_msr(self, index: int) -> bool:
+        return index in SVM_MSRS
+
+    def _intercepted(self, field: str, bit: int) -> bool:
+        return self._ctl is not None and bool(self._ctl[field] >> bit & 1)
+
+    def check_permissions(self) -> Raise | None:
+        """nested_svm_check_permissions(): EFER.SVME=0 or paging off -> #UD,
+        CPL>0 -> #GP(0)."""
+        if not self.svme or not self.m.cr0 & layout.CR0_PG:
+            return Raise(UD)
+        if self.m.cpl:
+            return Raise(GP, 0)
+        return None
+
+    def execute(self, insn: str) -> Raise | VmExit | None:
+        """An SVM instruction at RIP (all are 3 bytes: 0F 01 D8..DF)."""
+        if self.guest_mode:
+            field, bit, code = INSN_INTERCEPTS[insn]
+            if self._intercepted(field, bit):
+                return VmExit(code)
+            if insn == "vmmcall":
+                # KVM never lets L2's VMMCALL reach its hypercall handler
+                # (recalc_intercepts clears it); unintercepted it is a #UD.
+                return Raise(UD)
+        return getattr(self, f"_{insn}")()
+
+    def _vmmcall(self) -> None:
+        """L1's VMMCALL is always intercepted by KVM: kvm_emulate_hypercall()."""
+        m = self.m
+        nr = m.reg(x86.UC_X86_REG_RAX)
+        ret = -KVM_EPERM if m.cpl else -KVM_ENOSYS
+        del nr  # no hypercall is modelled: every number is unknown
+        m.set_reg(x86.UC_X86_REG_RAX, ret & M64)
+        m.skip(3)
+
+    def _skinit(self) -> Raise:
+        # skinit_interception(): KVM does not emulate SKINIT.
+        return Raise(UD)
+
+    def _stgi(self) -> Raise | None:
+        if fault := self.check_permissions():
+            return fault
+        self.gif = True
+        self.m.skip(3)
+        return None
+
+    def _clgi(self) -> Raise | None:
+        if fault := self.check_permissions():
+            return fault
+        self.gif = False
+        self.m.skip(3)
+        return None
+
+    def _invlpga(self) -> Raise | None:
+        # KVM on AMD always intercepts INVLPGA; older kernels emulated it as
+        # INVLPG without any check, even with no SVM in the guest CPUID (on
+        # an Intel host such as this machine's, the CPU #UDs it instead).
+        if self.profile.invlpga_checks_permissions and (fault := self.check_permissions()):
+            return fault
+        self.m._flush_tlb()
+        self.m.skip(3)
+        return None
+
+    def _rax_operand(self) -> int:
+        rax = self.m.reg(x86.UC_X86_REG_RAX)
+        return rax if self.m.long_mode else rax & 0xFFFF_FFFF
+
+    def _vmcb_operand_fault(self, gpa: int) -> Raise | None:
+        """rAX must be 4 KiB aligned and below MAXPHYADDR (the CPU checks this
+        before the intercept, APM VMRUN/VMLOAD/VMSAVE #GP), and KVM must be
+        able to map it (kvm_vcpu_map() -EINVAL -> #GP(0))."""
+        if gpa & 0xFFF or not cpuid.legal_gpa(gpa) or not cpuid.backed(gpa, 0x1000):
+            return Raise(GP, 0)
+        return None
+
+    def _vmload(self) -> Raise | None:
+        if fault := self.check_permissions() or self._vmcb_operand_fault(self._rax_operand()):
+            return fault
+        # The FS/GS/TR/LDTR/syscall state transfer is not modelled (payloads
+        # do not depend on it); gating and operand checks are.
+        self.m.skip(3)
+        return None
+
+    _vmsave = _vmload
+
+    # ---- VMRUN ----------------------------------------------------------------
+
+    def _vmrun(self) -> Raise | VmExit | ShutdownExit | None:
+        m = self.m
+        if fault := self.check_permissions():
+            return fault
+        gpa = self._rax_operand()
+        if gpa & 0xFFF or not cpuid.legal_gpa(gpa):
+            return Raise(GP, 0)
+        if not self.hsave_msr:
+            return Raise(GP, 0)
+        if not cpuid.backed(gpa, 0x1000):
+            return Raise(GP, 0)  # kvm_vcpu_map() fails: #GP (7.1: always)
+        m.skip(3)  # kvm_skip_emulated_instruction() before any check
+        raw = m.read_phys(gpa, 0x1000)
+        assert raw is not None
+        vmcb12 = Vmcb(raw)
+        ctl = checks.Control12.from_vmcb(vmcb12)
+        save = checks.Save12.from_vmcb(vmcb12)
+        failed = (checks.failed_save_checks(save, self.profile, self.svm_in_cpuid)
+                  + checks.failed_control_checks(ctl, self.profile))
+        if failed:
+            self.last_failure = ("consistency", failed)
+            vmcb12["exit_code"] = SVM_EXIT_ERR
+            vmcb12["exit_info_1"] = 0
+            vmcb12["exit_info_2"] = 0
+            if self.profile.clear_event_inj_on_vmexit:
+                vmcb12["event_inj"] = 0
+            if self.profile.clear_gif_on_check_failure:
+                self.gif = False
+            m.write_phys(gpa, vmcb12.to_bytes())
+            return None
+        # enter_svm_guest_mode(): L1's state goes to vmcb01 first.
+        self._l1_ctx = m.save_context()
+        self._l1_svme = self.svme
+        self._ctl = vmcb12
+        self._event_inj = vmcb12["event_inj"]
+        self._l2_static = _static_state(vmcb12)
+        self.vmcb12_gpa = gpa
+        late = self._late_failure(vmcb12, ctl, save)
+        if late is not None:
+            return self._fail_late(vmcb12, late)
+        problem = m.load_guest_state(vmcb12)
+        if problem is not None:
+            m.restore_context(self._l1_ctx, keep_gprs=False)
+            m._resume_blocked = f"VMRUN: {problem}"
+            return None
+        self.guest_mode = True
+        self.svme = bool(save.efer & layout.EFER_SVME)
+        self.gif = True  # svm_set_gif(svm, true) at the end of enter_svm_guest_mode
+        hw = self._hardware_vmrun_failure(vmcb12, save)
+        if hw is not None:
+            self.last_failure = ("hardware", [hw])
+            # The model's CPU is QEMU TCG's VMRUN, the CPU real kernels are
+            # measured on here: its cpu_vmexit() stores the exit code from a
+            # uint32_t and clears EVENTINJ; KVM copies both into VMCB12.
+            self._event_inj = 0
+            return VmExit(SVM_EXIT_ERR & 0xFFFF_FFFF)
+        if self._event_inj & EVTINJ_VALID:
+            self._inject_event()
+        return None
+
+    def _late_failure(self, v: Vmcb, ctl: checks.Control12, save: checks.Save12) -> str | None:
+        """Failures after the checks passed (nested_svm_load_cr3(),
+        nested_svm_vmrun_msrpm()); None if L2 can be entered."""
+        if not cpuid.legal_gpa(save.cr3):
+            return "cr3 beyond MAXPHYADDR"
+        pae_paging = (save.cr0 & layout.CR0_PG and save.cr4 & layout.CR4_PAE
+                      and not save.efer & layout.EFER_LMA)
+        if pae_paging and not ctl.np_enabled and not paging.load_pdptrs(
+                self.m.read_phys, save.cr3):
+            return "PDPTRs not loadable"
+        if v["intercept_misc1"] & INTERCEPT_MSR_PROT:
+            for msr in DIRECT_ACCESS_MSRS:
+                bit = msrpm_bit(msr)
+                assert bit is not None
+                word = ctl.msrpm_base_pa + (bit // 32) * 4
+                if self.m.read_phys(word, 4) is None:
+                    return "MSRPM not readable"
+        # The shadow NPT root must be a visible GFN (mmu_check_root()); KVM
+        # otherwise requests a triple fault, which in guest mode is
+        # nested_svm_triple_fault(): #VMEXIT(SHUTDOWN).
+        if ctl.np_enabled and not cpuid.backed(ctl.nested_cr3 & ~0xFFF, 0x1000):
+            return "nested CR3 not mappable"
+        return None
+
+    def _fail_late(self, v: Vmcb, reason: str) -> ShutdownExit | None:
+        self.last_failure = ("late", [reason])
+        if reason == "nested CR3 not mappable":
+            return self._late_shutdown(v)
+        if self.profile.late_failure_writes_save_area:
+            # 6.1..7.0: VMCB02 already holds L2's state; nested_svm_vmexit()
+            # writes it back together with VMEXIT_INVALID.
+            self.guest_mode = True
+            self._write_vmexit(VmExit(SVM_EXIT_ERR), _l2_state_from_vmcb(v))
+        else:
+            v["exit_code"] = SVM_EXIT_ERR
+            v["exit_info_1"] = 0
+            v["exit_info_2"] = 0
+            v["event_inj"] = 0
+            self.m.write_phys(self.vmcb12_gpa, v.to_bytes())
+        self._back_to_l1(restore=False)
+        return None
+
+    def _late_shutdown(self, v: Vmcb) -> ShutdownExit | None:
+        self.guest_mode = True
+        if self.profile.unbacked_ncr3 == NCR3_NPF:
+            # The first L2 fetch walks L1's NPT from nCR3 and fails:
+            # nested_svm_inject_npf_exit(), exit_info_1 bit 32 = fault on the
+            # final GPA, error code US|ID (NPT accesses are user accesses).
+            rip_gpa = v["rip"]
+            self._write_vmexit(VmExit(SVM_EXIT_NPF, 1 << 32 | 0x14, rip_gpa),
+                               _l2_state_from_vmcb(v))
+            self._back_to_l1(restore=False)
+            return None
+        if v["intercept_misc1"] & INTERCEPT_SHUTDOWN:
+            self._write_vmexit(VmExit(SVM_EXIT_SHUTDOWN), _l2_state_from_vmcb(v))
+            self._back_to_l1(restore=False)
+            return None
+        self.m._resume_blocked = "the vCPU is in shutdown state"
+        return ShutdownExit()
+
+    def _hardware_vmrun_failure(self, v: Vmcb, save: checks.Save12) -> str | None:
+        """The CPU's VMRUN checks on VMCB02 fields KVM copies from VMCB12."""
+        if (save.long_mode_paging and save.cr4 & layout.CR4_PAE
+                and save.cs_attrib & checks.ATTR_L and save.cs_attrib & checks.ATTR_DB):
+            return "CS.L && CS.D with long mode"
+        if checks.event_inj_invalid(self._event_inj & 0xFFFF_FFFF):
+            return "invalid EVENTINJ"
+        return None
+
+    def _inject_event(self) -> None:
+        """EVENTINJ delivered into L2 on VMRUN; the CPU then clears it."""
+        ev = self._event_inj
+        vector = ev & 0xFF
+        err = (ev >> 32) & 0xFFFF_FFFF if ev & EVTINJ_VALID_ERR else None
+        self._event_inj = 0
+        if self.m._deliver(vector, err) is not None:
+            self.m.raise_exception(8, 0)
+
+    # ---- #VMEXIT --------------------------------------------------------------
+
+    def vmexit(self, ex: VmExit) -> None:
+        """nested_svm_vmexit(): VMCB12 gets L2's state and the exit fields,
+        L1 gets its VMRUN-time state back, GIF is cleared."""
+        state = self._current_l2_state()
+        if ex.rip is not None:
+            state["rip"] = ex.rip
+        self._write_vmexit(ex, state)
+        self._back_to_l1(restore=True)
+
+    def _current_l2_state(self) -> dict[str, int]:
+        m = self.m
+        state = dict(self._l2_static)
+        state.update(m.guest_state())
+        state["efer"] = m.hw_efer | (layout.EFER_SVME if self.svme else 0)
+        return state
+
+    def _write_vmexit(self, ex: VmExit, state: dict[str, int]) -> None:
+        raw = self.m.read_phys(self.vmcb12_gpa, 0x1000)
+        if raw is None:
+            return
+        v = Vmcb(raw)
+        for name, value in state.items():
+            v[name] = value
+        v["exit_code"] = ex.exit_code
+        v["exit_info_1"] = ex.exit_info_1
+        v["exit_info_2"] = ex.exit_info_2
+        if ex.exit_code not in (SVM_EXIT_ERR, SVM_EXIT_ERR & 0xFFFF_FFFF):
+            v["exit_int_info"] = 0  # nested_save_pending_event_to_vmcb12: none pending
+        v["event_inj"] = 0 if self.profile.clear_event_inj_on_vmexit else self._event_inj
+        self.m.write_phys(self.vmcb12_gpa, v.to_bytes())
+
+    def _back_to_l1(self, restore: bool) -> None:
+        if restore and self._l1_ctx is not None:
+            self.m.restore_context(self._l1_ctx, keep_gprs=True)
+        self.svme = self._l1_svme
+        self.guest_mode = False
+        self.vmcb12_gpa = 0
+        self.gif = False
+
+    # ---- L2 events ---------------------------------------------------------------
+
+    def on_l2_hlt(self) -> VmExit | None:
+        if self._intercepted("intercept_misc1", INTERCEPT_HLT.bit_length() - 1):
+            return VmExit(SVM_EXIT_HLT, rip=self.m.rip - 1)
+        return None
+
+    def on_l2_shutdown(self) -> VmExit | None:
+        if self._intercepted("intercept_misc1", INTERCEPT_SHUTDOWN.bit_length() - 1):
+            return VmExit(SVM_EXIT_SHUTDOWN)
+        return None
+
+    def on_l2_exception(self, vector: int, error_code: int | None,
+                        cr2: int | None) -> VmExit | None:
+        if not self._intercepted("intercept_exceptions", vector):
+            return None
+        return VmExit(SVM_EXIT_EXCP_BASE + vector, error_code or 0,
+                      cr2 if cr2 is not None else 0)
+
+    def on_l2_io(self, io: object, insn_rip: int, next_rip: int) -> VmExit | None:
+        """nested_svm_intercept_ioio(): IOIO_PROT and the IOPM bits."""
+        if not self._intercepted("intercept_misc1", INTERCEPT_IOIO_PROT.bit_length() - 1):
+            return None
+        port, size = io.port, io.size  # type: ignore[attr-defined]
+        assert self._ctl is not None
+        base = self._ctl["iopm_base_pa"] & ~0xFFF
+        raw = self.m.read_phys(base + port // 8, 2)
+        mask = ((1 << size) - 1) << (port % 8)
+        if raw is not None and not int.from_bytes(raw, "little") & mask:
+            return None
+        info1 = (port << 16 | {1: 1 << 4, 2: 1 << 5, 4: 1 << 6}[size]
+                 | (1 << 9 if self.m.long_mode else 1 << 8)
+                 | (1 if io.direction == 0 else 0))  # type: ignore[attr-defined]
+        return VmExit(SVM_EXIT_IOIO, info1, next_rip, rip=insn_rip)
+
+    # ---- MSRs ------------------------------------------------------------------
+
+    def msr(self, addr: int, write: bool) -> Raise | VmExit | None:
+        m = self.m
+        index = m.reg(x86.UC_X86_REG_RCX) & 0xFFFF_FFFF
+        if self.guest_mode and self._msr_intercepted(index, write):
+            return VmExit(SVM_EXIT_MSR, int(write), 0, rip=addr)
+        if index not in SVM_MSRS:
+            m.pass_msr_through(addr)
+            return None
+        if write:
+            value = (m.reg(x86.UC_X86_REG_RDX) & 0xFFFF_FFFF) << 32 | (
+                m.reg(x86.UC_X86_REG_RAX) & 0xFFFF_FFFF)
+            fault = self._wrmsr(index, value)
+        else:
+            value_or_fault = self._rdmsr(index)
+            fault = value_or_fault if isinstance(value_or_fault, Raise) else None
+            if fault is None:
+                assert isinstance(value_or_fault, int)
+                m.set_reg(x86.UC_X86_REG_RAX, value_or_fault & 0xFFFF_FFFF)
+                m.set_reg(x86.UC_X86_REG_RDX, value_or_fault >> 32)
+        if fault is None:
+            m.skip(2)
+        return fault
+
+    def _msr_intercepted(self, index: int, write: bool) -> bool:
+        """nested_svm_exit_handled_msr()."""
+        if not self._intercepted("intercept_misc1", INTERCEPT_MSR_PROT.bit_length() - 1):
+            return False
+        bit = msrpm_bit(index)
+        if bit is None:
+            return True
+        bit += int(write)
+        assert self._ctl is not None
+        raw = self.m.read_phys((self._ctl["msrpm_base_pa"] & ~0xFFF) + bit // 8, 1)
+        return raw is None or bool(raw[0] >> (bit % 8) & 1)
+
+    def _rdmsr(self, index: int) -> int | Raise:
+        if index == MSR_EFER:
+            return self.m.hw_efer | (layout.EFER_SVME if self.svme else 0)
+        if not self.svm_in_cpuid:
+            # This machine's KVM (Intel host) does not know the AMD SVM MSRs.
+            return Raise(GP, 0)
+        return self.hsave_msr if index == MSR_VM_HSAVE_PA else self.vm_cr_msr
+
+    def _wrmsr(self, index: int, value: int) -> Raise | None:
+        if index == MSR_EFER:
+            return self._set_efer(value)
+        if not self.svm_in_cpuid:
+            return Raise(GP, 0)
+        if index == MSR_VM_HSAVE_PA:
+            if value & 0xFFF or not cpuid.legal_gpa(value):  # page_address_valid()
+                return Raise(GP, 0)
+            self.hsave_msr = value
+            return None
+        return self._set_vm_cr(value)
+
+    def _set_efer(self, efer: int) -> Raise | None:
+        """kvm_set_efer() + svm_set_efer()."""
+        m = self.m
+        if efer & cpuid.efer_reserved(self.svm_in_cpuid):
+            return Raise(GP, 0)
+        old = m.hw_efer | (layout.EFER_SVME if self.svme else 0)
+        if m.cr0 & layout.CR0_PG and (old ^ efer) & layout.EFER_LME:
+            return Raise(GP, 0)
+        efer = (efer & ~layout.EFER_LMA) | (old & layout.EFER_LMA)
+        m.set_hw_efer(efer)
+        new_svme = bool(efer & layout.EFER_SVME)
+        if self.svme and not new_svme:
+            # svm_set_efer(): clearing SVME leaves nested mode and sets GIF.
+            self._leave_nested()
+            self.gif = True
+        self.svme = new_svme
+        return None
+
+    def _set_vm_cr(self, data: int) -> Raise | None:
+        """svm_set_vm_cr()."""
+        if data & ~SVM_VM_CR_VALID_MASK:
+            return Raise(GP, 0)
+        chg = SVM_VM_CR_VALID_MASK
+        if self.vm_cr_msr & SVM_VM_CR_SVM_DIS:
+            chg &= ~(SVM_VM_CR_SVM_LOCK | SVM_VM_CR_SVM_DIS)
+        new = (self.vm_cr_msr & ~chg) | (data & chg)
+        if new & SVM_VM_CR_SVM_DIS and self.svme:
+            return Raise(GP, 0)
+        self.vm_cr_msr = new
+        return None
+
+
+def _static_state(v: Vmcb) -> dict[str, int]:
+    """VMCB12 fields the model keeps for L2 rather than reading them back
+    from Unicorn (segment hidden state, CPL, DR6/DR7 as KVM loads them)."""
+    state = {f"{seg}.{part}": v[f"{seg}.{part}"] for seg in ("es", "cs", "ss", "ds")
+             for part in ("selector", "attrib", "limit", "base")}
+    state["cpl"] = v["cpl"]
+    state["dr7"] = v["dr7"] | DR7_FIXED_1
+    state["dr6"] = v["dr6"] | DR6_ACTIVE_LOW
+    return state
+
+
+def _l2_state_from_vmcb(v: Vmcb) -> dict[str, int]:
+    """L2's state as nested_vmcb02_prepare_save() loaded it, for a #VMEXIT
+    before L2 ran an instruction."""
+    state = _static_state(v)
+    for name in ("gdtr.base", "gdtr.limit", "idtr.base", "idtr.limit", "efer", "cr0", "cr2",
+                 "cr3", "cr4", "rip", "rsp", "rax"):
+        state[name] = v[name]
+    state["rflags"] = v["rflags"] | 0x2
+    return state
+
