@@ -15,3 +15,12 @@ def real_kvm():
              "backend": b}
     yield facts
     b.close()
+
+
+@pytest.fixture(scope="session")
+def qemu_available():
+    import shutil
+
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("no qemu-system-x86_64: apt-get install qemu-system-x86 "
+                    "(scripts/install.sh does it as root)")
