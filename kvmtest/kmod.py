@@ -539,11 +539,11 @@ def _run_make(headers: Path, kvm_dir: Path, jobs: int, intel: bool, debug_info: 
     # Command-line variables override the .config's values at the Makefile
     # level only (autoconf.h, hence the C code, is unchanged):
     if not intel:
-        # obj-$(CONFIG_KVM_INTEL): skips compiling vmx/*.c (~40% of the build).
+        # obj-$(CONFIG_KVM_INTEL): skips compiling vmx/*.c, which nothing here loads.
         cmd.append("CONFIG_KVM_INTEL=")
     if not debug_info:
-        # Drops -g: ~25% less CPU, identical .text (the output is what Debian's
-        # stripped modules contain anyway).
+        # Drops -g: 60 s instead of ~97 s CPU, identical .text, 2.2 MB kvm.ko
+        # instead of 18.9 MB (Debian ships its modules stripped anyway).
         cmd.append("CONFIG_DEBUG_INFO=")
     # ARCH/CROSS_COMPILE etc. from the caller's environment would confuse kbuild.
     env = {k: v for k, v in os.environ.items()

@@ -20,16 +20,21 @@ under TCG, inflating it in the guest would cost more than reading it.
 from __future__ import annotations
 
 import hashlib
-import os
 import shlex
 import shutil
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from kvmtest.qemu.errors import QemuError
-from kvmtest.qemu.kernels import Kernel, ModuleTree, cache_root, locked, read_module
+from kvmtest.qemu.kernels import (
+    Kernel,
+    ModuleTree,
+    atomic_write,
+    cache_root,
+    locked,
+    read_module,
+)
 
 BUSYBOX_CANDIDATES = (Path("/bin/busybox"), Path("/usr/bin/busybox"))
 # Modules needed to mount the 9p shares; dependencies come from .modinfo.
@@ -37,8 +42,10 @@ BUSYBOX_CANDIDATES = (Path("/bin/busybox"), Path("/usr/bin/busybox"))
 # skips the transport of the other machine type (config SKIP_MODULES).
 BASE_MODULES = ("virtio_pci", "virtio_mmio", "9pnet_virtio", "9p")
 OPTIONAL_BASE_MODULES = frozenset({"virtio_mmio"})
-TRANSPORT_MODULES = {"pci": ("virtio_pci", "virtio_pci_modern_dev", "virtio_pci_legacy_dev"),
-                     "mmio": ("virtio_mmio",)}
+TRANSPORT_MODULES = {
+    "pci": ("virtio_pci", "virtio_pci_modern_dev", "virtio_pci_legacy_dev"),
+    "mmio": ("virtio_mmio",),
+}
 # kvm_amd pulls kvm, irqbypass and (with SEV) ccp through its depends= field.
 KVM_MODULES = ("kvm_amd",)
 HOSTROOT_TAG = "hostroot"
@@ -137,10 +144,24 @@ class CpioWriter:
         self._ino = 1
         self._dirs: set[str] = set()
 
-    def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)
-               ) -> None:
-        fields = [self._ino, mode, 0, 0, 2 if mode & 0o040000 else 1, 0,
-                  len(data), 0, 0, rdev[0], rdev[1], len(name) + 1, 0]
+    def _entry(
+        self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)
+    ) -> None:
+        fields = [
+            self._ino,
+            mode,
+            0,
+            0,
+            2 if mode & 0o040000 else 1,
+            0,
+            len(data),
+            0,
+            0,
+            rdev[0],
+            rdev[1],
+            len(name) + 1,
+            0,
+        ]
         header = b"070701" + b"".join(b"%08X" % value for value in fields)
         self._ino += 1
         self._chunks.append(header + name.encode() + b"\0")
@@ -187,7 +208,7 @@ def find_busybox() -> Path:
 
 def _is_static(path: Path) -> bool:
     # A dynamic ELF has a PT_INTERP segment naming ld.so; the guest has none.
-    data = path.read_bytes()[:1 << 16]
+    data = path.read_bytes()[: 1 << 16]
     return b"/lib64/ld-linux" not in data and b"/lib/ld-linux" not in data
 
 
@@ -212,15 +233,18 @@ def base_initramfs(kernel: Kernel, *, cache: Path | None = None) -> Path:
     tree = _modules_tree(kernel)
     order, missing = tree.load_order(list(BASE_MODULES), optional=OPTIONAL_BASE_MODULES)
     if missing:
-        raise QemuError(f"kernel {kernel.release} lacks {', '.join(missing)} (as module or "
-                        "built-in): needs CONFIG_VIRTIO_PCI, CONFIG_NET_9P_VIRTIO, CONFIG_9P_FS")
-    key = _content_key([INIT_SCRIPT.encode(), _stat_key(busybox),
-                        *(_stat_key(tree.files[name]) for name in order)])
+        raise QemuError(
+            f"kernel {kernel.release} lacks {', '.join(missing)} (as module or "
+            "built-in): needs CONFIG_VIRTIO_PCI, CONFIG_NET_9P_VIRTIO, CONFIG_9P_FS"
+        )
+    key = _content_key(
+        [INIT_SCRIPT.encode(), _stat_key(busybox), *(_stat_key(tree.files[name]) for name in order)]
+    )
     directory = (cache or cache_root()) / "initramfs"
     target = directory / f"{kernel.release}-{key}.cpio"
     with locked(directory / f"{kernel.release}.lock"):
         if not target.is_file():
-            _atomic_write(target, _build_base(busybox, tree, order))
+            atomic_write(target, _build_base(busybox, tree, order))
     return target
 
 
@@ -242,8 +266,10 @@ def _build_base(busybox: Path, tree: ModuleTree, order: list[str]) -> bytes:
 
 
 def _stat_key(path: Path) -> bytes:
+    # Name, size and mtime (not the full path): symlinked copies of the same
+    # modules share one cached archive.
     st = path.stat()
-    return f"{path}:{st.st_size}:{st.st_mtime_ns}".encode()
+    return f"{path.name}:{st.st_size}:{st.st_mtime_ns}".encode()
 
 
 def _content_key(parts: Iterable[bytes]) -> str:
@@ -251,18 +277,6 @@ def _content_key(parts: Iterable[bytes]) -> str:
     for part in parts:
         digest.update(hashlib.sha256(part).digest())
     return digest.hexdigest()[:16]
-
-
-def _atomic_write(target: Path, data: bytes) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------
@@ -307,8 +321,10 @@ def _check_vermagic(tree: ModuleTree, name: str, release: str) -> None:
     vermagic = tree.vermagic(name) or ""
     built_for = vermagic.split(" ", 1)[0]
     if built_for != release:
-        raise QemuError(f"vermagic mismatch: {tree.files[name]} was built for "
-                        f"{built_for or '?'}, the kernel is {release}")
+        raise QemuError(
+            f"vermagic mismatch: {tree.files[name]} was built for "
+            f"{built_for or '?'}, the kernel is {release}"
+        )
 
 
 def boot_archive(plan: list[PlannedModule], config: BootConfig) -> bytes:
@@ -324,16 +340,20 @@ def boot_archive(plan: list[PlannedModule], config: BootConfig) -> bytes:
         lines.append(f"{module.name} {module.status} {file} {module.params}".rstrip() + "\n")
     cpio.add_file("lib/kvmtest/kvm.list", "".join(lines).encode())
     other = "mmio" if config.transport == "pci" else "pci"
-    settings = {"OUT": str(config.outdir), "MSIZE": str(config.msize),
-                "SKIP_MODULES": " ".join(TRANSPORT_MODULES[other]),
-                "ROOT_CACHE": config.root_cache}
+    settings = {
+        "OUT": str(config.outdir),
+        "MSIZE": str(config.msize),
+        "SKIP_MODULES": " ".join(TRANSPORT_MODULES[other]),
+        "ROOT_CACHE": config.root_cache,
+    }
     text = "".join(f"{key}={shlex.quote(value)}\n" for key, value in settings.items())
     cpio.add_file("lib/kvmtest/config", text.encode())
     return cpio.finish()
 
 
-def build_initrd(kernel: Kernel, config: BootConfig, target: Path, *,
-                 cache: Path | None = None) -> list[PlannedModule]:
+def build_initrd(
+    kernel: Kernel, config: BootConfig, target: Path, *, cache: Path | None = None
+) -> list[PlannedModule]:
     """Write the initrd for one boot to TARGET; return the kvm module plan."""
     base = base_initramfs(kernel, cache=cache)
     plan = plan_kvm_modules(kernel, config)

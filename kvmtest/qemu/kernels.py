@@ -139,8 +139,9 @@ def _decompress_payload(payload: bytes) -> bytes | None:
     if payload.startswith(b"\x5d\x00"):
         return lzma.LZMADecompressor(format=lzma.FORMAT_ALONE).decompress(payload[:-4])
     if payload.startswith(b"\x28\xb5\x2f\xfd") and shutil.which("zstd"):
-        proc = subprocess.run(["zstd", "-dcq"], input=payload[:-4], capture_output=True,
-                              check=False)
+        proc = subprocess.run(
+            ["zstd", "-dcq"], input=payload[:-4], capture_output=True, check=False
+        )
         return proc.stdout if proc.returncode == 0 else None
     return None  # lz4/lzo: let the kernel's own decompressor do it
 
@@ -149,11 +150,12 @@ def has_pvh_note(elf: bytes) -> bool:
     """True if ELF (a vmlinux) has the Xen PHYS32_ENTRY note QEMU boots via PVH."""
     if elf[:4] != b"\x7fELF" or elf[4] != 2:  # 64-bit only
         return False
-    phoff, = struct.unpack_from("<Q", elf, 0x20)
+    (phoff,) = struct.unpack_from("<Q", elf, 0x20)
     phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
     for index in range(phnum):
         p_type, _, p_offset, _, _, p_filesz = struct.unpack_from(
-            "<IIQQQQ", elf, phoff + index * phentsize)
+            "<IIQQQQ", elf, phoff + index * phentsize
+        )
         if p_type != 4:  # PT_NOTE
             continue
         pos, end = p_offset, p_offset + p_filesz
@@ -200,17 +202,20 @@ def pvh_image(kernel: Kernel, *, cache: Path | None = None) -> Path | None:
         if not target.is_file() and not missing.is_file():
             elf = extract_vmlinux(kernel.image)
             if elf is not None and has_pvh_note(elf):
-                _atomic_write_bytes(target, elf)
+                atomic_write(target, elf)
             else:
                 missing.touch()  # remember: this kernel boots as bzImage
     return target if target.is_file() else None
 
 
-def _atomic_write_bytes(target: Path, data: bytes) -> None:
+def atomic_write(target: Path, data: bytes) -> None:
+    """Write TARGET via a temp file + rename: readers never see a partial file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+            os.fchmod(handle.fileno(), 0o644)  # mkstemp's 0600 would hide it from other users
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -280,8 +285,11 @@ def _scan_dir(directory: Path) -> tuple[dict[str, Path], set[str]]:
     builtin: set[str] = set()
     listing = directory / "modules.builtin"
     if listing.is_file():
-        builtin = {module_name(Path(line.strip())) for line in
-                   listing.read_text().splitlines() if line.strip()}
+        builtin = {
+            module_name(Path(line.strip()))
+            for line in listing.read_text().splitlines()
+            if line.strip()
+        }
     if directory.is_relative_to(cache_root().resolve() / "kernels"):
         _SCANS[directory] = (files, builtin)
     return files, builtin
@@ -312,8 +320,9 @@ class ModuleTree:
     def vermagic(self, name: str) -> str | None:
         return _modinfo_field(read_module(self.files[name]), "vermagic")
 
-    def load_order(self, names: list[str], optional: frozenset[str] = frozenset()
-                   ) -> tuple[list[str], list[str]]:
+    def load_order(
+        self, names: list[str], optional: frozenset[str] = frozenset()
+    ) -> tuple[list[str], list[str]]:
         """Modules to insmod, dependencies first, and names that are missing.
 
         Built-in modules are skipped (nothing to load); a name in OPTIONAL that
@@ -355,9 +364,18 @@ def _apt_private_options(suite: str, cache: Path) -> list[str]:
     signed = f"[signed-by={DEBIAN_KEYRING}] " if DEBIAN_KEYRING.exists() else ""
     sources = root / "sources.list"
     sources.write_text(f"deb {signed}{mirror} {suite} main\n")
-    return ["-o", f"Dir::Etc::SourceList={sources}", "-o", "Dir::Etc::SourceParts=/dev/null",
-            "-o", f"Dir::State::Lists={root / 'lists'}", "-o", f"Dir::Cache={root}",
-            "-o", f"Dir::Cache::archives={root / 'archives'}"]
+    return [
+        "-o",
+        f"Dir::Etc::SourceList={sources}",
+        "-o",
+        "Dir::Etc::SourceParts=/dev/null",
+        "-o",
+        f"Dir::State::Lists={root / 'lists'}",
+        "-o",
+        f"Dir::Cache={root}",
+        "-o",
+        f"Dir::Cache::archives={root / 'archives'}",
+    ]
 
 
 def _apt(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -411,22 +429,34 @@ def fetch_debian(package: str, *, suite: str | None = None, cache: Path | None =
 
 
 def _download_and_unpack(package: str, suite: str | None, base: Path, final: Path) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=base))
+    # Leftovers of a killed earlier attempt for this package (we hold its lock).
+    prefix = f".unpack-{final.name}-"
+    for stale in base.glob(f"{prefix}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the kernel from other users
     try:
-        options = _apt_private_options(suite, base.parent) if suite else []
-        deb = _apt_download(package, tmp, options, private=suite is not None)
+        # One apt at a time from our workers: apt-get update takes the lists lock.
+        with locked(base / ".apt.lock"):
+            options = _apt_private_options(suite, base.parent) if suite else []
+            deb = _apt_download(package, tmp, options, private=suite is not None)
         root = tmp / "root"
-        proc = subprocess.run(["dpkg-deb", "-x", str(deb), str(root)],
-                              capture_output=True, text=True, check=False)
+        proc = subprocess.run(
+            ["dpkg-deb", "-x", str(deb), str(root)], capture_output=True, text=True, check=False
+        )
         if proc.returncode != 0:
             raise QemuError(f"dpkg-deb -x {deb.name} failed: {proc.stderr.strip()}")
         images = sorted(root.glob("boot/vmlinuz-*"))
         if not images:
             raise QemuError(f"{package} contains no boot/vmlinuz-*: not a kernel image package")
         release = images[0].name.removeprefix("vmlinuz-")
-        meta = {"package": package, "version": _deb_version(deb), "release": release,
-                "image": f"root/boot/{images[0].name}",
-                "modules": f"root/lib/modules/{release}"}
+        meta = {
+            "package": package,
+            "version": _deb_version(deb),
+            "release": release,
+            "image": f"root/boot/{images[0].name}",
+            "modules": f"root/lib/modules/{release}",
+        }
         deb.unlink()  # 70 MB: the unpacked tree is all we need
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         if final.exists():  # a stale half-state from an older layout
@@ -441,33 +471,42 @@ def _kernel_from_meta(directory: Path, spec: str) -> Kernel:
     meta = json.loads((directory / "meta.json").read_text())
     image = directory / meta["image"]
     modules = directory / meta["modules"]
-    return Kernel(image=image, release=meta["release"],
-                  modules_dir=modules if modules.is_dir() else None, spec=spec,
-                  package_version=meta["version"], banner=image_banner(image))
+    return Kernel(
+        image=image,
+        release=meta["release"],
+        modules_dir=modules if modules.is_dir() else None,
+        spec=spec,
+        package_version=meta["version"],
+        banner=image_banner(image),
+    )
 
 
 # --------------------------------------------------------------------------
 # SPEC resolution
 
 
-def resolve_kernel(spec: str, *, modules: Path | str | None = None,
-                   cache: Path | None = None) -> Kernel:
+def resolve_kernel(
+    spec: str, *, modules: Path | str | None = None, cache: Path | None = None
+) -> Kernel:
     """Resolve SPEC (see module docstring) into a Kernel, downloading if needed."""
     if spec.startswith("debian:"):
         if modules is not None:
             raise QemuError("--modules does not apply to debian: kernels (they ship theirs)")
         package, _, suite = spec.removeprefix("debian:").partition("@")
         if not package:
-            raise QemuError("debian: needs a package name, e.g. "
-                            "debian:linux-image-6.1.0-56-amd64-unsigned")
+            raise QemuError(
+                "debian: needs a package name, e.g. debian:linux-image-6.1.0-56-amd64-unsigned"
+            )
         return fetch_debian(package, suite=suite or None, cache=cache)
     path = Path(spec).expanduser()
     if path.is_dir():
         return _from_build_tree(path, spec)
     if path.is_file():
         return _from_image(path, Path(modules) if modules else None, spec)
-    raise QemuError(f"kernel {spec!r}: no such file or directory "
-                    "(use an image path, a build tree, or debian:PACKAGE)")
+    raise QemuError(
+        f"kernel {spec!r}: no such file or directory "
+        "(use an image path, a build tree, or debian:PACKAGE)"
+    )
 
 
 def _from_build_tree(tree: Path, spec: str) -> Kernel:
@@ -475,12 +514,12 @@ def _from_build_tree(tree: Path, spec: str) -> Kernel:
     if not image.is_file():
         raise QemuError(f"{tree} is not a built kernel tree: no arch/x86/boot/bzImage")
     release_file = tree / "include" / "config" / "kernel.release"
-    release = (release_file.read_text().strip() if release_file.is_file()
-               else image_release(image))
+    release = release_file.read_text().strip() if release_file.is_file() else image_release(image)
     if not release:
         raise QemuError(f"cannot determine the kernel release of {tree}")
-    return Kernel(image=image, release=release, modules_dir=tree, spec=spec,
-                  banner=image_banner(image))
+    return Kernel(
+        image=image, release=release, modules_dir=tree, spec=spec, banner=image_banner(image)
+    )
 
 
 def _from_image(image: Path, modules: Path | None, spec: str) -> Kernel:
@@ -489,8 +528,10 @@ def _from_image(image: Path, modules: Path | None, spec: str) -> Kernel:
     if release is None:
         raise QemuError(f"{image} is not an x86 bzImage (no HdrS boot header)")
     if modules is None:
+        # The host's own tree, if it holds modules (linux-headers alone only
+        # creates /lib/modules/<release>/build).
         host = Path("/lib/modules") / release
-        modules = host if host.is_dir() else None
+        modules = host if (host / "kernel").is_dir() else None
     elif (modules / "lib" / "modules" / release).is_dir():
         modules = modules / "lib" / "modules" / release
     if modules is not None and not modules.is_dir():

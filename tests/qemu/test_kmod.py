@@ -1,0 +1,268 @@
+"""Out-of-tree kvm.ko/kvm-amd.ko rebuilds (marker `qemu`).
+
+Builds Debian linux-source-6.1 (6.1.192-2) against linux-headers-6.1.0-56-amd64,
+with and without tests/data/revert-gif-fix-6.1.patch.  The first run is a
+full build (~70 s CPU on 2 cores); later runs reuse the cached work dir and
+take a few seconds.  The boot tests additionally need qemu-system-x86_64.
+See kvmtest/KMOD_NOTES.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvmtest.bisect_fixture import (
+    BAD_INDEX,
+    gif_clear_refs,
+    has_gif_fix,
+    make_nested_c_history,
+)
+from kvmtest.kmod import (
+    NESTED_C,
+    BuiltModules,
+    KmodError,
+    build_modules,
+    check_vermagic,
+    module_crcs,
+    resolve_headers,
+    resolve_source,
+    vermagic_of,
+)
+
+pytestmark = pytest.mark.qemu
+
+RELEASE = "6.1.0-56-amd64"
+KERNEL = f"debian:linux-image-{RELEASE}-unsigned"
+SOURCE = "debian:linux-source-6.1=6.1.192-2"  # the linux-source matching RELEASE
+REPO = Path(__file__).resolve().parents[2]
+REVERT = REPO / "tests/data/revert-gif-fix-6.1.patch"
+
+
+@pytest.fixture(scope="module")
+def tree() -> Path:
+    try:
+        return resolve_source(SOURCE)
+    except KmodError as exc:
+        pytest.skip(f"kernel source unavailable: {exc}")
+
+
+@pytest.fixture(scope="module")
+def headers() -> Path:
+    if shutil.which("make") is None or shutil.which("gcc-12") is None:
+        pytest.skip("needs make and gcc-12 (apt-get install make gcc-12)")
+    try:
+        return resolve_headers(KERNEL)
+    except KmodError as exc:
+        pytest.skip(f"kernel headers unavailable: {exc}")
+
+
+@pytest.fixture(scope="module")
+def stock(tree: Path, headers: Path, tmp_path_factory: pytest.TempPathFactory) -> BuiltModules:
+    return build_modules(tree, headers, tmp_path_factory.mktemp("stock"))
+
+
+@pytest.fixture(scope="module")
+def patched(
+    stock: BuiltModules, tree: Path, headers: Path, tmp_path_factory: pytest.TempPathFactory
+) -> BuiltModules:
+    # Built after `stock` in the same work dir: an incremental rebuild.
+    return build_modules(tree, headers, tmp_path_factory.mktemp("patched"), patch=REVERT)
+
+
+def _debian_kvm_dir() -> Path | None:
+    """kvm modules of the Debian 6.1.0-56 image if the qemu layer has cached it."""
+    try:
+        from kvmtest.qemu import resolve_kernel
+
+        kernel = resolve_kernel(KERNEL)
+    except Exception:  # the qemu layer is optional for these tests
+        return None
+    if kernel.modules_dir is None:
+        return None
+    found = list(kernel.modules_dir.rglob("kvm-amd.ko*"))
+    return found[0].parent if found else None
+
+
+def test_stock_build_matches_the_debian_kernel(stock: BuiltModules) -> None:
+    assert set(stock.modules) == {"kvm", "kvm-amd"}
+    assert stock.kernel_release == RELEASE
+    assert stock.source_version == "6.1.192"
+    for module in stock.modules.values():
+        assert vermagic_of(module) == f"{RELEASE} SMP preempt mod_unload modversions"
+    check_vermagic(stock.out_dir, RELEASE)
+    meta = json.loads((stock.out_dir / "kmod.json").read_text())
+    assert meta["vermagic"] == stock.vermagic and meta["patch"] is None
+
+
+def test_symbol_crcs_equal_debians_own_modules(stock: BuiltModules) -> None:
+    debian = _debian_kvm_dir()
+    if debian is None:
+        pytest.skip(f"{KERNEL} not available through kvmtest.qemu")
+    for name, built in stock.modules.items():
+        assert module_crcs(built) == module_crcs(debian / f"{name}.ko")
+
+
+def test_vermagic_mismatch_is_reported(stock: BuiltModules) -> None:
+    with pytest.raises(
+        KmodError,
+        match=r"vermagic mismatch: module kvm(-amd)?\.ko built for "
+        r"6\.1\.0-56-amd64, kernel is 6\.1\.0-47-amd64",
+    ):
+        check_vermagic(stock.out_dir, "6.1.0-47-amd64")
+
+
+def test_check_vermagic_without_modules(tmp_path: Path) -> None:
+    with pytest.raises(KmodError, match="no kernel modules"):
+        check_vermagic(tmp_path, RELEASE)
+
+
+def test_revert_patch_changes_only_nested_c(
+    stock: BuiltModules, patched: BuiltModules, tree: Path
+) -> None:
+    assert set(patched.recompiled) <= {"svm/nested.o"}  # incremental after `stock`
+    assert patched.modules["kvm"].read_bytes() == stock.modules["kvm"].read_bytes()
+    assert patched.modules["kvm-amd"].read_bytes() != stock.modules["kvm-amd"].read_bytes()
+    # The one svm_set_gif(svm, false) in nested_svm_vmrun() is gone.
+    assert (
+        gif_clear_refs(patched.modules["kvm-amd"]) == gif_clear_refs(stock.modules["kvm-amd"]) - 1
+    )
+    check_vermagic(patched.out_dir, RELEASE)
+    # The patch went to the work dir copy, never to the source tree.  (The
+    # work dir itself is not inspected: another xdist worker may reuse it.)
+    assert has_gif_fix((tree / NESTED_C).read_text())
+
+
+def test_rebuild_without_patch_is_reproducible(
+    patched: BuiltModules, stock: BuiltModules, tree: Path, headers: Path, tmp_path: Path
+) -> None:
+    again = build_modules(tree, headers, tmp_path)
+    assert set(again.recompiled) <= {"svm/nested.o"}
+    assert again.modules["kvm-amd"].read_bytes() == stock.modules["kvm-amd"].read_bytes()
+
+
+def test_patch_outside_kvm_is_refused(tree: Path, headers: Path, tmp_path: Path) -> None:
+    patch = tmp_path / "outside.patch"
+    patch.write_text(
+        "--- a/include/linux/kvm_host.h\n+++ b/include/linux/kvm_host.h\n@@ -1 +1 @@\n-x\n+y\n"
+    )
+    with pytest.raises(KmodError, match="outside arch/x86/kvm and virt/kvm"):
+        build_modules(tree, headers, tmp_path / "out", patch=patch)
+
+
+def test_patch_that_does_not_apply(tree: Path, headers: Path, tmp_path: Path) -> None:
+    patch = tmp_path / "stale.patch"
+    patch.write_text(
+        f"--- a/{NESTED_C}\n+++ b/{NESTED_C}\n@@ -1,1 +1,1 @@\n-no such line\n+replacement\n"
+    )
+    with pytest.raises(KmodError, match="does not apply"):
+        build_modules(tree, headers, tmp_path / "out", patch=patch)
+
+
+def test_compile_error_is_one_line_with_log(
+    stock: BuiltModules, tree: Path, headers: Path, tmp_path: Path
+) -> None:
+    original = (tree / NESTED_C).read_text()
+    broken = tmp_path / "broken.patch"
+    marker = "int nested_svm_vmrun(struct kvm_vcpu *vcpu)\n"
+    line = original[: original.index(marker)].count("\n") + 1
+    broken.write_text(
+        f"--- a/{NESTED_C}\n+++ b/{NESTED_C}\n@@ -{line},1 +{line},2 @@\n+this is not C;\n {marker}"
+    )
+    with pytest.raises(KmodError) as info:
+        build_modules(tree, headers, tmp_path / "out", patch=broken)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("module build failed:")
+    assert "nested.c" in message and "kmod-build.log" in message
+    assert "--- last lines ---" in (tmp_path / "out/kmod-build.log").read_text()
+
+
+def test_git_bisect_run_names_the_gif_fix_removal(
+    stock: BuiltModules, tree: Path, headers: Path, tmp_path: Path
+) -> None:
+    """`git bisect run` over the fixture, each step built with `kvmtest kmod build`.
+
+    The verdict here is build-level (does nested_svm_vmrun still reference
+    svm_set_gif as often as the stock build?) so that the bisect plumbing is
+    tested without QEMU; `kvmtest bisect-run` boots and judges instead.
+    """
+    repo = tmp_path / "history"
+    shas = make_nested_c_history(tree, repo)
+    baseline = gif_clear_refs(stock.modules["kvm-amd"])
+    verdict = tmp_path / "verdict.sh"
+    verdict.write_text(f"""#!/bin/sh
+{sys.executable} -m kvmtest.kmod build --source . --kernel {headers} \\
+    --out {tmp_path}/mods --work-dir {stock.work_dir} >&2 || exit 125
+n=$({sys.executable} -c 'import sys; from kvmtest.bisect_fixture import gif_clear_refs as g
+print(g(sys.argv[1]))' {tmp_path}/mods/kvm-amd.ko) || exit 125
+[ "$n" -eq {baseline} ]
+""")
+    verdict.chmod(0o755)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=repo, env=env, capture_output=True, text=True, check=True
+        ).stdout
+
+    git("bisect", "start", shas[-1], shas[0])
+    out = git("bisect", "run", str(verdict))
+    git("bisect", "reset")
+    assert f"{shas[BAD_INDEX]} is the first bad commit" in out
+
+
+# --------------------------------------------------------------------------
+# booting the rebuilt modules (the CI proof: GIF=1 cases fail with the revert)
+
+needs_qemu = pytest.mark.skipif(
+    shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86_64 not installed"
+)
+
+
+def _run_gif1_cases(modules: BuiltModules, outdir: Path) -> tuple[int | None, str, str]:
+    """Boot 6.1.0-56 with `modules`, run the GIF=1 save-area cases in the guest."""
+    from kvmtest.qemu import boot, resolve_kernel
+
+    command = [sys.executable, "-m", "kvmtest", "run", "--backend", "kvm", "-k", "save and gif1"]
+    result = boot(
+        resolve_kernel(KERNEL),
+        command,
+        outdir=outdir,
+        timeout=400,
+        kvm_modules_dir=modules.out_dir,
+        env={"PYTHONPATH": str(REPO)},
+        cwd=REPO,
+    )
+    assert result.failure() is None or result.returncode is not None, result.console_tail()
+    assert [m.status for m in result.modules] == ["ok"] * len(result.modules)
+    return result.returncode, result.stdout, result.stderr[-3000:]
+
+
+def _verdict_lines(report: str, verdict: str) -> list[str]:
+    # The report table ends each case row with its verdict (PASS/FAIL/...).
+    return [line for line in report.splitlines() if line.rstrip().endswith(f" {verdict}")]
+
+
+@needs_qemu
+def test_boot_revert_patched_modules_fail_gif1_cases(patched: BuiltModules, tmp_path: Path) -> None:
+    returncode, stdout, stderr = _run_gif1_cases(patched, tmp_path)
+    assert returncode == 1, stdout[-3000:] + stderr
+    failed = _verdict_lines(stdout, "FAIL")
+    # Every GIF=1 consistency-check case fails, and only because GIF stayed set.
+    assert failed and all("GIF=1" in line for line in failed), stdout[-3000:]
+    assert all(line.split()[0].startswith("save/") for line in failed)
+    assert "legacy" in stdout
+
+
+@needs_qemu
+def test_boot_stock_rebuilt_modules_pass_gif1_cases(stock: BuiltModules, tmp_path: Path) -> None:
+    returncode, stdout, stderr = _run_gif1_cases(stock, tmp_path)
+    assert returncode == 0, stdout[-3000:] + stderr
+    assert _verdict_lines(stdout, "FAIL") == []
+    assert _verdict_lines(stdout, "PASS")
