@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..case import Case
+from ..kmod import KmodError, check_vermagic
 from ..observation import Observation
 from ..qemu.errors import QemuError
 from ..qemu.kernels import resolve_kernel
@@ -40,6 +41,11 @@ class QemuBackend:
             self.kernel = resolve_kernel(kernel, modules=modules)
         except QemuError as e:
             raise BackendError(str(e)) from None
+        if kvm_modules:
+            try:  # a vermagic mismatch is reported before booting anything
+                check_vermagic(Path(kvm_modules), self.kernel.release)
+            except KmodError as e:
+                raise BackendError(str(e)) from None
         self.profile = profile
         self.cpu = cpu
         self.kvm_modules = kvm_modules

@@ -71,10 +71,10 @@ def rows(maxphyaddr: int) -> list[Row]:
             {"event_inj": EVTINJ_VALID | EVTINJ_TYPE_EXEPT | NMI_VECTOR}, {"event_inj": 0},
             f"{APM_CC} and 15.20: EVENTINJ holds an illegal event; Linux 7.1 nested.c "
             "(EVENTINJ validity)", profiles=SW_CHECK_SINCE_7_1),
-        Row("eventinj-type1",
-            {"event_inj": EVTINJ_VALID | 1 << 8 | UD_VECTOR}, {"event_inj": 0},
-            "APM vol. 2 15.20: EVENTINJ.TYPE 1 is reserved; Linux 7.1 nested.c "
-            "(EVENTINJ validity)", profiles=SW_CHECK_SINCE_7_1),
+        # Not in the catalogue: a reserved EVENTINJ.TYPE (1).  On 6.1 it is
+        # sometimes dropped instead of reaching the CPU (svm_cancel_injection()
+        # -> svm_complete_interrupts() ignores unknown types), so VMRUN then
+        # succeeds: measured once in five runs under TCG, not reproducible.
     ]
 
 

@@ -50,7 +50,6 @@ TRANSPORT_MODULES = {
 KVM_MODULES = ("kvm_amd",)
 HOSTROOT_TAG = "hostroot"
 OUT_TAG = "kvmtest_out"
-GUEST_ROOT = "/newroot"
 MARKER = "KVMTEST-MARK"
 FATAL = "KVMTEST-FATAL"
 

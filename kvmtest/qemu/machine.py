@@ -17,6 +17,7 @@ same path; /init writes the control files there:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import shlex
@@ -44,6 +45,7 @@ from kvmtest.qemu.kernels import Kernel, pvh_image, resolve_kernel
 QEMU = "qemu-system-x86_64"
 DEFAULT_TCG_CPU = "EPYC"
 DEFAULT_TIMEOUT = 180.0
+DEFAULT_KVM_AMD_PARAMS = {"nested": "1"}  # merged under the caller's kvm_amd_params
 PANIC_RE = re.compile(r"Kernel panic - not syncing.*")
 # Lines that mean the kernel is unhealthy even if the command succeeded.
 OOPS_RE = re.compile(
@@ -52,6 +54,7 @@ OOPS_RE = re.compile(
 )
 MARK_RE = re.compile(re.escape(MARKER) + r" (\S+) ([\d.]+)")
 FATAL_RE = re.compile(re.escape(FATAL) + r" (.*)")
+PR_SET_PDEATHSIG = 1
 CTL_FILES = ("rc", "modules.txt", "stdout", "stderr", "dmesg.txt", "qemu.log")
 
 
@@ -245,7 +248,7 @@ def host_tsc_khz() -> int | None:
 def choose_machine(machine: str, accel: str, image: Path, kernel: Kernel) -> tuple[str, str]:
     """(machine type, extra kernel arguments) for MACHINE in auto|pc|q35|microvm.
 
-    microvm skips PCI enumeration and ACPI interrupt routing (~3 s less per
+    microvm skips PCI enumeration and ACPI interrupt routing (~2 s less per
     boot under TCG) but needs a PVH vmlinux and virtio_mmio.  It has no HPET
     or PM timer, so under TCG the kernel cannot calibrate the TSC and hangs
     unless told the frequency: tsc_early_khz = the host's (TCG's TSC is the
@@ -284,43 +287,21 @@ def qemu_argv(
     cmdline = f"console=ttyS0 panic=-1 {append}".strip()
     virtio_9p = "virtio-9p-device" if MACHINES[machine] == "mmio" else "virtio-9p-pci"
     out = _qemu_opt(str(outdir))
-    return [
-        find_qemu(),
-        "-accel",
-        accel,
-        "-cpu",
-        cpu,
-        "-m",
-        memory,
-        "-smp",
-        str(smp),
-        "-machine",
-        machine,
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-no-reboot",  # panic=-1 reboots at once; -no-reboot turns that into exit
-        "-serial",
-        f"file:{out}/console.log",
-        "-monitor",
-        "none",
-        "-kernel",
-        str(image),
-        "-initrd",
-        str(initrd),
-        "-append",
-        cmdline,
-        # multidevs=remap: / spans several host filesystems; avoids inode clashes.
-        "-fsdev",
-        f"local,id={HOSTROOT_TAG},path=/,security_model=none,readonly=on,multidevs=remap",
-        "-device",
-        f"{virtio_9p},fsdev={HOSTROOT_TAG},mount_tag={HOSTROOT_TAG}",
-        "-fsdev",
-        f"local,id={OUT_TAG},path={out},security_model=none,multidevs=remap",
-        "-device",
-        f"{virtio_9p},fsdev={OUT_TAG},mount_tag={OUT_TAG}",
-    ]
+    # multidevs=remap: the host's / spans several filesystems; avoids inode clashes.
+    hostroot = "path=/,security_model=none,readonly=on,multidevs=remap"
+    options = [
+        ("-accel", accel), ("-cpu", cpu), ("-m", memory), ("-smp", str(smp)),
+        ("-machine", machine), ("-display", "none"), ("-monitor", "none"),
+        ("-serial", f"file:{out}/console.log"),
+        ("-kernel", str(image)), ("-initrd", str(initrd)), ("-append", cmdline),
+        ("-fsdev", f"local,id={HOSTROOT_TAG},{hostroot}"),
+        ("-device", f"{virtio_9p},fsdev={HOSTROOT_TAG},mount_tag={HOSTROOT_TAG}"),
+        ("-fsdev", f"local,id={OUT_TAG},path={out},security_model=none,multidevs=remap"),
+        ("-device", f"{virtio_9p},fsdev={OUT_TAG},mount_tag={OUT_TAG}"),
+    ]  # fmt: skip
+    # -no-reboot: panic=-1 reboots at once, and -no-reboot turns that into an exit.
+    flags = ["-nodefaults", "-no-user-config", "-no-reboot"]
+    return [find_qemu(), *flags, *(item for pair in options for item in pair)]
 
 
 def _qemu_opt(value: str) -> str:
@@ -361,6 +342,17 @@ def write_run_script(ctl: Path, command: Sequence[str], env: Mapping[str, str], 
 # process handling
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL QEMU if the spawning process dies.
+
+    Its own session protects QEMU from terminal signals, so without this a
+    SIGKILLed pytest worker would leave an orphan QEMU running.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 class QemuProcess:
     """QEMU in its own process group; always killed and reaped on exit."""
 
@@ -377,7 +369,8 @@ class QemuProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,
+                start_new_session=True,  # own group: killpg reaches everything it spawns
+                preexec_fn=_die_with_parent,
             )
         return self
 
@@ -460,11 +453,13 @@ def boot(
     outdir = Path(outdir).resolve()
     ctl = outdir / "ctl"
     ctl.mkdir(parents=True, exist_ok=True)
-    for name in (*CTL_FILES, "console.log"):
-        (outdir / name if name == "console.log" else ctl / name).unlink(missing_ok=True)
+    # Results of an earlier boot into the same outdir must not be mistaken for ours.
+    (outdir / "console.log").unlink(missing_ok=True)
+    for name in CTL_FILES:
+        (ctl / name).unlink(missing_ok=True)
     config = BootConfig(
         outdir=outdir,
-        kvm_amd_params=dict(kvm_amd_params or {"nested": "1"}),
+        kvm_amd_params={**DEFAULT_KVM_AMD_PARAMS, **(kvm_amd_params or {})},
         kvm_params=dict(kvm_params or {}),
         kvm_modules_dir=Path(kvm_modules_dir) if kvm_modules_dir else None,
         root_cache=root_cache,

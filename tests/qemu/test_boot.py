@@ -88,7 +88,7 @@ def test_kernel_panic_is_detected(kernel: Kernel, tmp_path: Path) -> None:
 
 
 def test_hanging_command_times_out_and_qemu_is_reaped(kernel: Kernel, tmp_path: Path) -> None:
-    timeout = 30.0
+    timeout = 20.0
     result = boot(kernel, ["/bin/sleep", "3600"], outdir=tmp_path, timeout=timeout)
     assert result.timed_out
     assert result.returncode is None

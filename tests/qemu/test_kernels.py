@@ -21,10 +21,25 @@ FIXED = "debian:linux-image-6.1.0-56-amd64-unsigned"  # 6.1.192
 
 def run_cli(kernel: str, tmp_path) -> tuple[int, dict]:
     out = tmp_path / "report.json"
-    p = subprocess.run([sys.executable, "-m", "kvmtest", "run", "--backend", "qemu",
-                        "--kernel", kernel, "--json", str(out),
-                        "--artifacts", str(tmp_path / "artifacts")],
-                       capture_output=True, text=True, timeout=1200)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kvmtest",
+            "run",
+            "--backend",
+            "qemu",
+            "--kernel",
+            kernel,
+            "--json",
+            str(out),
+            "--artifacts",
+            str(tmp_path / "artifacts"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert out.exists(), p.stderr[-3000:]
     return p.returncode, json.loads(out.read_text())
 
@@ -36,8 +51,9 @@ def model_verdicts(profile: str) -> dict[str, str]:
 
 def legacy_bugs() -> set[str]:
     """The cases a legacy kernel must fail, from the catalogue's data."""
-    return {c.id for c in catalogue()
-            if c.profiles.get("legacy") and c.profiles["legacy"].known_bug}
+    return {
+        c.id for c in catalogue() if c.profiles.get("legacy") and c.profiles["legacy"].known_bug
+    }
 
 
 def test_6_1_170_is_legacy(tmp_path, qemu_available):
@@ -55,7 +71,8 @@ def test_6_1_170_is_legacy(tmp_path, qemu_available):
 def test_6_1_192_is_fixed(tmp_path, qemu_available):
     rc, report = run_cli(FIXED, tmp_path)
     assert (rc, report["fingerprint"]) == (0, "fixed"), [
-        (c["id"], c["reason"]) for c in report["cases"] if c["verdict"] != j.PASS]
+        (c["id"], c["reason"]) for c in report["cases"] if c["verdict"] != j.PASS
+    ]
     assert report["summary"]["passed"] == len(catalogue())
     verdicts = {c["id"]: c["verdict"] for c in report["cases"]}
     assert verdicts == model_verdicts("fixed")
