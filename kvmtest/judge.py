@@ -138,13 +138,14 @@ def _judge_behaviour(case: Case, obs: o.Observation, profile: str | None) -> Ver
 
 
 def fingerprint(verdicts: Iterable[Verdict]) -> str:
-    """The profile that agrees with every judged case, or the closest one."""
+    """The profile that agrees with every judged case ("fixed or upstream"
+    when the cases run cannot tell those apart), or the closest one."""
     vs = [v for v in verdicts if v.verdict in (PASS, FAIL)]
     if not any(len(v.profiles) < len(PROFILES) for v in vs):
         return "unknown (no case run tells the kernel behaviours apart)"
     misses = {p: sum(p not in v.profiles for v in vs) for p in PROFILES}
-    # Prefer the newest profile on ties: they are listed oldest first.
-    best = min(reversed(PROFILES), key=lambda p: misses[p])
-    if misses[best] == 0:
-        return best
+    exact = [p for p in PROFILES if misses[p] == 0]
+    if exact:
+        return " or ".join(exact)
+    best = min(PROFILES, key=lambda p: misses[p])
     return f"unknown (closest: {best}, {misses[best]} of {len(vs)} cases disagree)"

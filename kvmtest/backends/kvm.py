@@ -13,11 +13,12 @@ import os
 import platform
 from collections.abc import Iterator
 
-from .. import kmsg, l1, layout
-from ..exits import Exit
+from .. import kmsg, l1, layout, ucall
+from ..exits import Exit, IoExit
 from ..info import host_vendor, kvm_module
-from ..kvm import DEV_KVM, CpuidEntry, Deadline, Kvm, KvmError, NestedState, Vcpu, Vm, lib
+from ..kvm import DEV_KVM, CpuidEntry, Deadline, Kvm, KvmError, NestedState, Vcpu, Vm, ffi, lib
 from ..kvm.cpuid import pack_cpuid2
+from ..kvm.nested import GIF_SET as KVM_STATE_NESTED_GIF_SET
 from ..observation import NestedView
 from ..payloads import Payload
 
@@ -66,35 +67,77 @@ def _set_segment(seg, s: l1.Segment) -> None:
     seg.unusable = s.unusable
 
 
-class KvmMachine:
-    """One VM with one vCPU in long mode, implementing backends.base.Machine."""
+# Everything below the payload that a case can write (tables, ucall/params,
+# HSAVE, VMCB12s, bitmaps, stacks, SMRAM), wiped when a vCPU is reused.
+LOW_MEMORY = layout.SMRAM_GPA + 0x10000
 
-    def __init__(self, kvm: Kvm, cpuid, payload: Payload) -> None:
+
+class KvmMachine:
+    """One VM with one vCPU in long mode, implementing backends.base.Machine.
+
+    A machine whose case ended at a ucall (the guest stopped where kvmtest
+    expected) can be reset and reused for the next case with the same guest
+    CPUID: VM and vCPU creation and teardown dominate a case's cost under
+    nested TCG.  reset() puts back everything a case can change."""
+
+    def __init__(self, kvm: Kvm, cpuid, payload: Payload, nested_cap: bool) -> None:
         self._deadline: Deadline | None = None
+        self.nested_cap = nested_cap
         self.vm: Vm = kvm.create_vm()
         try:
             self.mem = self.vm.set_user_memory_region(0, 0, layout.MEM_SIZE)
             self.vcpu: Vcpu = self.vm.create_vcpu(0)
             # KVM_SET_CPUID2 must precede EFER.LME (DESIGN.md section 3).
             self.vcpu.set_cpuid2(cpuid)
-            for gpa, data in l1.memory_image(payload).items():
-                self.mem.write(gpa, data)
-            self._enter_long_mode(l1.initial_state(payload))
+            self._load(payload)
         except BaseException:
             self.vm.close()
             raise
         self.read = self.mem.read
         self.write = self.mem.write
 
+    def _load(self, payload: Payload) -> None:
+        for gpa, data in l1.memory_image(payload).items():
+            self.mem.write(gpa, data)
+        self._code_len = len(payload.image)
+        self._enter_long_mode(l1.initial_state(payload))
+        self.last_exit: Exit | None = None
+        self.touched_nested_state = False
+
+    @property
+    def reusable(self) -> bool:
+        """The case ended at a ucall and left no host-made nested state."""
+        ex = self.last_exit
+        return (isinstance(ex, IoExit) and ex.port == ucall.UCALL_PORT
+                and not self.touched_nested_state)
+
+    def reset(self, payload: Payload) -> None:
+        """Back to a fresh vCPU's state for the next case."""
+        self._end_deadline()
+        self.mem.view[:LOW_MEMORY] = bytes(LOW_MEMORY)
+        self.mem.view[layout.CODE_GPA:layout.CODE_GPA + self._code_len] = bytes(self._code_len)
+        # EFER without SVME (in _load) makes KVM leave nested mode and set
+        # GIF; the nested-state reset makes sure of both.
+        self._load(payload)
+        if self.nested_cap:
+            self.vcpu.set_nested_state(NestedState.svm(KVM_STATE_NESTED_GIF_SET, 0))
+            self.vcpu.set_msrs({MSR_VM_HSAVE_PA: 0})
+        self.vcpu.set_vcpu_events(self._no_events)
+
+    _no_events = ffi.new("struct kvm_vcpu_events *")  # nothing pending or injected
+
     def _enter_long_mode(self, st: l1.L1State) -> None:
         sregs = self.vcpu.get_sregs()
+        sregs.interrupt_bitmap = [0] * len(sregs.interrupt_bitmap)
         for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr"):
             _set_segment(getattr(sregs, name), getattr(st, name))
         _set_segment(sregs.ldt, st.ldt)
         sregs.gdt.base, sregs.gdt.limit = st.gdt
         sregs.idt.base, sregs.idt.limit = st.idt
         sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer = st.cr0, st.cr3, st.cr4, st.efer
+        sregs.cr2 = 0
         self.vcpu.set_sregs(sregs)
+        # Every other GPR zero: a reused vCPU must not carry the last case's.
         self.vcpu.set_regs(rip=st.rip, rsp=st.rsp, rflags=st.rflags)
 
     def run(self, timeout: float) -> Exit:
@@ -103,7 +146,8 @@ class KvmMachine:
         if self._deadline is None:
             self._deadline = self.vcpu.deadline(timeout)
             self._deadline.__enter__()
-        return self.vcpu.run()
+        self.last_exit = ex = self.vcpu.run()
+        return ex
 
     def nested_state(self) -> NestedView | None:
         try:
@@ -114,6 +158,7 @@ class KvmMachine:
 
     def set_nested_state(self, flags: int, vmcb12_gpa: int, vmcb12: bytes) -> int:
         # KVM refuses guest mode unless L1 has EFER.SVME; L1 has not run yet.
+        self.touched_nested_state = True
         sregs = self.vcpu.get_sregs()
         sregs.efer |= layout.EFER_SVME
         self.vcpu.set_sregs(sregs)
@@ -124,18 +169,24 @@ class KvmMachine:
             return e.errno or errno.EIO
         return 0
 
-    def close(self) -> None:
+    def _end_deadline(self) -> None:
         if self._deadline is not None:
             self._deadline.__exit__(None, None, None)
             self._deadline = None
+
+    def close(self) -> None:
+        self._end_deadline()
         self.vm.close()
 
 
 class KvmBackend:
     name = "kvm"
 
-    def __init__(self, profile: str | None = None) -> None:
+    def __init__(self, profile: str | None = None, reuse: bool | None = None) -> None:
         self.profile = profile
+        # KVMTEST_FRESH_VM=1: a new VM for every case (slower, for comparison).
+        self.reuse = os.environ.get("KVMTEST_FRESH_VM") != "1" if reuse is None else reuse
+        self._pool: dict[bool, KvmMachine] = {}
         self.kvm = Kvm(dev_kvm())  # raises KvmUnavailable with an actionable message
         self.supported = self.kvm.supported_cpuid()
         self.svm = has_svm(self.supported)
@@ -145,6 +196,9 @@ class KvmBackend:
         self._cpuid = {svm: pack_cpuid2(guest_cpuid(self.supported, svm)) for svm in (False, True)}
 
     def close(self) -> None:
+        for m in self._pool.values():
+            m.close()
+        self._pool.clear()
         self.kvm.close()
 
     def no_svm_reason(self) -> str:
@@ -162,10 +216,24 @@ class KvmBackend:
 
     @contextlib.contextmanager
     def machine(self, payload: Payload, svm: bool) -> Iterator[KvmMachine]:
-        m = KvmMachine(self.kvm, self._cpuid[svm], payload)
+        m = self._pool.pop(svm, None)
+        if m is not None:
+            try:
+                m.reset(payload)
+            except KvmError:
+                m.close()
+                m = None
+        if m is None:
+            m = KvmMachine(self.kvm, self._cpuid[svm], payload, bool(self.nested_cap))
         try:
             yield m
-        finally:
+        except BaseException:
+            m.close()
+            raise
+        if self.reuse and m.reusable:
+            m._end_deadline()
+            self._pool[svm] = m
+        else:
             m.close()
 
     def kernel_log(self):
