@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,9 +42,13 @@ class Payload:
             raise PayloadError(f"payload {self.name!r} has no symbol {name!r}") from None
 
 
+# Set by the qemu backend for its guest: payloads were built on the host.
+PREBUILT_ENV = "KVMTEST_PAYLOADS_PREBUILT"
+
+
 def _stale() -> bool:
-    if not SRC_DIR.is_dir():
-        return False  # installed package: nothing to rebuild from
+    if not SRC_DIR.is_dir() or os.environ.get(PREBUILT_ENV) == "1":
+        return False  # installed package or prebuilt: nothing to rebuild
     bins = list(OUT_DIR.glob("*.bin"))
     if not bins:
         return True

@@ -17,6 +17,7 @@ from pathlib import Path
 from ..case import Case
 from ..kmod import KmodError, check_vermagic
 from ..observation import Observation
+from ..payloads import PREBUILT_ENV, load_payload
 from ..qemu.errors import QemuError
 from ..qemu.kernels import resolve_kernel
 from ..qemu.machine import boot
@@ -24,6 +25,20 @@ from . import BackendError
 
 BOOT_BUDGET = 120.0  # boot + module load under TCG, with a wide margin
 PER_CASE_BUDGET = 2.0
+
+
+def agent_env(cases: Sequence[Case]) -> dict[str, str]:
+    """The guest runs the host's Python with -S: site processing (.pth files,
+    the editable-install finder) costs seconds under TCG.  So the guest gets
+    the few import roots it needs, and payloads built here beforehand."""
+    import _cffi_backend
+
+    import kvmtest
+
+    for name in {c.payload for c in cases}:
+        load_payload(name)  # (re)build on the host: the guest's / is read-only
+    roots = [Path(kvmtest.__file__).parent.parent, Path(_cffi_backend.__file__).parent]
+    return {"PYTHONPATH": ":".join(str(r) for r in roots), PREBUILT_ENV: "1"}
 
 
 class KernelError(RuntimeError):
@@ -77,8 +92,8 @@ class QemuBackend:
         result.unlink(missing_ok=True)
         request.write_text(json.dumps({"cases": [c.id for c in cases], "timeout": timeout}))
         try:
-            g = boot(self.kernel, [sys.executable, "-m", "kvmtest", "agent", str(request),
-                                   str(result)],
+            g = boot(self.kernel, [sys.executable, "-S", "-m", "kvmtest", "agent", str(request),
+                                   str(result)], env=agent_env(cases),
                      outdir=out, cpu=self.cpu, kvm_amd_params=self.kvm_amd_params,
                      kvm_modules_dir=self.kvm_modules,
                      timeout=BOOT_BUDGET + PER_CASE_BUDGET * len(cases) + timeout)
