@@ -156,6 +156,10 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks (Python vs C, model reuse)")
     p.add_argument("--quick", action="store_true", help="fewer iterations")
     p.add_argument("--soak", type=int, default=10_000, help="lifecycles in the soak")
+    p.add_argument("--only", nargs="+", choices=("kvm", "model", "qemu"),
+                   default=["kvm", "model", "qemu"], help="which benchmarks")
+    p.add_argument("--kernel", action="append", metavar="SPEC",
+                   help="qemu: kernel(s) to time (default: Debian 6.1.170 and 6.1.192)")
     p.set_defaults(func=cmd_bench)
     _add_qemu_commands(sub)
     return ap
