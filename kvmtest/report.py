@@ -22,8 +22,8 @@ def table(report: Report) -> str:
     rows = [("case", "expected", "observed", "verdict")]
     for r in report.results:
         c = r.case
-        expected = (c.expect.describe() if not c.profiles
-                    else " | ".join(f"{p}: {e.describe()}" for p, e in c.profiles.items()))
+        want = c.profiles.get(report.profile or "", c.profiles.get("upstream", c.expect))
+        expected = want.describe() + (" (profile-dependent)" if c.profiles else "")
         observed = r.observation.describe() if r.observation else "-"
         rows.append((c.id, expected, observed, MARK[r.verdict.verdict]))
     widths = [min(60, max(len(row[i]) for row in rows)) for i in range(3)]

@@ -6,10 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
-  gcc binutils make linux-libc-dev          # cffi extension, payloads
-  qemu-system-x86 busybox-static cpio      # qemu backend
-  kmod xz-utils zstd                       # module handling in initramfs
-  bc flex bison libelf-dev libssl-dev      # out-of-tree kvm module builds
+  gcc binutils linux-libc-dev              # cffi extension, guest payloads
+  qemu-system-x86 busybox-static zstd      # qemu backend (zstd: zstd-packed modules)
+  gcc-12 make patch git xz-utils           # kvmtest kmod build, bisect-run
+  procps                                   # pgrep in the QEMU reaping tests
 )
 
 missing=()
@@ -20,7 +20,8 @@ if ((${#missing[@]})); then
   if [[ $(id -u) -eq 0 ]]; then
     echo "install.sh: apt-get install ${missing[*]}"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      "${missing[@]}" >/dev/null
   else
     echo "install.sh: missing Debian packages (run as root or: sudo apt-get install ${missing[*]})" >&2
   fi
