@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from ._ffi import ffi, lib
 from .cpuid import CpuidEntry, unpack_cpuid2
 from .errors import KvmError, KvmUnavailable, check, unavailable_reason
+from .fd import FdObject
 
 if TYPE_CHECKING:
     from .vm import Vm
@@ -16,7 +17,7 @@ if TYPE_CHECKING:
 DEV_KVM = "/dev/kvm"
 
 
-class Kvm:
+class Kvm(FdObject):
     """An open ``/dev/kvm``.  ``with Kvm() as kvm: ...``; ``close()`` is idempotent."""
 
     def __init__(self, path: str = DEV_KVM) -> None:
@@ -43,25 +44,6 @@ class Kvm:
         self = cls.__new__(cls)
         self._fd, self._mmap_size = fd, None
         return self
-
-    @property
-    def fd(self) -> int:
-        return self._fd
-
-    @property
-    def closed(self) -> bool:
-        return self._fd < 0
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            os.close(fd)
-
-    def __enter__(self) -> Kvm:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<Kvm fd={self._fd}>"

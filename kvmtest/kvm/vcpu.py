@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import mmap
-import os
 import signal
 import threading
 from collections.abc import Iterable, Mapping
@@ -27,6 +26,7 @@ from ._ffi import ffi, lib
 from .cpuid import CpuidEntry, pack_cpuid2, unpack_cpuid2
 from .deadline import SIGNAL, Deadline, Timer
 from .errors import KvmError, check
+from .fd import FdObject
 from .nested import HEADER_SIZE, NestedState
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ _kvmtest_run = lib.kvmtest_run
 _kvmtest_ioctl = lib.kvmtest_ioctl
 
 
-class Vcpu:
+class Vcpu(FdObject):
     """A vCPU fd with its mmapped ``struct kvm_run``.
 
     Created by ``Vm.create_vcpu()``; ``Vcpu.from_fd(fd)`` wraps a raw fd
@@ -82,14 +82,6 @@ class Vcpu:
     def from_fd(cls, fd: int, vcpu_id: int = 0, mmap_size: int | None = None) -> Vcpu:
         return cls(fd, vcpu_id, mmap_size)
 
-    @property
-    def fd(self) -> int:
-        return self._fd
-
-    @property
-    def closed(self) -> bool:
-        return self._fd < 0
-
     def close(self) -> None:
         if self._timer is not None:
             self._timer.delete()
@@ -100,15 +92,7 @@ class Vcpu:
             self._run_buf = None
             self._run_mm.close()
             self._run_mm = None
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            os.close(fd)
-
-    def __enter__(self) -> Vcpu:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        self._close_fd()
 
     def __repr__(self) -> str:
         return f"<Vcpu id={self.id} fd={self._fd}>"

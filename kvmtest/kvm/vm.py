@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from ._ffi import ffi, lib
 from .errors import KvmError, check
+from .fd import FdObject
 
 if TYPE_CHECKING:
     from .system import Kvm
@@ -53,7 +54,7 @@ class GuestMemory:
             self._mm.close()
 
 
-class Vm:
+class Vm(FdObject):
     """A VM fd from ``Kvm.create_vm()``.
 
     Closing it closes its vCPUs (and their kvm_run mappings), the VM fd, then
@@ -73,31 +74,15 @@ class Vm:
 
         return cls(kvm if kvm is not None else Kvm.from_fd(-1), fd)
 
-    @property
-    def fd(self) -> int:
-        return self._fd
-
-    @property
-    def closed(self) -> bool:
-        return self._fd < 0
-
     def close(self) -> None:
         for vcpu in self._vcpus:
             vcpu.close()
         self._vcpus.clear()
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            os.close(fd)
+        self._close_fd()
         # The VM is gone (its memslots with it), so the mappings may go too.
         for region in self._regions.values():
             region.close()
         self._regions.clear()
-
-    def __enter__(self) -> Vm:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<Vm fd={self._fd} slots={sorted(self._regions)} vcpus={len(self._vcpus)}>"
