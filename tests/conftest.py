@@ -24,3 +24,21 @@ def qemu_available():
     if shutil.which("qemu-system-x86_64") is None:
         pytest.skip("no qemu-system-x86_64: apt-get install qemu-system-x86 "
                     "(scripts/install.sh does it as root)")
+
+
+@pytest.fixture
+def run_qemu_cli(qemu_available):
+    """`kvmtest run --backend qemu ARGS --json`: (exit code, report)."""
+    import json
+    import subprocess
+    import sys
+
+    def run(tmp_path, *args: str) -> tuple[int, dict]:
+        out = tmp_path / "report.json"
+        p = subprocess.run([sys.executable, "-m", "kvmtest", "run", "--backend", "qemu", *args,
+                            "--json", str(out), "--artifacts", str(tmp_path / "artifacts")],
+                           capture_output=True, text=True, timeout=1200)
+        assert out.exists(), p.stderr[-3000:]
+        return p.returncode, json.loads(out.read_text())
+
+    return run

@@ -2,10 +2,6 @@
 the GIF bug, 6.1.192 has the fix, and the model's profiles agree with both,
 case by case.  Each test boots one kernel under QEMU TCG (~45 s)."""
 
-import json
-import subprocess
-import sys
-
 import pytest
 
 from kvmtest import judge as j
@@ -17,31 +13,6 @@ pytestmark = pytest.mark.qemu
 
 LEGACY = "debian:linux-image-6.1.0-47-amd64-unsigned"  # 6.1.170
 FIXED = "debian:linux-image-6.1.0-56-amd64-unsigned"  # 6.1.192
-
-
-def run_cli(kernel: str, tmp_path) -> tuple[int, dict]:
-    out = tmp_path / "report.json"
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kvmtest",
-            "run",
-            "--backend",
-            "qemu",
-            "--kernel",
-            kernel,
-            "--json",
-            str(out),
-            "--artifacts",
-            str(tmp_path / "artifacts"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert out.exists(), p.stderr[-3000:]
-    return p.returncode, json.loads(out.read_text())
 
 
 def model_verdicts(profile: str) -> dict[str, str]:
@@ -56,8 +27,8 @@ def legacy_bugs() -> set[str]:
     }
 
 
-def test_6_1_170_is_legacy(tmp_path, qemu_available):
-    rc, report = run_cli(LEGACY, tmp_path)
+def test_6_1_170_is_legacy(tmp_path, run_qemu_cli):
+    rc, report = run_qemu_cli(tmp_path, "--kernel", LEGACY)
     verdicts = {c["id"]: c["verdict"] for c in report["cases"]}
     failed = {i for i, v in verdicts.items() if v != j.PASS}
     assert rc == 1
@@ -68,8 +39,8 @@ def test_6_1_170_is_legacy(tmp_path, qemu_available):
     assert verdicts == model_verdicts("legacy")
 
 
-def test_6_1_192_is_fixed(tmp_path, qemu_available):
-    rc, report = run_cli(FIXED, tmp_path)
+def test_6_1_192_is_fixed(tmp_path, run_qemu_cli):
+    rc, report = run_qemu_cli(tmp_path, "--kernel", FIXED)
     assert (rc, report["fingerprint"]) == (0, "fixed"), [
         (c["id"], c["reason"]) for c in report["cases"] if c["verdict"] != j.PASS
     ]

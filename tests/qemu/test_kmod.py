@@ -231,39 +231,14 @@ def _software_invalid(case) -> bool:
     return want.kind == "vmexit_invalid" and not want.hw_checked
 
 
-def _run_catalogue(modules: BuiltModules, tmp_path: Path) -> tuple[int, dict]:
-    """`kvmtest run --backend qemu --kvm-modules`: 6.1.0-56 with `modules`."""
-    out = tmp_path / "report.json"
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kvmtest",
-            "run",
-            "--backend",
-            "qemu",
-            "--kernel",
-            KERNEL,
-            "--kvm-modules",
-            str(modules.out_dir),
-            "--json",
-            str(out),
-            "--artifacts",
-            str(tmp_path / "artifacts"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert out.exists(), p.stderr[-3000:]
-    return p.returncode, json.loads(out.read_text())
-
-
 @needs_qemu
-def test_boot_revert_patched_modules_fail_gif1_cases(patched: BuiltModules, tmp_path: Path) -> None:
+def test_boot_revert_patched_modules_fail_gif1_cases(
+    patched: BuiltModules, tmp_path: Path, run_qemu_cli
+) -> None:
     """The GIF fix removed again: exactly the GIF=1 consistency-check cases
     fail, on the GIF assertion, and the run fingerprints as legacy."""
-    returncode, report = _run_catalogue(patched, tmp_path)
+    returncode, report = run_qemu_cli(tmp_path, "--kernel", KERNEL,
+                                      "--kvm-modules", str(patched.out_dir))
     failed = {c["id"]: c["reason"] for c in report["cases"] if c["verdict"] != "pass"}
     # Every GIF=1 case this kernel (6.1.192) fails in software, early.
     expected = {c.id for c in catalogue() if c.gif_mode == "gif1"
@@ -278,8 +253,10 @@ def test_boot_revert_patched_modules_fail_gif1_cases(patched: BuiltModules, tmp_
 
 
 @needs_qemu
-def test_boot_stock_rebuilt_modules_pass(stock: BuiltModules, tmp_path: Path) -> None:
-    returncode, report = _run_catalogue(stock, tmp_path)
+def test_boot_stock_rebuilt_modules_pass(stock: BuiltModules, tmp_path: Path,
+                                         run_qemu_cli) -> None:
+    returncode, report = run_qemu_cli(tmp_path, "--kernel", KERNEL,
+                                      "--kvm-modules", str(stock.out_dir))
     assert (returncode, report["fingerprint"]) == (0, "fixed"), [
         (c["id"], c["reason"]) for c in report["cases"] if c["verdict"] != "pass"
     ]
