@@ -1,0 +1,76 @@
+"""The whole catalogue on the model, per profile (issue: fixed and upstream
+pass everything; legacy fails exactly the catalogue's legacy bugs, i.e. the
+GIF=1 consistency-check cases plus the bugs measured on 6.1.170)."""
+
+import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from kvmtest import judge as j
+from kvmtest.backends.model import ModelBackend
+from kvmtest.cases import catalogue
+from kvmtest.cases._build import GIF_BUG
+from kvmtest.session import run_cases
+
+pytestmark = pytest.mark.model
+
+
+def verdicts(profile: str) -> dict[str, j.Verdict]:
+    return {r.case.id: r.verdict for r in run_cases(ModelBackend(profile), catalogue(), None)}
+
+
+@pytest.mark.parametrize("profile", ["fixed", "upstream"])
+def test_catalogue_passes(profile):
+    v = verdicts(profile)
+    assert {i: x.reason for i, x in v.items() if x.verdict in (j.FAIL, j.ERROR)} == {}
+    assert j.fingerprint(v.values()) == profile
+
+
+def test_legacy_fails_exactly_its_known_bugs():
+    v = verdicts("legacy")
+    failed = {i for i, x in v.items() if x.verdict in (j.FAIL, j.ERROR)}
+    bugs = {c.id: c.profiles["legacy"].known_bug for c in catalogue()
+            if "legacy" in c.profiles and c.profiles["legacy"].known_bug
+            and v[c.id].verdict != j.SKIP}
+    assert failed == set(bugs)
+    gif = {i for i, b in bugs.items() if b == GIF_BUG}
+    # The GIF=1 consistency-check cases fail on the GIF assertion ...
+    assert gif and all(i.endswith("[gif1]") for i in gif)
+    assert all("GIF left set" in v[i].reason for i in gif)
+    # ... and the rest are the INVLPGA and nCR3 bugs measured on 6.1.170.
+    assert {i.split("[")[0] for i in set(bugs) - gif} == {
+        "insn/nosvm-invlpga", "insn/svme0-invlpga", "control/np-ncr3-above-maxphyaddr"}
+    assert j.fingerprint(v.values()) == "legacy"
+
+
+def _cli_json(tmp_path, name: str, *args: str) -> dict:
+    out = tmp_path / name
+    subprocess.run([sys.executable, "-m", "kvmtest", "run", "--backend", "model", *args,
+                    "--json", str(out)], capture_output=True, check=False, timeout=600)
+    return json.loads(out.read_text())
+
+
+def test_observations_are_byte_identical_across_processes(tmp_path):
+    a = _cli_json(tmp_path, "a.json", "--profile", "legacy")
+    b = _cli_json(tmp_path, "b.json", "--profile", "legacy")
+    assert json.dumps(a["cases"], sort_keys=True) == json.dumps(b["cases"], sort_keys=True)
+
+
+def test_pytest_xdist_gives_the_verdicts_of_kvmtest_run(tmp_path):
+    report = _cli_json(tmp_path, "run.json", "--profile", "legacy")
+    xml = tmp_path / "junit.xml"
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", "-p", "no:cacheprovider",
+                    "tests/test_catalogue.py", "--kvm-backend", "model", "--kvm-profile",
+                    "legacy", f"--junitxml={xml}"], capture_output=True, timeout=600)
+    outcome = {}
+    for tc in ET.parse(xml).getroot().iter("testcase"):
+        case_id = tc.get("name").removeprefix("test_case[")[:-1]
+        failed = tc.find("failure") is not None or tc.find("error") is not None
+        outcome[case_id] = ("fail" if failed else
+                            "skip" if tc.find("skipped") is not None else "pass")
+    cli = {c["id"]: {"pass": "pass", "skip": "skip"}.get(c["verdict"], "fail")
+           for c in report["cases"]}
+    assert outcome == cli
