@@ -20,11 +20,13 @@ GIF0 = "gif0"
 VMRUN = "vmrun"  # payload vmrun: L1 runs VMRUN on a prepared VMCB12
 INSN = "insn"  # payload svm_insn: one instruction, exception or not
 SET_NESTED_STATE = "set_nested_state"  # KVM_SET_NESTED_STATE with a bad VMCB12
+SMM = "smm"  # payload smm: SMI while in L2, the SMM handler patches VMCB12, RSM
 
 # Capabilities a case needs from its backend (backends report theirs).
 NEED_SVM = "svm"  # SVM in the guest CPUID, nested SVM in the host
 NEED_NO_SVM = "no_svm"  # guest CPUID without SVM (runs on any KVM)
 NEED_NESTED_STATE = "nested_state"  # KVM_CAP_NESTED_STATE
+NEED_SMM = "smm"  # KVM_CAP_X86_SMM (KVM_SMI, RSM)
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,8 @@ class Expect:
           "no_fault"        the instruction completes
           "einval"          KVM_SET_NESTED_STATE fails with EINVAL and L1 still runs
           "accepted"        KVM_SET_NESTED_STATE succeeds and the vCPU is in guest mode
+          "shutdown"        the vCPU shuts down (KVM_EXIT_SHUTDOWN), e.g. RSM refusing
+                            to re-enter L2 with an invalid VMCB12
     """
 
     kind: str
@@ -90,6 +94,7 @@ def exception(vector: int, at: str, error_code: int | None = None) -> Expect:
 NO_FAULT = Expect("no_fault")
 EINVAL = Expect("einval")
 ACCEPTED = Expect("accepted")
+SHUTDOWN = Expect("shutdown")
 
 
 def _frozen(m: Mapping | None) -> Mapping:
@@ -109,6 +114,8 @@ class Case:
     vmcb: Mapping[str, int] = field(default_factory=dict)  # VMCB12 field -> value
     l2_entry: str = "l2_vmmcall"
     memory: Mapping[int, bytes] = field(default_factory=dict)  # extra guest memory
+    # SMM scenario: VMCB12 fields the SMM handler writes (VMCB12 at VMRUN is valid).
+    smm_vmcb: Mapping[str, int] = field(default_factory=dict)
     needs: frozenset[str] = frozenset({NEED_SVM})
     # Kernel generations that legitimately differ: profile -> expectation.
     # When set, `expect` is ignored and the case passes if the observation
@@ -118,7 +125,7 @@ class Case:
     control_of: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("params", "vmcb", "memory", "profiles"):
+        for name in ("params", "vmcb", "memory", "profiles", "smm_vmcb"):
             object.__setattr__(self, name, _frozen(getattr(self, name)))
         unknown = set(self.params) - set(params.PARAMS)
         if unknown:

@@ -92,6 +92,8 @@ def check(case: Case, obs: o.Observation, want: Expect) -> list[str]:
         bad = [] if obs.outcome == o.EINVAL else [f"KVM_SET_NESTED_STATE: {obs.detail}"]
         if not bad and (obs.l1 or {}).get("stage") != params.STAGE_AFTER_VMRUN:
             bad.append(f"L1 does not run correctly afterwards ({obs.detail})")
+    elif want.kind == "shutdown":
+        bad = [] if obs.outcome == o.SHUTDOWN else [f"no shutdown: {obs.describe()}"]
     elif want.kind == "accepted":
         bad = [] if obs.outcome == o.ACCEPTED else [f"KVM_SET_NESTED_STATE: {obs.detail}"]
         if not bad and not obs.guest_mode:

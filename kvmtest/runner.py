@@ -6,7 +6,7 @@ import errno
 
 from . import layout, params, ucall, vmcb12
 from .backends.base import Backend, Machine
-from .case import INSN, NEED_SVM, SET_NESTED_STATE, VMRUN, Case
+from .case import INSN, NEED_SVM, SET_NESTED_STATE, SMM, VMRUN, Case
 from .exits import EmulationError, IoExit, ShutdownExit, TimedOut
 from .observation import (
     ACCEPTED,
@@ -137,6 +137,10 @@ def run_case(backend: Backend, case: Case, timeout: float = DEFAULT_TIMEOUT) -> 
             obs = set_nested_state(m, case, payload, timeout)
         elif case.scenario in (VMRUN, INSN):
             obs = drive(m, case, payload, timeout)
+        elif case.scenario == SMM:
+            from .smm import drive_smm  # smm.py builds on drive(): import here
+
+            obs = drive_smm(m, case, payload, timeout)
         else:
             raise ValueError(f"{case.id}: unknown scenario {case.scenario!r}")
     obs.kernel_log_checked = warnings is not None

@@ -3,7 +3,7 @@
 import pytest
 
 from kvmtest import layout
-from kvmtest.case import GIF0, GIF1, VMRUN
+from kvmtest.case import GIF0, GIF1, SMM, VMRUN
 from kvmtest.cases import catalogue
 from kvmtest.judge import PROFILES
 from kvmtest.payloads import load_payload
@@ -29,6 +29,9 @@ def test_case_is_well_formed(case):
     if case.scenario == VMRUN:
         payload.sym(case.l2_entry)
         assert case.gif_mode in (GIF0, GIF1)
+    if case.scenario == SMM:
+        payload.sym(case.l2_entry)
+        assert set(case.smm_vmcb) <= set(FIELDS) and not case.vmcb, "VMCB12 is valid at VMRUN"
 
 
 def failing(c):
@@ -46,6 +49,19 @@ def test_failing_case_has_negative_control_differing_only_by_the_defect(case):
     assert set(ctl.vmcb) <= set(case.vmcb), "the control only undoes the defect"
     assert ctl.vmcb != case.vmcb
     assert (ctl.payload, ctl.l2_entry, ctl.params) == (case.payload, case.l2_entry, case.params)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.scenario == SMM and c.family != "negative"],
+                         ids=lambda c: c.id)
+def test_smm_case_has_negative_control_differing_only_by_the_defect(case):
+    """The control's handler writes the same VMCB12 fields, legally."""
+    controls = [c for c in CASES if c.control_of == case.id]
+    assert len(controls) == 1, f"{case.id} has {len(controls)} negative controls"
+    ctl = controls[0]
+    assert ctl.expect.kind == "vmexit" and ctl.scenario == SMM
+    assert set(ctl.smm_vmcb) == set(case.smm_vmcb) and ctl.smm_vmcb != case.smm_vmcb
+    assert (ctl.payload, ctl.l2_entry, ctl.params, ctl.vmcb) == (
+        case.payload, case.l2_entry, case.params, case.vmcb)
 
 
 def test_both_gif_modes_for_every_vmrun_row():

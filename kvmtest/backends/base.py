@@ -36,6 +36,10 @@ class Machine(Protocol):
         MSR_VM_HSAVE_PA from the host side (KVM refuses guest mode without SVME)."""
         ...
 
+    def smi(self) -> None:
+        """Queue an SMI (KVM_SMI), taken at the next run; SMRAM is guest memory."""
+        ...
+
 
 class Backend(Protocol):
     name: str

@@ -169,6 +169,14 @@ class KvmMachine:
             return e.errno or errno.EIO
         return 0
 
+    def smi(self) -> None:
+        # In SMM, KVM looks guest memory up in address space 1: alias the
+        # memslot there (SMRAM is ordinary memory here, like the handler's
+        # VMCB12).  After an SMI the vCPU is not reset for reuse.
+        self.touched_nested_state = True
+        self.vm.alias_memory_region(self.mem, address_space=1)
+        self.vcpu.smi()
+
     def _end_deadline(self) -> None:
         if self._deadline is not None:
             self._deadline.__exit__(None, None, None)
@@ -191,6 +199,7 @@ class KvmBackend:
         self.supported = self.kvm.supported_cpuid()
         self.svm = has_svm(self.supported)
         self.nested_cap = self.kvm.check_extension(lib.KVM_CAP_NESTED_STATE)
+        self.smm_cap = self.kvm.check_extension(lib.KVM_CAP_X86_SMM)
         self.maxphyaddr = maxphyaddr(self.supported)
         # Packing ~60 entries costs as much as KVM_SET_CPUID2: do it once.
         self._cpuid = {svm: pack_cpuid2(guest_cpuid(self.supported, svm)) for svm in (False, True)}
@@ -212,6 +221,8 @@ class KvmBackend:
             "svm": None if self.svm else self.no_svm_reason(),
             "nested_state": None if self.nested_cap else (
                 "host KVM lacks KVM_CAP_NESTED_STATE (needs kvm_amd with nested=1)"),
+            "smm": None if self.smm_cap else (
+                "host KVM lacks KVM_CAP_X86_SMM (KVM_SMI); use --backend qemu"),
         }
 
     @contextlib.contextmanager

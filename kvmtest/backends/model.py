@@ -40,7 +40,8 @@ class ModelBackend:
         self._machines: dict[str, ModelMachine] = {}
 
     def capabilities(self) -> dict[str, str | None]:
-        return {"svm": None, "no_svm": None, "nested_state": None}
+        return {"svm": None, "no_svm": None, "nested_state": None,
+                "smm": "the model does not implement SMM (SMI/RSM); use --backend kvm or qemu"}
 
     @contextmanager
     def machine(self, payload: Payload, svm: bool) -> Iterator[ModelMachine]:

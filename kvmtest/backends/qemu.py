@@ -73,7 +73,7 @@ class QemuBackend:
 
     def capabilities(self) -> dict[str, str | None]:
         # Known only inside the guest: the agent reports skips per case.
-        return {"svm": None, "no_svm": None, "nested_state": None}
+        return {"svm": None, "no_svm": None, "nested_state": None, "smm": None}
 
     def describe(self) -> dict[str, str]:
         return {"backend": self.name, "kernel": self.guest_facts.get("kernel", self.kernel.release),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 
 from ..case import Case
-from . import control, insn, late, nested_state, save
+from . import control, insn, late, nested_state, save, smm
 from ._build import vmrun_cases
 
 # Used for listing and collection; backends pass their real value.
@@ -25,6 +25,7 @@ def catalogue(maxphyaddr: int = DEFAULT_MAXPHYADDR) -> tuple[Case, ...]:
     # Late failures take KVM's full #VMEXIT path on every kernel: GIF cleared.
     cases += vmrun_cases("late", late.rows(maxphyaddr), software_checked=False)
     cases += nested_state.cases()
+    cases += smm.cases()
     seen: set[str] = set()
     for c in cases:
         if c.id in seen:

@@ -108,6 +108,12 @@ class Vm(FdObject):
         self._regions[slot] = region
         return region
 
+    def alias_memory_region(self, region: GuestMemory, address_space: int) -> None:
+        """KVM_SET_USER_MEMORY_REGION: the same host memory as ``region``, in
+        another address space (1 is what a vCPU in SMM sees)."""
+        self._set_region(address_space << 16 | region.slot, region.flags, region.gpa,
+                         region.size, region.hva)
+
     def delete_memory_region(self, slot: int) -> None:
         """KVM_SET_USER_MEMORY_REGION with memory_size 0: drop the slot."""
         region = self._regions.pop(slot)

@@ -1,6 +1,11 @@
 """The CI proof on real kernels (DESIGN.md section 3): Debian 6.1.170 keeps
 the GIF bug, 6.1.192 has the fix, and the model's profiles agree with both,
-case by case.  Each test boots one kernel under QEMU TCG (~45 s)."""
+case by case.  Each test boots one kernel under QEMU TCG (~15 s).
+
+Measured, and encoded in the catalogue as known bugs: neither 6.1 kernel has
+be5fa8737d42 (consistency checks in svm_leave_smm, in 6.12.88), so both
+re-enter L2 with a VMCB12 an SMM handler corrupted; 6.1.192 therefore fails
+exactly its SMM cases."""
 
 import pytest
 
@@ -16,34 +21,38 @@ FIXED = "debian:linux-image-6.1.0-56-amd64-unsigned"  # 6.1.192
 
 
 def model_verdicts(profile: str) -> dict[str, str]:
+    """The model's verdicts, where it runs the case (it has no SMM)."""
     results = run_cases(ModelBackend(profile), catalogue(), None)
-    return {r.case.id: r.verdict.verdict for r in results}
+    return {r.case.id: r.verdict.verdict for r in results if r.verdict.verdict != j.SKIP}
 
 
-def legacy_bugs() -> set[str]:
-    """The cases a legacy kernel must fail, from the catalogue's data."""
-    return {
-        c.id for c in catalogue() if c.profiles.get("legacy") and c.profiles["legacy"].known_bug
-    }
+def known_bugs(profile: str) -> set[str]:
+    """The cases a kernel of this profile must fail, from the catalogue's data."""
+    return {c.id for c in catalogue()
+            if c.profiles.get(profile) and c.profiles[profile].known_bug}
+
+
+def check_kernel(report: dict, profile: str) -> None:
+    verdicts = {c["id"]: c["verdict"] for c in report["cases"]}
+    failed = {i for i, v in verdicts.items() if v != j.PASS}
+    assert failed == known_bugs(profile), [
+        (c["id"], c["reason"]) for c in report["cases"] if c["id"] in failed ^ known_bugs(profile)]
+    assert report["fingerprint"] == profile
+    model = model_verdicts(profile)
+    assert {i: verdicts[i] for i in model} == model
 
 
 def test_6_1_170_is_legacy(tmp_path, run_qemu_cli):
     rc, report = run_qemu_cli(tmp_path, "--kernel", LEGACY)
-    verdicts = {c["id"]: c["verdict"] for c in report["cases"]}
-    failed = {i for i, v in verdicts.items() if v != j.PASS}
     assert rc == 1
-    assert report["fingerprint"] == "legacy"
-    assert failed == legacy_bugs()
+    check_kernel(report, "legacy")
     gif = {c["id"] for c in report["cases"] if "GIF left set" in c["reason"]}
     assert gif and all("[gif1]" in i for i in gif)
-    assert verdicts == model_verdicts("legacy")
 
 
 def test_6_1_192_is_fixed(tmp_path, run_qemu_cli):
     rc, report = run_qemu_cli(tmp_path, "--kernel", FIXED)
-    assert (rc, report["fingerprint"]) == (0, "fixed"), [
-        (c["id"], c["reason"]) for c in report["cases"] if c["verdict"] != j.PASS
-    ]
-    assert report["summary"]["passed"] == len(catalogue())
-    verdicts = {c["id"]: c["verdict"] for c in report["cases"]}
-    assert verdicts == model_verdicts("fixed")
+    check_kernel(report, "fixed")
+    # Only the SMM known bugs fail: every VMRUN failure keeps the contract.
+    assert all(i.startswith("smm/") for i in known_bugs("fixed"))
+    assert rc == (1 if known_bugs("fixed") else 0)
