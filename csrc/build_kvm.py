@@ -13,6 +13,25 @@ from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
 
+
+def check_toolchain() -> None:
+    """Fail the build with the missing piece and its Debian package, not a
+    compiler error three screens long."""
+    import os
+    import shutil
+
+    cc = os.environ.get("CC", "gcc").split()[0]
+    if shutil.which(cc) is None:
+        raise SystemExit(f"kvmtest: cannot build the KVM binding: '{cc}' not found; "
+                         "install the Debian package 'gcc' (apt-get install gcc)")
+    if not any(Path(d, "linux/kvm.h").exists()
+               for d in ("/usr/include", "/usr/local/include")):
+        raise SystemExit("kvmtest: cannot build the KVM binding: <linux/kvm.h> not found; "
+                         "install the Debian package 'linux-libc-dev'")
+
+
+check_toolchain()
+
 # The C side stays tiny: it names kvm_run's anonymous union members so cffi can
 # describe them, returns -errno instead of going through ffi.errno (one call on
 # the hot path), and wraps the POSIX timer that interrupts a spinning guest

@@ -99,6 +99,10 @@ def run_report(args: argparse.Namespace, quiet: bool = False) -> Report:
             f"{k} {v}" for k, v in backend.timings.items() if v is not None))
     if getattr(backend, "outdir", None):
         notes.append(f"artifacts: {backend.outdir}")
+    unchecked = [r for r in results if r.observation and not r.observation.kernel_log_checked]
+    if unchecked:
+        notes.append(f"kernel log not checked for {len(unchecked)} cases: /dev/kmsg is not "
+                     "readable here (run as root, or with CAP_SYSLOG)")
     return Report(backend=desc["backend"], profile=args.profile,
                   kernel=desc.get("kernel", "?"), results=results, notes=notes)
 

@@ -107,3 +107,25 @@ def test_info_json_is_truthful_about_this_host():
         assert f"vendor_id\t: {facts['vendor']}" in f.read()
     assert set(facts["backends"]) == {"kvm", "qemu", "model"}
     assert kvmtest("info").stdout.count("\n") == 1
+
+
+def _dmesg_restricted() -> bool:
+    try:
+        with open("/proc/sys/kernel/dmesg_restrict") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
+@pytest.mark.kvm
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv") or not _dmesg_restricted(),
+                    reason="needs root, setpriv and kernel.dmesg_restrict=1 to take /dev/kmsg away")
+def test_unreadable_kernel_log_is_reported_not_clean(real_kvm, tmp_path):
+    """Without CAP_SYSLOG the kernel refuses /dev/kmsg: the run says the log
+    was not checked, and the JSON says so per case."""
+    out = tmp_path / "r.json"
+    p = kvmtest("run", "--backend", "kvm", "-k", "nosvm-vmrun", "--json", str(out),
+                prefix=("setpriv", "--bounding-set", "-syslog", "--inh-caps", "-all"))
+    assert "kernel log not checked for 1 cases" in p.stdout
+    case = json.loads(out.read_text())["cases"][0]
+    assert case["observed"]["kernel_log_checked"] is False

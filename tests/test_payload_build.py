@@ -32,3 +32,13 @@ def test_missing_assembler_names_tool_and_package(tmp_path):
                        env={"PATH": str(tmp_path / "bin")})
     assert p.returncode != 0
     assert "'ld' not found" in p.stderr and "apt-get install binutils" in p.stderr
+
+
+def test_missing_compiler_for_the_binding_names_the_package(tmp_path):
+    """The cffi builder with no gcc on PATH: one line, tool and package."""
+    p = subprocess.run([sys.executable, "-c",
+                        "import runpy; runpy.run_path('csrc/build_kvm.py', run_name='probe')"],
+                       cwd=ROOT, capture_output=True, text=True, env={"PATH": str(tmp_path)})
+    assert p.returncode != 0
+    assert "'gcc' not found" in p.stderr and "apt-get install gcc" in p.stderr
+    assert "Traceback" not in p.stderr
