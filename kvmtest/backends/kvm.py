@@ -16,7 +16,19 @@ from collections.abc import Iterator
 from .. import kmsg, l1, layout, ucall
 from ..exits import Exit, IoExit
 from ..info import host_vendor, kvm_module
-from ..kvm import DEV_KVM, CpuidEntry, Deadline, Kvm, KvmError, NestedState, Vcpu, Vm, ffi, lib
+from ..kvm import (
+    DEV_KVM,
+    CpuidEntry,
+    Deadline,
+    Kvm,
+    KvmError,
+    KvmUnavailable,
+    NestedState,
+    Vcpu,
+    Vm,
+    ffi,
+    lib,
+)
 from ..kvm.cpuid import pack_cpuid2
 from ..kvm.nested import GIF_SET as KVM_STATE_NESTED_GIF_SET
 from ..observation import NestedView
@@ -196,6 +208,10 @@ class KvmBackend:
         self.reuse = os.environ.get("KVMTEST_FRESH_VM") != "1" if reuse is None else reuse
         self._pool: dict[bool, KvmMachine] = {}
         self.kvm = Kvm(dev_kvm())  # raises KvmUnavailable with an actionable message
+        if not self.kvm.check_extension(lib.KVM_CAP_EXT_CPUID):
+            self.kvm.close()
+            raise KvmUnavailable("host KVM lacks KVM_CAP_EXT_CPUID (KVM_GET_SUPPORTED_CPUID): "
+                                 "kernel too old for kvmtest; use --backend qemu or model")
         self.supported = self.kvm.supported_cpuid()
         self.svm = has_svm(self.supported)
         self.nested_cap = self.kvm.check_extension(lib.KVM_CAP_NESTED_STATE)
@@ -220,7 +236,8 @@ class KvmBackend:
             "no_svm": None,
             "svm": None if self.svm else self.no_svm_reason(),
             "nested_state": None if self.nested_cap else (
-                "host KVM lacks KVM_CAP_NESTED_STATE (needs kvm_amd with nested=1)"),
+                "host KVM lacks KVM_CAP_NESTED_STATE (kvm_amd nested=1, Linux 5.10+); "
+                "use --backend qemu or model"),
             "smm": None if self.smm_cap else (
                 "host KVM lacks KVM_CAP_X86_SMM (KVM_SMI); use --backend qemu"),
         }
