@@ -17,8 +17,6 @@ Measured figures and the bisect recipe are in ``KMOD_NOTES.md``.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -30,9 +28,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .qemu.kernels import cache_root, locked  # one cache, one lock discipline
 
 # What the out-of-tree build needs from a source tree.  The top-level
 # Makefile is optional and only used to compare versions with the headers.
@@ -68,25 +67,7 @@ class BuiltModules:
 
 
 # --------------------------------------------------------------------------
-# cache and locking
-
-
-def cache_root() -> Path:
-    """Root of kvmtest's cache: $KVMTEST_CACHE or ~/.cache/kvmtest."""
-    env = os.environ.get("KVMTEST_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "kvmtest"
-
-
-@contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    """Serialise parallel workers (pytest -n, two bisects) on one cache entry."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_path.open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+# cache keys (the cache root and its locks are kvmtest.qemu.kernels')
 
 
 def _short_hash(*parts: str) -> str:
@@ -273,7 +254,7 @@ def resolve_source(spec: str | Path, cache: Path | None = None) -> Path:
     name = re.sub(r"\.(tar(\.\w+)?|tgz)$", "", path.name)
     key = _short_hash(str(path.resolve()), str(stat.st_size), str(stat.st_mtime_ns))
     dest = (cache or cache_root()) / "src" / f"{name}-{key}"
-    with _locked(dest.with_name(dest.name + ".lock")):
+    with locked(dest.with_name(dest.name + ".lock")):
         if not dest.is_dir():
             _extract_kvm_sources(path, dest)
     return check_source_dir(dest)
@@ -313,7 +294,7 @@ def _debian_source(spec: str, cache: Path) -> Path:
     if installed and tarball.is_file() and version in ("", installed):
         return resolve_source(tarball, cache)
     dest = cache / "src" / f"{package}_{version or 'candidate'}"
-    with _locked(dest.with_name(dest.name + ".lock")):
+    with locked(dest.with_name(dest.name + ".lock")):
         if not dest.is_dir():
             with tempfile.TemporaryDirectory(prefix=".deb-", dir=dest.parent) as tmp:
                 inner = _download_source_tarball(spec, package, Path(tmp))
@@ -632,7 +613,7 @@ def build_modules(source_tree: Path, kernel_headers_or_build_dir: Path, out_dir:
     out_dir.mkdir(parents=True, exist_ok=True)
     log = out_dir / "kmod-build.log"
     names = (*MODULES, "kvm-intel") if intel else MODULES
-    with _locked(work / ".lock"):
+    with locked(work / ".lock"):
         _sync_mirror(src, _desired_contents(tree, patch, src), work / "manifest.json")
         _run_make(headers, src / "arch/x86/kvm", jobs, intel, debug_info, log)
         shutil.copyfile(log, work / "last-build.log")
