@@ -40,8 +40,8 @@ class ModelBackend:
         self._machines: dict[str, ModelMachine] = {}
 
     def capabilities(self) -> dict[str, str | None]:
-        return {"svm": None, "no_svm": None, "nested_state": None,
-                "smm": "the model does not implement SMM (SMI/RSM); use --backend kvm or qemu"}
+        # SMM (KVM_SMI, RSM): model/smm.py.
+        return {"svm": None, "no_svm": None, "nested_state": None, "smm": None}
 
     @contextmanager
     def machine(self, payload: Payload, svm: bool) -> Iterator[ModelMachine]:

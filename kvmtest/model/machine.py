@@ -14,6 +14,8 @@ the CPU does that Unicorn cannot is done here or in svm.py:
   gate, and the payload's own stubs report them, as on KVM.
 - Port I/O, HLT, unbacked memory and triple faults become the exits KVM
   would give (exits.py), so runner.py serves both backends.
+- SMM (smm.py): ``smi()`` queues an SMI, taken at the next instruction
+  boundary the way KVM takes it; RSM (#UD in Unicorn) is emulated there.
 
 Hooks never change guest state themselves: they record one event and stop
 the emulation; ``run()`` handles it and resumes.  That keeps every world
@@ -63,7 +65,7 @@ from ..exits import (
 from ..observation import NestedView
 from ..payloads import Payload
 from ..vmcb import Vmcb
-from . import paging
+from . import paging, smm
 from .profiles import Profile
 from .svm import NestedSvm, Raise, VmExit
 from .unicorn_fixups import OldExceptionReset
@@ -164,6 +166,7 @@ class ModelMachine:
         self._msr_passthrough: int | None = None
         self._parked: tuple | None = None
         self._resume_blocked: str | None = None
+        self.smm = smm.SmmState()
         self._install_hooks()
         self._load_memory(full=True)
         self._load_l1_state(l1.initial_state(payload))
@@ -241,6 +244,7 @@ class ModelMachine:
         self._msr_passthrough = None
         self._parked = None
         self._resume_blocked = None
+        self.smm = smm.SmmState()
         self.svm = NestedSvm(self, profile, svm_in_cpuid=svm_in_cpuid)
 
     def close(self) -> None:
@@ -272,6 +276,10 @@ class ModelMachine:
         self.svm.hsave_msr = layout.HSAVE_GPA
         return self.svm.set_nested_state(flags, vmcb12_gpa, Vmcb(vmcb12))
 
+    def smi(self) -> None:
+        """KVM_SMI: process_smi() sets smi_pending; taken at the next run."""
+        self.smm.pending = True
+
     def run(self, timeout: float) -> Exit:
         if self._resume_blocked:
             return EmulationError(self._resume_blocked, self.rip)
@@ -291,6 +299,10 @@ class ModelMachine:
         while True:
             if self._watchdog is not None and self._watchdog.expired:
                 return TimedOut(timeout)
+            if self.smm.pending:
+                result = self._smm_step(smm.smi_window)
+                if result is not None:
+                    return result
             self._event = None
             error: UcError | None = None
             self._reset_old_exception()
@@ -325,10 +337,19 @@ class ModelMachine:
             if result is not None:
                 return result
 
+    def _smm_step(self, step) -> Exit | None:  # type: ignore[no-untyped-def]
+        """Run an SMM transition (smm.py); state the model cannot represent
+        stops the vCPU with an EmulationError, never a guessed observation."""
+        try:
+            return step(self)
+        except smm.NotModelled as e:
+            self._resume_blocked = f"SMM: {e} (not modelled)"
+            return EmulationError(self._resume_blocked, self.rip)
+
     def _after_plain_stop(self) -> Exit | None:
         """emu_start returned without a hook event: HLT is the only cause."""
         rip = self.rip
-        prev = self.read_virt(rip - 1, 1)
+        prev = self.read_virt(self.pc_linear - 1, 1)
         if prev == b"\xf4":
             if self.svm.guest_mode:
                 return self._vmexit_or_exit(self.svm.on_l2_hlt(), HltExit())
@@ -357,6 +378,8 @@ class ModelMachine:
             return self._apply(self.svm.msr(event[1], write=event[2]))
         if kind == "ud":
             return self.raise_exception(6, None)
+        if kind == "rsm":
+            return self._smm_step(smm.rsm)
         if kind == "intr":
             return self._on_cpu_exception(event[1], event[2])
         if kind in ("out", "in"):
@@ -394,15 +417,19 @@ class ModelMachine:
         self.uc.emu_stop()
 
     def _on_invalid(self, uc: Uc, _user: object) -> bool:
-        rip = self.rip
-        raw = self.read_virt(rip, 3) or b""
+        pc = self.pc_linear
+        raw = self.read_virt(pc, 3) or b""
         if raw[:2] == b"\x0f\x01" and len(raw) == 3 and raw[2] in SVM_OPCODES:
             self._stop(("svm", SVM_OPCODES[raw[2]]))
+        elif raw[:2] == b"\x0f\xaa":
+            # RSM: Unicorn never sets QEMU's HF_SMM, so it is always #UD here;
+            # in SMM the model emulates it as KVM does (em_rsm), else #UD.
+            self._stop(("rsm",) if self.smm.active else ("ud",))
         elif raw[:2] in UD_OPCODES:
             self._stop(("ud",))
         else:
-            raw = self.read_virt(rip, 15) or raw
-            self._stop(("unknown", rip, raw))
+            raw = self.read_virt(pc, 15) or raw
+            self._stop(("unknown", pc, raw))
         return True
 
     def _on_intr(self, uc: Uc, vector: int, _user: object) -> None:
@@ -474,6 +501,14 @@ class ModelMachine:
 
     def set_reg(self, reg: int, value: int) -> None:
         self.uc.reg_write(reg, value)
+
+    @property
+    def pc_linear(self) -> int:
+        """The linear address of RIP: CS.base + IP in real mode (SMM), where
+        CS.base is selector << 4; flat segments elsewhere."""
+        if self.cr0 & layout.CR0_PE:
+            return self.rip
+        return ((self.uc.reg_read(x86.UC_X86_REG_CS) << 4) + (self.rip & 0xFFFF)) & 0xFFFF_FFFF
 
     @property
     def cr0(self) -> int:
@@ -634,6 +669,19 @@ class ModelMachine:
         self._flush_tlb()
         return None
 
+    def run_scratch_stub(self, code: bytes, count: int) -> None:
+        """Execute `count` model-private instructions from the end of the
+        scratch page (no memslot: invisible to the guest), for CPU state
+        Unicorn only lets instructions set (segment hidden state)."""
+        addr = SCRATCH_GDT + SCRATCH_SIZE - 0x100
+        self._loading_l2 = True
+        try:
+            self.uc.mem_write(addr, code)
+            self.uc.emu_start(addr, UNTIL, count=count)
+        finally:
+            self._loading_l2 = False
+            self.uc.mem_write(addr, bytes(len(code)))
+
     def guest_state(self) -> dict[str, int]:
         """The registers #VMEXIT writes into the VMCB12 save area."""
         uc = self.uc
@@ -676,10 +724,16 @@ class ModelMachine:
         problem = self._deliver(vector, error_code)
         if problem is None:
             return None
+        if problem == "real mode":
+            return EmulationError(f"{self._resume_blocked} (vector {vector})", self.rip)
         if vector == VEC_DF:
             return self._shutdown()
         problem = self._deliver(VEC_DF, 0)
         return None if problem is None else self._shutdown()
+
+    def triple_fault(self) -> Exit | None:
+        """A triple fault KVM requests itself (e.g. RSM's emulate_shutdown)."""
+        return self._shutdown()
 
     def _shutdown(self) -> Exit | None:
         if self.svm.guest_mode:
@@ -694,6 +748,14 @@ class ModelMachine:
         """Push the 64-bit interrupt frame and enter the IDT handler (APM
         8.9.3); returns why delivery failed (-> #DF/triple fault)."""
         uc = self.uc
+        if not self.cr0 & layout.CR0_PE:
+            # Real mode (SMM): the IVT entry must lie within the IDT limit,
+            # which SMM entry sets to 0, else #GP -> #DF -> shutdown.
+            _, _, ivt_limit, _ = uc.reg_read(x86.UC_X86_REG_IDTR)
+            if 4 * vector + 3 > ivt_limit:
+                return "vector beyond the real-mode IDT limit"
+            self._resume_blocked = "real-mode exception delivery is not modelled"
+            return "real mode"
         if not self.long_mode:
             self._resume_blocked = "exception delivery outside long mode is not modelled"
             return "not in long mode"

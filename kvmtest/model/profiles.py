@@ -87,6 +87,11 @@ class Profile:
     # VMCB12 save area.  Upstream fails before loading L2 state and only
     # writes the exit fields.
     late_failure_writes_save_area: bool
+    # svm_leave_smm() runs nested_vmcb_check_save()/nested_vmcb_check_controls()
+    # on the VMCB12 it re-enters L2 from, and a failure makes RSM shut the
+    # vCPU down (be5fa8737d42 "KVM: SVM: check validity of VMCB controls when
+    # returning from SMM"; measured: in Debian 6.12.95, not in 6.1.170/6.1.192).
+    rsm_checks_vmcb12: bool
 
     def describe(self) -> dict[str, str]:
         return {f.name: str(getattr(self, f.name)) for f in fields(self)}
@@ -106,6 +111,7 @@ LEGACY = Profile(
     invlpga_checks_permissions=False,
     clear_event_inj_on_vmexit=False,
     late_failure_writes_save_area=True,
+    rsm_checks_vmcb12=False,
 )
 
 FIXED = Profile(
@@ -123,6 +129,7 @@ FIXED = Profile(
     invlpga_checks_permissions=True,
     clear_event_inj_on_vmexit=False,
     late_failure_writes_save_area=True,
+    rsm_checks_vmcb12=False,
 )
 
 UPSTREAM = Profile(
@@ -139,6 +146,7 @@ UPSTREAM = Profile(
     invlpga_checks_permissions=True,
     clear_event_inj_on_vmexit=True,
     late_failure_writes_save_area=False,
+    rsm_checks_vmcb12=True,
 )
 
 PROFILES: dict[str, Profile] = {p.name: p for p in (LEGACY, FIXED, UPSTREAM)}

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from unicorn import x86_const as x86
 
 from .. import layout
-from ..exits import ShutdownExit
+from ..exits import Exit, ShutdownExit
 from ..observation import (
     KVM_STATE_NESTED_GIF_SET,
     KVM_STATE_NESTED_GUEST_MODE,
@@ -41,6 +41,7 @@ from ..vmcb import (
     INTERCEPT_IOIO_PROT,
     INTERCEPT_MSR_PROT,
     INTERCEPT_SHUTDOWN,
+    INTERCEPT_SMI,
     SVM_EXIT_ERR,
     SVM_EXIT_EXCP_BASE,
     SVM_EXIT_HLT,
@@ -56,6 +57,7 @@ from .profiles import NCR3_NPF, Profile
 
 if TYPE_CHECKING:
     from .machine import ModelMachine
+    from .smm import SmramState
 
 MSR_EFER = 0xC000_0080
 MSR_VM_CR = 0xC001_0114
@@ -146,6 +148,11 @@ class NestedSvm:
         self._ctl: Vmcb | None = None
         self._l2_static: dict[str, int] = {}
         self._event_inj = 0
+        # SMM (svm_enter_smm/svm_leave_smm): the vmcb01 save area as written
+        # to HSAVE + 0x400, and VMCB12 as RSM cached it.
+        self._smm_hsave: bytes | None = None
+        self._rsm_vmcb12: Vmcb | None = None
+        self.nested_run_pending = False
 
     # ---- KVM_GET/SET_NESTED_STATE ---------------------------------------
 
@@ -187,8 +194,10 @@ class NestedSvm:
         l2_ctx = m.save_context()
         problem = m.load_guest_state(blob)
         if problem is not None:
+            # KVM would accept it; the model cannot emulate from that L1
+            # state, so the next run says so (EmulationError), never guesses.
             m.restore_context(l2_ctx, keep_gprs=False)
-            raise NotImplementedError(f"model cannot hold this L1 state: {problem}")
+            m._resume_blocked = f"the model cannot hold this L1 state: {problem}"
         m.set_reg(x86.UC_X86_REG_RIP, blob["rip"])
         self._l1_ctx = m.save_context()
         m.restore_context(l2_ctx, keep_gprs=False)
@@ -525,6 +534,166 @@ class NestedSvm:
                  | (1 if io.direction == 0 else 0))  # type: ignore[attr-defined]
         return VmExit(SVM_EXIT_IOIO, info1, next_rip, rip=insn_rip)
 
+    # ---- SMM (svm.c svm_enter_smm / svm_leave_smm, Linux 6.1) ------------------
+
+    @property
+    def l2_static(self) -> dict[str, int]:
+        return self._l2_static
+
+    def intercepts_smi(self) -> bool:
+        """nested_exit_on_smi(): VMCB12 intercepts SMI."""
+        return self._intercepted("intercept_misc1", INTERCEPT_SMI.bit_length() - 1)
+
+    def enter_smm(self, s: SmramState) -> None:
+        """svm_enter_smm(), SMI in guest mode: FED8h = 1 and FEE0h = the VMCB12
+        GPA in the state-save area, the synthetic #VMEXIT(SVM_EXIT_SW)
+        (nested_svm_simple_vmexit: VMCB12 gets L2's state, L1's comes back,
+        GIF=0), then vmcb01's save area to HSAVE + 0x400
+        (svm_copy_vmrun_state) since SMM runs on vmcb01."""
+        from . import smm
+
+        m = self.m
+        s.put("<Q", smm.OFF_SVM_GUEST, 1)
+        s.put("<Q", smm.OFF_SVM_VMCB12, self.vmcb12_gpa)
+        self.vmexit(VmExit(smm.SVM_EXIT_SW))
+        raw = m.read_phys(self.hsave_msr, 0x1000)
+        if raw is None:
+            # kvm_vcpu_map() fails: 6.1 ignores it, 6.12 kills the VM.
+            raise smm.NotModelled("SMI in L2 with an unbacked VM_HSAVE_PA")
+        from .. import l1
+
+        st = l1.initial_state(m.payload)
+        v = Vmcb(raw)
+        for name in ("es", "cs", "ss", "ds"):
+            seg = getattr(st, name)
+            if m.reg(smm.SREG_UC[name]) != seg.selector:
+                raise smm.NotModelled(f"L1 {name.upper()} is not the model's L1 segment")
+            v[f"{name}.selector"], v[f"{name}.attrib"] = seg.selector, seg.vmcb_attrib
+            v[f"{name}.limit"], v[f"{name}.base"] = seg.limit, seg.base
+        l1_state = m.guest_state()
+        for name in ("gdtr.base", "gdtr.limit", "idtr.base", "idtr.limit", "cr0", "cr3",
+                     "cr4", "rax", "rsp", "rip"):
+            v[name] = l1_state[name]
+        v["rflags"] = l1_state["rflags"] | 0x2
+        v["efer"] = m.hw_efer | layout.EFER_SVME  # vmcb01: svm_set_efer() always sets SVME
+        v["cpl"] = 0
+        m.write_phys(self.hsave_msr, v.to_bytes())
+        self._smm_hsave = _vmrun_state(v)
+
+    def leave_smm(self, s: SmramState) -> bool:
+        """svm_leave_smm(): True if RSM must fail (-> emulate_shutdown).
+
+        With the SMI taken in guest mode, L1's vmcb01 comes back from HSAVE
+        and L2 is re-entered from the VMCB12 in guest memory
+        (enter_svm_guest_mode(from_vmrun=false), nested_run_pending = 1);
+        be5fa8737d42 first runs the VMRUN consistency checks on it."""
+        from . import smm
+
+        m = self.m
+        self._rsm_vmcb12 = None
+        if not s.u64(smm.OFF_SVM_GUEST):
+            return False
+        if not self.svm_in_cpuid:
+            self.last_failure = ("rsm", ["no SVM in the guest CPUID"])
+            return True
+        if not s.u64(smm.OFF_EFER) & layout.EFER_SVME:
+            self.last_failure = ("rsm", ["saved EFER.SVME is clear"])
+            return True
+        gpa = s.u64(smm.OFF_SVM_VMCB12)
+        if not cpuid.backed(gpa & ~0xFFF, 0x1000):
+            self.last_failure = ("rsm", ["VMCB12 not mappable"])
+            return True
+        if gpa & 0xFFF:
+            raise smm.NotModelled(f"VMCB12 GPA {gpa:#x} in SMRAM is not page aligned")
+        hsave = m.read_phys(self.hsave_msr, 0x1000)
+        if hsave is None:
+            self.last_failure = ("rsm", ["HSAVE not mappable"])
+            return True
+        if self._l1_ctx is None or self._smm_hsave != _vmrun_state(Vmcb(hsave)):
+            raise smm.NotModelled("L1 state in HSAVE + 0x400 changed in SMM (the model "
+                                  "keeps L1's state itself)")
+        raw = m.read_phys(gpa, 0x1000)
+        assert raw is not None
+        vmcb12 = Vmcb(raw)
+        ctl = checks.Control12.from_vmcb(vmcb12)
+        save = checks.Save12.from_vmcb(vmcb12)
+        if self.profile.rsm_checks_vmcb12:
+            failed = (checks.failed_save_checks(save, self.profile, self.svm_in_cpuid)
+                      + checks.failed_control_checks(ctl, self.profile))
+            if failed:
+                self.last_failure = ("rsm", failed)
+                return True
+        late = self._late_failure(vmcb12, ctl, save)
+        if late is not None:
+            raise smm.NotModelled(f"RSM into L2 with a late VMRUN failure ({late})")
+        # enter_svm_guest_mode(): the caches, vmcb02 from VMCB12, GIF=1.
+        self._l1_svme = True  # vmcb01.save.efer (HSAVE, unchanged): SVME set
+        self._ctl = vmcb12
+        self._event_inj = vmcb12["event_inj"]
+        self._l2_static = _static_state(vmcb12)
+        self._rsm_vmcb12 = vmcb12
+        self.vmcb12_gpa = gpa
+        self.guest_mode = True
+        self.svme = bool(save.efer & layout.EFER_SVME)
+        self.gif = True
+        self.nested_run_pending = True
+        return False
+
+    def vmcb12_cached_save(self) -> Vmcb:
+        assert self._rsm_vmcb12 is not None
+        return self._rsm_vmcb12
+
+    def l2_state_as_loaded(self) -> dict[str, int]:
+        """vmcb02's state after nested_vmcb02_prepare_save() from VMCB12."""
+        state = _l2_state_from_vmcb(self.vmcb12_cached_save())
+        for name in ("fs", "gs", "tr", "ldtr"):
+            for part in ("selector", "attrib", "limit", "base"):
+                state[f"{name}.{part}"] = self.vmcb12_cached_save()[f"{name}.{part}"]
+        return state
+
+    def rsm_triple_fault(self, state: dict[str, int]) -> Exit | None:
+        """RSM failed after re-entering L2 (6.1): the triple fault in guest
+        mode is nested_svm_triple_fault(): #VMEXIT(SHUTDOWN) with vmcb02's
+        state as far as it was loaded, or KVM_EXIT_SHUTDOWN."""
+        self.nested_run_pending = False
+        if not self.intercepts_shutdown():
+            self.m._resume_blocked = "the vCPU is in shutdown state"
+            return ShutdownExit()
+        keep = {k: v for k, v in state.items() if k.split(".")[0] not in ("fs", "gs", "tr", "ldtr")}
+        self._write_vmexit(VmExit(SVM_EXIT_SHUTDOWN), keep)
+        self._back_to_l1(restore=True)
+        return None
+
+    def intercepts_shutdown(self) -> bool:
+        return self._intercepted("intercept_misc1", INTERCEPT_SHUTDOWN.bit_length() - 1)
+
+    def rsm_entered_l2(self, state: dict[str, int]) -> Exit | None:
+        """L2 runs on the state RSM loaded from SMRAM over VMCB12's: the
+        segment/debug state the model keeps for L2 follows it; then the
+        CPU's VMRUN of vmcb02 (its own checks, EVENTINJ)."""
+        v = Vmcb()
+        for name, value in state.items():
+            v[name] = value
+        self._l2_static = _static_state(v)
+        self._l2_static["cpl"] = (state["ss.attrib"] >> 5) & 3  # svm_set_segment(SS)
+        new_svme = bool(state["efer"] & layout.EFER_SVME)
+        if self.svme and not new_svme:
+            from .smm import NotModelled
+
+            # svm_set_efer() clearing SVME in guest mode leaves nested mode.
+            raise NotModelled("RSM clearing EFER.SVME of L2")
+        self.svme = new_svme
+        self.nested_run_pending = False  # the next VMRUN of vmcb02 completes it
+        hw = self._hardware_vmrun_failure(v, checks.Save12.from_vmcb(v))
+        if hw is not None:
+            self.last_failure = ("hardware", [hw])
+            self._event_inj = 0
+            self.vmexit(VmExit(SVM_EXIT_ERR & 0xFFFF_FFFF))
+            return None
+        if self._event_inj & EVTINJ_VALID:
+            self._inject_event()
+        return None
+
     # ---- MSRs ------------------------------------------------------------------
 
     def msr(self, addr: int, write: bool) -> Raise | VmExit | None:
@@ -635,3 +804,11 @@ def _l2_state_from_vmcb(v: Vmcb) -> dict[str, int]:
     state["rflags"] = v["rflags"] | 0x2
     return state
 
+
+def _vmrun_state(v: Vmcb) -> bytes:
+    """The fields svm_copy_vmrun_state() copies, as bytes for comparison."""
+    names = [f"{seg}.{part}" for seg in ("es", "cs", "ss", "ds")
+             for part in ("selector", "attrib", "limit", "base")]
+    names += ["gdtr.base", "gdtr.limit", "idtr.base", "idtr.limit", "rflags", "efer", "cr0",
+              "cr3", "cr4", "rax", "rsp", "rip", "cpl"]
+    return b"".join(v[n].to_bytes(8, "little") for n in names)
