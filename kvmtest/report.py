@@ -22,7 +22,7 @@ def table(report: Report) -> str:
     rows = [("case", "expected", "observed", "verdict")]
     for r in report.results:
         c = r.case
-        want = c.profiles.get(report.profile or "", c.profiles.get("upstream", c.expect))
+        want = j.expectation(c, report.profile or "upstream")
         expected = want.describe() + (" (profile-dependent)" if c.profiles else "")
         observed = r.observation.describe() if r.observation else "-"
         rows.append((c.id, expected, observed, MARK[r.verdict.verdict]))

@@ -39,7 +39,7 @@ Sources (public):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 # tlb_ctl handling
 # nested_svm_check_tlb_ctl() (174a921b6975, 5.13) accepted only DO_NOTHING
@@ -149,7 +149,19 @@ UPSTREAM = Profile(
     rsm_checks_vmcb12=True,
 )
 
-PROFILES: dict[str, Profile] = {p.name: p for p in (LEGACY, FIXED, UPSTREAM)}
+# Measured on Debian 6.12.95 (bookworm-backports) under QEMU TCG: fixed, plus
+# EVENTINJ cleared on every #VMEXIT and be5fa8737d42's RSM checks (stable
+# 6.12.88); EVENTINJ validity is still left to the CPU.
+STABLE_612 = replace(
+    FIXED,
+    name="6.12-stable",
+    kernels="Linux 6.12 stable from 6.12.88 (Debian 6.12.95 in bookworm-backports)",
+    summary="fixed + EVENTINJ cleared on #VMEXIT, consistency checks on RSM into L2",
+    clear_event_inj_on_vmexit=True,
+    rsm_checks_vmcb12=True,
+)
+
+PROFILES: dict[str, Profile] = {p.name: p for p in (LEGACY, FIXED, STABLE_612, UPSTREAM)}
 DEFAULT_PROFILE = UPSTREAM.name
 
 

@@ -24,11 +24,10 @@ def verdicts(profile: str) -> dict[str, j.Verdict]:
 
 
 def known_bugs(profile: str) -> set[str]:
-    return {c.id for c in catalogue()
-            if profile in c.profiles and c.profiles[profile].known_bug}
+    return {c.id for c in catalogue() if c.profiles and j.expectation(c, profile).known_bug}
 
 
-@pytest.mark.parametrize("profile", ["fixed", "upstream"])
+@pytest.mark.parametrize("profile", ["fixed", "6.12-stable", "upstream"])
 def test_catalogue_passes(profile):
     v = verdicts(profile)
     assert not any(x.verdict == j.SKIP for x in v.values())  # the model runs every need
@@ -38,7 +37,9 @@ def test_catalogue_passes(profile):
     assert set(failed) == known_bugs(profile)
     assert all(r.startswith("known bug (legacy, fixed)") for r in failed.values()), failed
     assert {i.split("/")[0] for i in failed} <= {"smm"}
-    assert j.fingerprint(v.values()) == profile
+    # The catalogue cannot tell 6.12-stable from upstream on the model's
+    # CPU (both clear EVENTINJ and refuse the RSM): the fingerprint says so.
+    assert profile in j.fingerprint(v.values()).split(" or ")
 
 
 def test_legacy_fails_exactly_its_known_bugs():
