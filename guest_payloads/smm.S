@@ -27,10 +27,12 @@
 	.code64
 	.globl l1_main
 l1_main:
+	test qword ptr [P_FLAGS], PF_L1_CR4_AS_IS
+	jnz 1f			/* smm/l1-cr4-kept: the leak is the subject */
 	mov rax, cr4
 	or eax, CR4_MCE
 	mov cr4, rax
-	jmp vmrun_l1_main
+1:	jmp vmrun_l1_main
 
 	.code64
 	.balign 16

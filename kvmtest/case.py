@@ -62,6 +62,9 @@ class Expect:
     known_bug: str | None = None
     # GIF after the #VMEXIT: architecturally 0; a legacy kernel leaves it set.
     gif_after: bool = False
+    # CR4 bits L1 finds set after the #VMEXIT that it did not set (a bug's
+    # signature; 0 = L1's CR4 intact, as the contract says).
+    l1_cr4_gained: int = 0
 
     def describe(self) -> str:
         if self.kind == "vmexit":

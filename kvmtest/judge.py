@@ -59,8 +59,9 @@ def _check_vmexit(obs: o.Observation, want: Expect, case: Case) -> list[str]:
         bad.append("L1 result block not written after VMRUN")
     else:
         for reg in L1_REGS:
-            if l1[reg] != l1[f"pre_{reg}"]:
-                bad.append(f"L1 {reg.upper()} {l1[reg]:#x} != {l1[f'pre_{reg}']:#x} before VMRUN")
+            want_value = l1[f"pre_{reg}"] | (want.l1_cr4_gained if reg == "cr4" else 0)
+            if l1[reg] != want_value:
+                bad.append(f"L1 {reg.upper()} {l1[reg]:#x} != {want_value:#x} before VMRUN")
     if want.event_inj_cleared is not None:
         before = case.vmcb.get("event_inj", 0)
         after = 0 if want.event_inj_cleared else before

@@ -92,6 +92,12 @@ class Profile:
     # vCPU down (be5fa8737d42 "KVM: SVM: check validity of VMCB controls when
     # returning from SMM"; measured: in Debian 6.12.95, not in 6.1.170/6.1.192).
     rsm_checks_vmcb12: bool
+    # An SMI taken in L2 hands L1 KVM's hardware CR4 (CR4.MCE always set):
+    # svm_enter_smm() saves VMCB01's save area to HSAVE, svm_leave_smm()
+    # copies it back and the next #VMEXIT loads L1's CR4 from it.  Measured
+    # on Debian 6.1.170, 6.1.192 and 6.12.95; Linux 7.1 not measured, so the
+    # upstream profile keeps the contract (L1's CR4 intact).
+    smi_leaks_cr4_mce: bool = True
 
     def describe(self) -> dict[str, str]:
         return {f.name: str(getattr(self, f.name)) for f in fields(self)}
@@ -147,6 +153,7 @@ UPSTREAM = Profile(
     clear_event_inj_on_vmexit=True,
     late_failure_writes_save_area=False,
     rsm_checks_vmcb12=True,
+    smi_leaks_cr4_mce=False,
 )
 
 # Measured on Debian 6.12.95 (bookworm-backports) under QEMU TCG: fixed, plus

@@ -71,6 +71,7 @@ SVM_VM_CR_SVM_DIS = 1 << 4
 KVM_ENOSYS = 1000
 KVM_EPERM = 1
 
+CR4_MCE = 1 << 6
 DR6_ACTIVE_LOW = 0xFFFF0FF0
 DR7_FIXED_1 = 0x400
 RFLAGS_VM = 1 << 17
@@ -144,6 +145,7 @@ class NestedSvm:
         self.last_failure: tuple[str, list[str]] | None = None
         # Saved at VMRUN ("vmcb01"), cached from VMCB12 ("nested.ctl/save").
         self._l1_ctx: object | None = None
+        self._l1_cr4_leak = 0  # CR4 bits the next #VMEXIT adds to L1's (SMM in L2)
         self._l1_svme = False
         self._ctl: Vmcb | None = None
         self._l2_static: dict[str, int] = {}
@@ -494,6 +496,9 @@ class NestedSvm:
     def _back_to_l1(self, restore: bool) -> None:
         if restore and self._l1_ctx is not None:
             self.m.restore_context(self._l1_ctx, keep_gprs=True)
+            if self._l1_cr4_leak:
+                self.m.set_reg(x86.UC_X86_REG_CR4, self.m.cr4 | self._l1_cr4_leak)
+        self._l1_cr4_leak = 0
         self.svme = self._l1_svme
         self.guest_mode = False
         self.vmcb12_gpa = 0
@@ -632,6 +637,8 @@ class NestedSvm:
         self._event_inj = vmcb12["event_inj"]
         self._l2_static = _static_state(vmcb12)
         self._rsm_vmcb12 = vmcb12
+        # vmcb01 came back from HSAVE with KVM's hardware CR4 (MCE set).
+        self._l1_cr4_leak = CR4_MCE if self.profile.smi_leaks_cr4_mce else 0
         self.vmcb12_gpa = gpa
         self.guest_mode = True
         self.svme = bool(save.efer & layout.EFER_SVME)

@@ -53,13 +53,15 @@ def test_6_1_170_is_legacy(tmp_path, run_qemu_cli):
 def test_6_1_192_is_fixed(tmp_path, run_qemu_cli):
     rc, report = run_qemu_cli(tmp_path, "--kernel", FIXED)
     check_kernel(report, "fixed")
-    # Only the SMM known bugs fail: every VMRUN failure keeps the contract.
+    # Only SMM known bugs fail: every VMRUN failure keeps the contract.
     assert all(i.startswith("smm/") for i in known_bugs("fixed"))
     assert rc == (1 if known_bugs("fixed") else 0)
 
 
 def test_6_12_95_is_6_12_stable(tmp_path, run_qemu_cli):
-    """Backports' 6.12: every case passes (be5fa8737d42 refuses the RSM)."""
+    """Backports' 6.12: be5fa8737d42 refuses the RSM; only the CR4.MCE leak
+    after an SMI in L2 (in every kernel measured) still fails."""
     rc, report = run_qemu_cli(tmp_path, "--kernel", STABLE_612)
-    assert (rc, report["fingerprint"]) == (0, "6.12-stable"), report["fingerprint"]
+    assert report["fingerprint"] == "6.12-stable"
     check_kernel(report, "6.12-stable")
+    assert known_bugs("6.12-stable") == {"smm/l1-cr4-kept"} and rc == 1
