@@ -31,4 +31,7 @@ PY=${PYTHON:-python3}
 "$PY" -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v -e "Running pip as the 'root' user" -e "is ignored: it is neither" || true
 "$PY" -c "import kvmtest._kvm_cffi, kvmtest.payloads as p; p.load_payload('vmrun')" \
   || { echo "install.sh: kvmtest did not install" >&2; exit 1; }
+# pyenv (as on these machines) needs its shims refreshed for the new script.
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
+command -v kvmtest >/dev/null || echo "install.sh: 'kvmtest' is not on PATH; use '$PY -m kvmtest'" >&2
 echo "install.sh: kvmtest $("$PY" -c 'import kvmtest; print(kvmtest.__version__)') ready"
