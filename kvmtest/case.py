@@ -36,7 +36,8 @@ class Expect:
     kind: "vmexit_invalid"  failed VMRUN: the contract of DESIGN.md section 1
           "vmexit"          VMRUN succeeds and L2 exits with exit_code
           "exception"       L1 takes `vector` at symbol `at` (error_code if set)
-          "no_fault"        the instruction completes
+          "no_fault"        the instruction completes (with exit_code: a VMRUN that
+                            then sees that #VMEXIT)
           "einval"          KVM_SET_NESTED_STATE fails with EINVAL and L1 still runs
           "accepted"        KVM_SET_NESTED_STATE succeeds and the vCPU is in guest mode
           "shutdown"        the vCPU shuts down (KVM_EXIT_SHUTDOWN), e.g. RSM refusing
@@ -73,6 +74,8 @@ class Expect:
             ec = "" if self.error_code is None else f" ec={self.error_code:#x}"
             return f"{_VECTOR_NAMES.get(self.vector or 0, self.vector)}{ec} at {self.at}"
         text = self.kind.replace("_", " ")
+        if self.kind == "no_fault" and self.exit_code is not None:
+            text += f", then vmexit {self.exit_code:#x}"
         if self.known_bug:
             text += f" (bug: {self.known_bug})"
         if self.event_inj_cleared is not None:

@@ -9,13 +9,13 @@ fingerprint is the profile that agrees with every case.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import observation as o
 from . import params
-from .case import Case, Expect
+from .case import SMM, Case, Expect
 from .payloads import load_payload
-from .vmcb import SVM_EXIT_ERR
+from .vmcb import SVM_EXIT_ERR, SVM_EXIT_VMMCALL
 
 PASS, FAIL, ERROR, SKIP = "pass", "fail", "error", "skip"
 # Oldest first.  6.12-stable: measured on Debian 6.12.95 (bookworm-backports).
@@ -92,10 +92,14 @@ def check(case: Case, obs: o.Observation, want: Expect) -> list[str]:
         bad = _check_exception(obs, want, case)
     elif want.kind == "no_fault":
         bad = [] if obs.outcome == o.SYNC else [f"{obs.outcome}: {obs.describe()}"]
+        if not bad and want.exit_code is not None and obs.exit_code != want.exit_code:
+            bad.append(f"EXITCODE {obs.exit_code:#x} != {want.exit_code:#x}")
     elif want.kind == "einval":
         bad = [] if obs.outcome == o.EINVAL else [f"KVM_SET_NESTED_STATE: {obs.detail}"]
-        if not bad and (obs.l1 or {}).get("stage") != params.STAGE_AFTER_VMRUN:
-            bad.append(f"L1 does not run correctly afterwards ({obs.detail})")
+        if not bad:  # and L1 still runs: its VMRUN of the default VMCB12 works
+            after = replace(obs, outcome=obs.after_outcome or "")
+            bad = [f"L1 afterwards: {b}" for b in
+                   _check_vmexit(after, Expect("vmexit", exit_code=SVM_EXIT_VMMCALL), case)]
     elif want.kind == "shutdown":
         bad = [] if obs.outcome == o.SHUTDOWN else [f"no shutdown: {obs.describe()}"]
     elif want.kind == "accepted":
@@ -104,6 +108,9 @@ def check(case: Case, obs: o.Observation, want: Expect) -> list[str]:
             bad.append("accepted but not in guest mode")
     else:
         raise ValueError(f"unknown expectation {want.kind!r}")
+    if case.scenario == SMM and not obs.smm_handler_runs:
+        # Whatever happened, it was not RSM's answer: SMM was never reached.
+        bad.append("the SMM handler never ran")
     return bad
 
 

@@ -61,6 +61,11 @@ class Observation:
     # L1's own report: after VMRUN and just before it (result block)
     l1: dict[str, int] | None = None
     exits: list[str] = field(default_factory=list)
+    # SET_NESTED_STATE refused: the outcome of L1's run afterwards (its VMRUN
+    # of the default VMCB12; exit_code, gif, guest_mode, l1 are from it)
+    after_outcome: str | None = None
+    # SMM scenario: how often the SMM handler ran (proves the SMI and RSM path)
+    smm_handler_runs: int | None = None
     # new kernel-log lines that indicate a kernel bug; None: not checked
     kernel_warnings: list[str] | None = None
     kernel_log_checked: bool = False

@@ -7,7 +7,7 @@ import errno
 from . import layout, params, ucall, vmcb12
 from .backends.base import Backend, Machine
 from .case import INSN, NEED_SVM, SET_NESTED_STATE, SMM, VMRUN, Case
-from .exits import EmulationError, IoExit, ShutdownExit, TimedOut
+from .exits import EmulationError, InterruptedExit, IoExit, ShutdownExit, TimedOut
 from .observation import (
     ACCEPTED,
     EINVAL,
@@ -68,6 +68,8 @@ def drive(m: Machine, case: Case, payload: Payload, timeout: float) -> Observati
     obs = Observation(outcome=UNEXPECTED_EXIT)
     for _ in range(MAX_EXITS):
         ex = m.run(timeout)
+        if isinstance(ex, InterruptedExit):  # a stray signal, not the guest: go on
+            continue
         obs.exits.append(type(ex).__name__)
         if isinstance(ex, IoExit) and ex.port == ucall.UCALL_PORT:
             u = ucall.decode(m.read, ex.value)
@@ -103,7 +105,7 @@ def drive(m: Machine, case: Case, payload: Payload, timeout: float) -> Observati
         break
     else:
         obs.outcome, obs.detail = TIMEOUT, f"more than {MAX_EXITS} exits"
-    if case.scenario in (VMRUN, SET_NESTED_STATE):
+    if NEED_SVM in case.needs:  # prepare_memory wrote (and poisoned) a VMCB12
         _read_vmcb12(m, obs)
     return obs
 
@@ -115,14 +117,18 @@ def set_nested_state(m: Machine, case: Case, payload: Payload, timeout: float) -
     and see L2's VMMCALL."""
     v = vmcb12.prepare(payload, case.l2_entry, case.vmcb)
     err = m.set_nested_state(KVM_STATE_NESTED_GUEST_MODE, layout.VMCB12_GPA, v.to_bytes())
-    obs = Observation(outcome=EINVAL if err == errno.EINVAL else ACCEPTED, detail=f"errno {err}")
+    outcome = ACCEPTED if err == 0 else EINVAL if err == errno.EINVAL else UNEXPECTED_EXIT
+    obs = Observation(outcome=outcome, detail=f"errno {err}")
     nested = m.nested_state()
     if nested is not None:
         obs.gif, obs.guest_mode = nested.gif, nested.guest_mode
     if err:
+        # L1 afterwards: what the judge sees is this run's VMRUN and #VMEXIT.
         m.write(layout.VMCB12_GPA, vmcb12.prepare(payload, case.l2_entry, {}).to_bytes())
         after = drive(m, case, payload, timeout)
         obs.exits, obs.l1, obs.exit_code = after.exits, after.l1, after.exit_code
+        obs.gif, obs.guest_mode = after.gif, after.guest_mode
+        obs.after_outcome = after.outcome
         if after.outcome != SYNC:
             obs.detail += f"; L1 afterwards: {after.outcome} {after.detail}".rstrip()
     return obs

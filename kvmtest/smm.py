@@ -27,7 +27,7 @@ from .exits import IoExit, TimedOut
 from .observation import SHUTDOWN, SYNC, TIMEOUT, UNEXPECTED_EXIT, Observation
 from .payloads import Payload, PayloadError
 from .runner import drive
-from .vmcb import FIELDS, VMCB_SIZE, Vmcb
+from .vmcb import FIELDS
 
 STAGE_L2_SMI = 0x534D  # guest_payloads/smm.S: L2 asks for the SMI
 SMBASE = layout.SMRAM_GPA  # the reset value; the handler never moves it
@@ -103,12 +103,9 @@ def drive_smm(m: Machine, case: Case, payload: Payload, timeout: float) -> Obser
     nested = m.nested_state()
     in_l2 = "?" if nested is None else int(nested.guest_mode)
     m.smi()
-    obs = drive(m, case, payload, timeout)
+    obs = drive(m, case, payload, timeout)  # reads VMCB12 as well
     obs.exits = [*exits, "SMI", *obs.exits]
-    v = Vmcb(m.read(layout.VMCB12_GPA, VMCB_SIZE))
-    obs.exit_code, obs.exit_info_1, obs.exit_info_2 = (
-        v["exit_code"], v["exit_info_1"], v["exit_info_2"])
-    obs.exit_int_info, obs.event_inj = v["exit_int_info"], v["event_inj"]
+    obs.smm_handler_runs = handler_runs(m, payload)
     where = f"SMI in guest mode={in_l2}; {_smram_note(m, payload)}"
     if obs.outcome == SHUTDOWN:
         obs.detail = f"RSM refused (KVM_EXIT_SHUTDOWN); {where}"

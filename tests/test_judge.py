@@ -97,3 +97,27 @@ def test_exception_case_checks_vector_and_rip():
     assert j.judge(case, dataclasses.replace(good, vector=13)).verdict == j.FAIL
     assert j.judge(case, dataclasses.replace(good, rip=rip + 3)).verdict == j.FAIL
     assert j.judge(case, o.Observation(outcome=o.SYNC)).verdict == j.FAIL
+
+
+def test_refused_nested_state_needs_l1_to_vmrun_afterwards():
+    case = CASES["nested_state/asid0"]
+    ok = invalid(outcome=o.EINVAL, detail="errno 22", exit_code=0x81, after_outcome=o.SYNC)
+    assert j.judge(case, ok).verdict == j.PASS
+    # EINVAL, but L1's VMRUN afterwards fails (or never reports): not a pass.
+    assert j.judge(case, dataclasses.replace(ok, exit_code=SVM_EXIT_ERR)).verdict == j.FAIL
+    assert j.judge(case, dataclasses.replace(ok, after_outcome=o.TIMEOUT)).verdict == j.FAIL
+    assert j.judge(case, dataclasses.replace(ok, gif=True)).verdict == j.FAIL
+
+
+def test_smm_answer_counts_only_if_smm_was_reached():
+    case = CASES["smm/asid0"]
+    refused = o.Observation(outcome=o.SHUTDOWN, smm_handler_runs=1, kernel_warnings=[])
+    assert j.judge(case, refused, "upstream").verdict == j.PASS
+    never = dataclasses.replace(refused, smm_handler_runs=0)
+    assert j.judge(case, never, "upstream").verdict == j.FAIL
+
+
+def test_vmrun_ok_needs_the_l2_exit():
+    case = CASES["insn/vmrun-ok"]
+    assert j.judge(case, o.Observation(outcome=o.SYNC, exit_code=0x81)).verdict == j.PASS
+    assert j.judge(case, o.Observation(outcome=o.SYNC, exit_code=SVM_EXIT_ERR)).verdict == j.FAIL
