@@ -110,8 +110,8 @@ def _frozen(m: Mapping | None) -> Mapping:
 @dataclass(frozen=True)
 class Case:
     id: str  # e.g. "save/cr0-cd0-nw1[gif1]"
-    family: str  # insn, save, control, late, negative, nested_state
-    scenario: str  # VMRUN, INSN, SET_NESTED_STATE
+    family: str  # insn, save, control, late, negative, nested_state, smm
+    scenario: str  # VMRUN, INSN, SET_NESTED_STATE, SMM
     expect: Expect  # what every correct kernel does (the contract)
     source: str  # APM section or KVM check this case comes from
     payload: str = "vmrun"

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from . import report as rep
-from .backends import NAMES, BackendError, make
+from .backends import NAMES, BackendError, KernelError, make
 from .cases import DEFAULT_MAXPHYADDR, catalogue
 from .judge import PROFILES
 from .payloads import PayloadError
@@ -57,14 +57,19 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def _backend_options(args: argparse.Namespace) -> dict:
     if args.backend != "qemu":
-        for opt in ("kernel", "modules", "kvm_modules"):
+        for opt in ("kernel", "modules", "kvm_modules", "cpu", "kvm_amd_param", "artifacts"):
             if getattr(args, opt, None):
                 raise CliError(f"--{opt.replace('_', '-')} needs --backend qemu", EXIT_USAGE)
         return {}
     if not args.kernel:
         raise CliError("--backend qemu needs --kernel SPEC (e.g. debian:"
                        "linux-image-6.1.0-56-amd64-unsigned)", EXIT_USAGE)
-    params = dict(p.split("=", 1) for p in args.kvm_amd_param or [])
+    params = {}
+    for p in args.kvm_amd_param or []:
+        name, eq, value = p.partition("=")
+        if not eq or not name:
+            raise CliError(f"--kvm-amd-param wants NAME=VALUE, not {p!r}", EXIT_USAGE)
+        params[name] = value
     return {"kernel": args.kernel, "modules": args.modules, "kvm_modules": args.kvm_modules,
             "cpu": args.cpu, "kvm_amd_params": params, "artifacts": args.artifacts}
 
@@ -84,16 +89,14 @@ def run_report(args: argparse.Namespace, quiet: bool = False) -> Report:
         lambda r, i, n: print(rep.progress_line(r, i, n), file=sys.stderr, flush=True))
     try:
         results = run_cases(backend, cases, args.profile, progress, timeout=args.timeout)
-    except RuntimeError as e:
-        if type(e).__name__ != "KernelError":  # the qemu backend's "kernel broke"
-            raise
+    except KernelError as e:
         raise CliError(str(e), EXIT_KERNEL) from None
     finally:
-        close = getattr(backend, "close", None)
-        if close:
-            close()
+        outside = close_watched(backend)
     desc = backend.describe()  # the qemu guest reports its release only now
     notes = [note]
+    if outside:
+        notes.append(f"kernel log outside any case: {outside[0]}")
     if getattr(backend, "timings", None):
         notes.append("timings: " + ", ".join(
             f"{k} {v}" for k, v in backend.timings.items() if v is not None))
@@ -104,7 +107,24 @@ def run_report(args: argparse.Namespace, quiet: bool = False) -> Report:
         notes.append(f"kernel log not checked for {len(unchecked)} cases: /dev/kmsg is not "
                      "readable here (run as root, or with CAP_SYSLOG)")
     return Report(backend=desc["backend"], profile=args.profile,
-                  kernel=desc.get("kernel", "?"), results=results, notes=notes)
+                  kernel=desc.get("kernel", "?"), results=results, notes=notes,
+                  kernel_warnings_outside_cases=outside)
+
+
+def close_watched(backend) -> list[str]:
+    """Close the backend (pooled VMs are destroyed here) with the kernel log
+    watched; returns WARN/BUG lines no case saw."""
+    outside = list(getattr(backend, "unattributed_warnings", []))
+    watch = getattr(backend, "kernel_log", None)
+    close = getattr(backend, "close", None)
+    if watch is None:
+        if close:
+            close()
+        return outside
+    with watch() as lines:
+        if close:
+            close()
+    return outside + (lines or [])
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -136,7 +156,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="qemu: bzImage path, kernel build tree, or debian:PACKAGE")
     p.add_argument("--modules", metavar="DIR", help="qemu: modules dir for a bzImage")
     p.add_argument("--kvm-modules", metavar="DIR", help="qemu: rebuilt kvm.ko/kvm-amd.ko")
-    p.add_argument("--cpu", default="EPYC", help="qemu: CPU model under TCG")
+    p.add_argument("--cpu", default=None,
+                   help="qemu: CPU model (default: EPYC under TCG, host with -enable-kvm)")
     p.add_argument("--kvm-amd-param", action="append", metavar="NAME=VALUE",
                    help="qemu: extra kvm_amd parameter (nested=1 is always set)")
     p.add_argument("--artifacts", metavar="DIR", help="qemu: keep console and logs here")

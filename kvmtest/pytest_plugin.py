@@ -25,12 +25,11 @@ MARKERS = {
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("kvmtest")
-    g.addoption("--kvm-backend", choices=NAMES, default="auto",
-                help="backend for catalogue cases (default: auto)")
+    g.addoption("--kvm-backend", choices=[n for n in NAMES if n != "qemu"], default="auto",
+                help="backend for catalogue cases (default: auto); for a kernel under "
+                "QEMU, one boot runs a whole selection: use `kvmtest run --backend qemu`")
     g.addoption("--kvm-profile", choices=PROFILES, default=None,
                 help="kernel behaviour expected / emulated by the model")
-    g.addoption("--kvm-kernel", metavar="SPEC", default=None,
-                help="kernel for --kvm-backend qemu (e.g. debian:PACKAGE)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -42,11 +41,8 @@ def backend_for(config: pytest.Config):
     """(backend, note, error): one backend per process (xdist worker)."""
     if BACKEND_KEY not in config.stash:
         name = config.getoption("--kvm-backend")
-        options = {}
-        if name == "qemu":
-            options = {"kernel": config.getoption("--kvm-kernel")}
         try:
-            backend, note = make(name, config.getoption("--kvm-profile"), **options)
+            backend, note = make(name, config.getoption("--kvm-profile"))
             config.stash[BACKEND_KEY] = (backend, note, None)
         except BackendError as e:
             config.stash[BACKEND_KEY] = (None, "", str(e))

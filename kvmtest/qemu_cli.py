@@ -9,12 +9,19 @@ import sys
 from . import kmod
 
 BISECT_GOOD, BISECT_BAD, BISECT_SKIP = 0, 1, 125
+BISECT_ABORT = 128  # git bisect run stops: the command line itself is wrong
 
 
 def cmd_bisect_run(args: argparse.Namespace) -> int:
     """One `git bisect run` step: build (optional), boot, run, map the verdict."""
-    from .cli import CliError, run_report
+    from .cli import EXIT_USAGE, CliError, run_report
+    from .selection import SelectionError, select
 
+    try:  # a usage error is the same at every commit: stop the bisect
+        select((), args.k)
+    except SelectionError as e:
+        print(f"bisect-run: {e}: aborting the bisect", file=sys.stderr)
+        return BISECT_ABORT
     if args.build:
         print(f"bisect-run: {args.build}", file=sys.stderr, flush=True)
         if subprocess.run(args.build, shell=True).returncode != 0:
@@ -24,6 +31,9 @@ def cmd_bisect_run(args: argparse.Namespace) -> int:
     try:
         report = run_report(args)
     except CliError as e:
+        if e.code == EXIT_USAGE:
+            print(f"bisect-run: {e}: aborting the bisect", file=sys.stderr)
+            return BISECT_ABORT
         print(f"bisect-run: cannot test this kernel ({e}): skip (125)", file=sys.stderr)
         return BISECT_SKIP
     s = report.summary

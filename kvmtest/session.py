@@ -42,6 +42,9 @@ class Report:
     kernel: str
     results: list[Result] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # Kernel WARN/BUG lines outside every case's window (e.g. VM teardown):
+    # no case can carry them, but the run cannot pass with them.
+    kernel_warnings_outside_cases: list[str] = field(default_factory=list)
 
     @property
     def summary(self) -> dict[str, int]:
@@ -57,7 +60,7 @@ class Report:
 
     def exit_code(self) -> int:
         s = self.summary
-        if s["failed"] or s["errors"]:
+        if s["failed"] or s["errors"] or self.kernel_warnings_outside_cases:
             return 1
         if s["passed"] == 0:
             return 125  # nothing could be tested: `git bisect run` skips
@@ -71,6 +74,7 @@ class Report:
             "fingerprint": self.fingerprint,
             "summary": self.summary,
             "notes": self.notes,
+            "kernel_warnings_outside_cases": self.kernel_warnings_outside_cases,
             "cases": [r.to_json() for r in self.results],
         }
 

@@ -12,6 +12,11 @@ class BackendError(RuntimeError):
     """A backend cannot start here; the message says why and what to do."""
 
 
+class KernelError(RuntimeError):
+    """The kernel under test could not run the cases (panic, no modules, no
+    nested SVM, no result): an error for the whole run, with the log tail."""
+
+
 def make(name: str, profile: str | None = None, **options: Any) -> tuple[Any, str]:
     """The backend object and a one-line note on how it was chosen."""
     if name == "auto":

@@ -39,6 +39,9 @@ CPUID_SVM_FEATURES = 0x8000_000A
 CPUID_ADDR_SIZES = 0x8000_0008
 SVM_BIT = 1 << 2  # CPUID 0x80000001 ECX
 MSR_VM_HSAVE_PA = 0xC001_0117
+# STAR, LSTAR, CSTAR, SFMASK, KERNEL_GS_BASE, SYSENTER_CS/ESP/EIP: VMLOAD's set.
+RESET_MSRS = (0xC000_0081, 0xC000_0082, 0xC000_0083, 0xC000_0084, 0xC000_0102,
+              0x174, 0x175, 0x176)
 
 
 def dev_kvm() -> str:
@@ -126,17 +129,24 @@ class KvmMachine:
     def reset(self, payload: Payload) -> None:
         """Back to a fresh vCPU's state for the next case."""
         self._end_deadline()
+        if self.nested_cap:
+            # Leave guest mode first (a case may end at a ucall from L2), so
+            # the register writes below reach L1's state, not VMCB02's.
+            self.vcpu.set_nested_state(NestedState.svm(KVM_STATE_NESTED_GIF_SET, 0))
         self.mem.view[:LOW_MEMORY] = bytes(LOW_MEMORY)
         self.mem.view[layout.CODE_GPA:layout.CODE_GPA + self._code_len] = bytes(self._code_len)
-        # EFER without SVME (in _load) makes KVM leave nested mode and set
-        # GIF; the nested-state reset makes sure of both.
-        self._load(payload)
+        self._load(payload)  # EFER without SVME: KVM leaves nested mode, GIF=1
+        # MSRs a case can change: HSAVE, and what a (wrongly executed) VMLOAD loads.
+        msrs = dict.fromkeys(RESET_MSRS, 0)
         if self.nested_cap:
-            self.vcpu.set_nested_state(NestedState.svm(KVM_STATE_NESTED_GIF_SET, 0))
-            self.vcpu.set_msrs({MSR_VM_HSAVE_PA: 0})
+            msrs[MSR_VM_HSAVE_PA] = 0
+        self.vcpu.set_msrs(msrs)
         self.vcpu.set_vcpu_events(self._no_events)
 
-    _no_events = ffi.new("struct kvm_vcpu_events *")  # nothing pending or injected
+    # Nothing pending or injected: exception, interrupt, NMI (pending and
+    # masked), interrupt shadow.
+    _no_events = ffi.new("struct kvm_vcpu_events *", {
+        "flags": lib.KVM_VCPUEVENT_VALID_NMI_PENDING | lib.KVM_VCPUEVENT_VALID_SHADOW})
 
     def _enter_long_mode(self, st: l1.L1State) -> None:
         sregs = self.vcpu.get_sregs()
@@ -208,11 +218,17 @@ class KvmBackend:
         self.reuse = os.environ.get("KVMTEST_FRESH_VM") != "1" if reuse is None else reuse
         self._pool: dict[bool, KvmMachine] = {}
         self.kvm = Kvm(dev_kvm())  # raises KvmUnavailable with an actionable message
-        if not self.kvm.check_extension(lib.KVM_CAP_EXT_CPUID):
+        try:
+            if not self.kvm.check_extension(lib.KVM_CAP_EXT_CPUID):
+                raise KvmUnavailable("host KVM lacks KVM_CAP_EXT_CPUID (KVM_GET_SUPPORTED_"
+                                     "CPUID): kernel too old for kvmtest; use --backend qemu "
+                                     "or model")
+            self.supported = self.kvm.supported_cpuid()
+        except KvmError as e:
             self.kvm.close()
-            raise KvmUnavailable("host KVM lacks KVM_CAP_EXT_CPUID (KVM_GET_SUPPORTED_CPUID): "
-                                 "kernel too old for kvmtest; use --backend qemu or model")
-        self.supported = self.kvm.supported_cpuid()
+            if isinstance(e, KvmUnavailable):
+                raise
+            raise KvmUnavailable(f"cannot read KVM's supported CPUID ({e})", e.errno) from None
         self.svm = has_svm(self.supported)
         self.nested_cap = self.kvm.check_extension(lib.KVM_CAP_NESTED_STATE)
         self.smm_cap = self.kvm.check_extension(lib.KVM_CAP_X86_SMM)
@@ -248,9 +264,11 @@ class KvmBackend:
         if m is not None:
             try:
                 m.reset(payload)
-            except KvmError:
+            except BaseException as e:
                 m.close()
-                m = None
+                if not isinstance(e, KvmError):
+                    raise
+                m = None  # a vCPU that cannot be reset is replaced
         if m is None:
             m = KvmMachine(self.kvm, self._cpuid[svm], payload, bool(self.nested_cap))
         try:

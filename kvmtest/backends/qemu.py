@@ -9,6 +9,7 @@ the artifacts directory.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -21,8 +22,9 @@ from ..payloads import PREBUILT_ENV, load_payload
 from ..qemu.errors import QemuError
 from ..qemu.kernels import resolve_kernel
 from ..qemu.machine import boot
-from . import BackendError
+from . import BackendError, KernelError
 
+HEADLINE = re.compile(r"WARNING:|BUG:|Oops|kernel BUG|general protection fault")
 BOOT_BUDGET = 120.0  # boot + module load under TCG, with a wide margin
 PER_CASE_BUDGET = 2.0
 
@@ -39,11 +41,6 @@ def agent_env(cases: Sequence[Case]) -> dict[str, str]:
         load_payload(name)  # (re)build on the host: the guest's / is read-only
     roots = [Path(kvmtest.__file__).parent.parent, Path(_cffi_backend.__file__).parent]
     return {"PYTHONPATH": ":".join(str(r) for r in roots), PREBUILT_ENV: "1"}
-
-
-class KernelError(RuntimeError):
-    """The kernel under test could not run the cases (panic, no modules,
-    no result): an ERROR for the whole run, with the log tail."""
 
 
 class QemuBackend:
@@ -68,6 +65,7 @@ class QemuBackend:
         self.artifacts = Path(artifacts) if artifacts else None
         self.kernel_desc = f"{self.kernel.release} ({kernel})"
         self.guest_facts: dict = {}
+        self.unattributed_warnings: list[str] = []
         self.timings: dict = {}
         self.outdir: Path | None = None
 
@@ -115,15 +113,27 @@ class QemuBackend:
             raise KernelError(f"the guest agent wrote no result (rc {g.returncode}): "
                               f"{g.stderr.strip()[-500:]} {where}")
         data = json.loads(result.read_text())
-        self.guest_facts = data.get("facts", {})
+        self.guest_facts = facts = data.get("facts", {})
         if "error" in data:
             raise KernelError(f"guest: {data['error']} {where}")
+        if not facts.get("svm") or not facts.get("nested_state"):
+            # Testing nested SVM is this backend's point: no skip-and-pass.
+            raise KernelError(
+                f"the guest kernel's KVM has no nested SVM (SVM in supported CPUID: "
+                f"{facts.get('svm')}, KVM_CAP_NESTED_STATE: {facts.get('nested_state')}, "
+                f"kvm_amd parameters: {facts.get('kvm_amd')}) {where}")
         observations: dict[str, Observation | str] = {}
         for case_id, r in data["results"].items():
             if "observation" in r:
                 observations[case_id] = Observation(**r["observation"])
             elif "skip" in r:
                 observations[case_id] = r["skip"]
+        seen = {w for o in observations.values() if isinstance(o, Observation)
+                for w in o.kernel_warnings or []}
+        # WARN/BUG/oops on the console that no case's kernel-log window saw
+        # (VM teardown, the agent's own start or exit) still fail the run.
+        self.unattributed_warnings = [w for w in g.oopses
+                                      if HEADLINE.match(w) and w not in seen]
         return observations
 
     def close(self) -> None:
