@@ -73,34 +73,19 @@ def _expect(call, obj, ioctl: str, err: int) -> None:
     assert str(e) == f"{ioctl}: [Errno {err}] {os.strerror(err)}"
 
 
-@pytest.mark.parametrize("ioctl", sorted(KVM_CALLS))
-def test_kvm_bad_fd(ioctl):
-    _expect(KVM_CALLS[ioctl], Kvm.from_fd(-1), ioctl, errno.EBADF)
+FD_OWNERS = ((Kvm, KVM_CALLS), (Vm, VM_CALLS), (Vcpu, VCPU_CALLS))
+WRAPPERS = [(cls, ioctl, calls[ioctl]) for cls, calls in FD_OWNERS for ioctl in sorted(calls)]
+WRAPPER_IDS = [f"{cls.__name__}-{ioctl}" for cls, ioctl, _ in WRAPPERS]
 
 
-@pytest.mark.parametrize("ioctl", sorted(KVM_CALLS))
-def test_kvm_not_kvm_fd(ioctl, pipe_fd):
-    _expect(KVM_CALLS[ioctl], Kvm.from_fd(pipe_fd), ioctl, errno.ENOTTY)
+@pytest.mark.parametrize(("cls", "ioctl", "call"), WRAPPERS, ids=WRAPPER_IDS)
+def test_bad_fd(cls, ioctl, call):
+    _expect(call, cls.from_fd(-1), ioctl, errno.EBADF)
 
 
-@pytest.mark.parametrize("ioctl", sorted(VM_CALLS))
-def test_vm_bad_fd(ioctl):
-    _expect(VM_CALLS[ioctl], Vm.from_fd(-1), ioctl, errno.EBADF)
-
-
-@pytest.mark.parametrize("ioctl", sorted(VM_CALLS))
-def test_vm_not_kvm_fd(ioctl, pipe_fd):
-    _expect(VM_CALLS[ioctl], Vm.from_fd(pipe_fd), ioctl, errno.ENOTTY)
-
-
-@pytest.mark.parametrize("ioctl", sorted(VCPU_CALLS))
-def test_vcpu_bad_fd(ioctl):
-    _expect(VCPU_CALLS[ioctl], Vcpu.from_fd(-1), ioctl, errno.EBADF)
-
-
-@pytest.mark.parametrize("ioctl", sorted(VCPU_CALLS))
-def test_vcpu_not_kvm_fd(ioctl, pipe_fd):
-    _expect(VCPU_CALLS[ioctl], Vcpu.from_fd(pipe_fd), ioctl, errno.ENOTTY)
+@pytest.mark.parametrize(("cls", "ioctl", "call"), WRAPPERS, ids=WRAPPER_IDS)
+def test_not_a_kvm_fd(cls, ioctl, call, pipe_fd):
+    _expect(call, cls.from_fd(pipe_fd), ioctl, errno.ENOTTY)
 
 
 def test_closed_vcpu_raises_ebadf(pipe_fd):
