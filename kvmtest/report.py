@@ -22,7 +22,9 @@ def table(report: Report) -> str:
     rows = [("case", "expected", "observed", "verdict")]
     for r in report.results:
         c = r.case
-        want = j.expectation(c, report.profile or "upstream")
+        # The selected profile's expectation, else the one the kernel matched.
+        matched = r.verdict.profiles[-1] if r.verdict.profiles else "upstream"
+        want = j.expectation(c, report.profile or matched)
         expected = want.describe() + (" (profile-dependent)" if c.profiles else "")
         observed = r.observation.describe() if r.observation else "-"
         rows.append((c.id, expected, observed, MARK[r.verdict.verdict]))
