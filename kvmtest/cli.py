@@ -10,6 +10,7 @@ from pathlib import Path
 from . import report as rep
 from .backends import NAMES, BackendError, KernelError, make
 from .cases import DEFAULT_MAXPHYADDR, catalogue
+from .config import Config
 from .judge import PROFILES
 from .payloads import PayloadError
 from .selection import SelectionError, select
@@ -106,9 +107,11 @@ def run_report(args: argparse.Namespace, quiet: bool = False) -> Report:
     if unchecked:
         notes.append(f"kernel log not checked for {len(unchecked)} cases: /dev/kmsg is not "
                      "readable here (run as root, or with CAP_SYSLOG)")
+    config = Config.from_options(getattr(args, "cpu", None),
+                                 _backend_options(args).get("kvm_amd_params"))
     return Report(backend=desc["backend"], profile=args.profile,
                   kernel=desc.get("kernel", "?"), results=results, notes=notes,
-                  kernel_warnings_outside_cases=outside)
+                  kernel_warnings_outside_cases=outside, config=config.to_json())
 
 
 def close_watched(backend) -> list[str]:

@@ -19,7 +19,7 @@ from .vmcb import SVM_EXIT_ERR, SVM_EXIT_VMMCALL
 
 PASS, FAIL, ERROR, SKIP = "pass", "fail", "error", "skip"
 # Oldest first.  6.12-stable: measured on Debian 6.12.95 (bookworm-backports).
-PROFILES = ("legacy", "fixed", "6.12-stable", "upstream")
+PROFILES = ("legacy", "fixed", "6.12-stable", "7.x")
 # A profile a case does not list behaves there like its base.
 PROFILE_BASE = {"6.12-stable": "fixed"}
 # Outcomes that mean the harness or the guest broke, not the kernel's answer.

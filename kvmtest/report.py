@@ -23,7 +23,7 @@ def table(report: Report) -> str:
     for r in report.results:
         c = r.case
         # The selected profile's expectation, else the one the kernel matched.
-        matched = r.verdict.profiles[-1] if r.verdict.profiles else "upstream"
+        matched = r.verdict.profiles[-1] if r.verdict.profiles else "7.x"
         want = j.expectation(c, report.profile or matched)
         expected = want.describe() + (" (profile-dependent)" if c.profiles else "")
         observed = r.observation.describe() if r.observation else "-"

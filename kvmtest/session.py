@@ -45,6 +45,8 @@ class Report:
     # Kernel WARN/BUG lines outside every case's window (e.g. VM teardown):
     # no case can carry them, but the run cannot pass with them.
     kernel_warnings_outside_cases: list[str] = field(default_factory=list)
+    # The configuration under test (kvmtest.config.Config.to_json()).
+    config: dict | None = None
 
     @property
     def summary(self) -> dict[str, int]:
@@ -71,6 +73,7 @@ class Report:
             "backend": self.backend,
             "profile": self.profile,
             "kernel": self.kernel,
+            "config": self.config,
             "fingerprint": self.fingerprint,
             "summary": self.summary,
             "notes": self.notes,

@@ -74,8 +74,8 @@ def test_profile_dependent_case():
     ud = OBSERVATION_CASE.vmcb["event_inj"]
     kept, cleared = invalid(event_inj=ud), invalid(event_inj=0)
     assert j.judge(OBSERVATION_CASE, kept).profiles == ("legacy", "fixed")
-    assert j.judge(OBSERVATION_CASE, cleared).profiles == ("6.12-stable", "upstream")
-    assert j.judge(OBSERVATION_CASE, kept, "upstream").verdict == j.FAIL
+    assert j.judge(OBSERVATION_CASE, cleared).profiles == ("6.12-stable", "7.x")
+    assert j.judge(OBSERVATION_CASE, kept, "7.x").verdict == j.FAIL
     assert j.judge(OBSERVATION_CASE, kept, "fixed").verdict == j.PASS
     assert j.judge(OBSERVATION_CASE, invalid(event_inj=POISON)).verdict == j.FAIL
 
@@ -84,7 +84,7 @@ def test_fingerprint_fixed_vs_upstream():
     a = j.judge(CC, invalid())
     b = j.judge(OBSERVATION_CASE, invalid(event_inj=OBSERVATION_CASE.vmcb["event_inj"]))
     assert j.fingerprint([a, b]) == "fixed"
-    assert j.fingerprint([a]) == "fixed or 6.12-stable or upstream"  # only legacy ruled out
+    assert j.fingerprint([a]) == "fixed or 6.12-stable or 7.x"  # only legacy ruled out
 
 
 def test_exception_case_checks_vector_and_rip():
@@ -112,9 +112,9 @@ def test_refused_nested_state_needs_l1_to_vmrun_afterwards():
 def test_smm_answer_counts_only_if_smm_was_reached():
     case = CASES["smm/asid0"]
     refused = o.Observation(outcome=o.SHUTDOWN, smm_handler_runs=1, kernel_warnings=[])
-    assert j.judge(case, refused, "upstream").verdict == j.PASS
+    assert j.judge(case, refused, "7.x").verdict == j.PASS
     never = dataclasses.replace(refused, smm_handler_runs=0)
-    assert j.judge(case, never, "upstream").verdict == j.FAIL
+    assert j.judge(case, never, "7.x").verdict == j.FAIL
 
 
 def test_vmrun_ok_needs_the_l2_exit():

@@ -20,7 +20,7 @@ FIELDS = ("outcome", "vector", "error_code", "rip", "rip_symbol", "l1", "exit_co
 
 @pytest.fixture(scope="module")
 def model():
-    return ModelBackend("upstream")
+    return ModelBackend("7.x")
 
 
 def observe(backend, case: Case) -> dict:

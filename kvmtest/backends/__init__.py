@@ -32,7 +32,7 @@ def make(name: str, profile: str | None = None, **options: Any) -> tuple[Any, st
     if name == "model":
         from .model import ModelBackend
 
-        profile = profile or "upstream"
+        profile = profile or "7.x"
         return ModelBackend(profile), f"backend model: profile {profile}"
     if name == "qemu":
         from .qemu import QemuBackend
@@ -59,4 +59,4 @@ def _auto(profile: str | None) -> tuple[Any, str]:
         kvm.close()
     from .model import ModelBackend
 
-    return ModelBackend(profile or "upstream"), f"auto: backend model ({why})"
+    return ModelBackend(profile or "7.x"), f"auto: backend model ({why})"

@@ -41,7 +41,7 @@ GIF_BUG = ("GIF left set after #VMEXIT(INVALID) (fixed by 'KVM: nSVM: Clear GIF 
 def with_legacy_gif(row: Row, gif: str) -> Mapping[str, Expect]:
     """The row's profiles, plus the legacy kernels' GIF bug where it shows:
     a failure KVM detects in software, run with GIF=1."""
-    profiles = dict(row.profiles) or {p: row.expect for p in ("legacy", "fixed", "upstream")}
+    profiles = dict(row.profiles) or {p: row.expect for p in ("legacy", "fixed", "7.x")}
     legacy = profiles["legacy"]
     if gif != GIF1 or legacy.kind != "vmexit_invalid" or legacy.hw_checked:
         return row.profiles

@@ -26,7 +26,7 @@ NMI_VECTOR = 2
 # Checks KVM does in software only since Linux 7.1: older kernels pass the
 # VMCB on and the CPU's VMRUN fails it, which KVM reflects with a full #VMEXIT.
 SW_CHECK_SINCE_7_1 = {"legacy": VMEXIT_INVALID_HW, "fixed": VMEXIT_INVALID_HW,
-                      "upstream": VMEXIT_INVALID}
+                      "7.x": VMEXIT_INVALID}
 
 
 # 6.1.170 under TCG: L2 runs on the illegal root, dies with #VMEXIT(SHUTDOWN)
@@ -65,7 +65,7 @@ def rows(maxphyaddr: int) -> list[Row]:
             {"nested_ctl": NESTED_CTL_NP_ENABLE, "nested_cr3": top},
             {"nested_ctl": NESTED_CTL_NP_ENABLE, "nested_cr3": layout.PML4_GPA},
             f"{APM_CC}: nCR3 illegal with NP_ENABLE; KVM nested.c (nested_cr3 legality)",
-            profiles={"legacy": NCR3_BUG, "fixed": VMEXIT_INVALID, "upstream": VMEXIT_INVALID}),
+            profiles={"legacy": NCR3_BUG, "fixed": VMEXIT_INVALID, "7.x": VMEXIT_INVALID}),
         # An exception event with the NMI vector is an illegal injection.
         Row("eventinj-exept-nmi",
             {"event_inj": EVTINJ_VALID | EVTINJ_TYPE_EXEPT | NMI_VECTOR}, {"event_inj": 0},
@@ -91,7 +91,7 @@ def observation_rows(maxphyaddr: int) -> list[Row]:
                 "fixed": Expect("vmexit_invalid", event_inj_cleared=False),
                 # Measured: Debian 6.12.95 clears it too.
                 "6.12-stable": Expect("vmexit_invalid", event_inj_cleared=True),
-                "upstream": Expect("vmexit_invalid", event_inj_cleared=True),
+                "7.x": Expect("vmexit_invalid", event_inj_cleared=True),
             }),
     ]
     # TLB_CONTROL: reserved encodings.  Linux 7.1 masks them (VMRUN goes on);

@@ -42,7 +42,7 @@ def _gated_profiles(insn: str) -> dict[str, Expect]:
     if insn != "invlpga":
         return {}
     ud = exception(UD, "insn_invlpga")
-    return {"legacy": INVLPGA_BUG, "fixed": ud, "upstream": ud}
+    return {"legacy": INVLPGA_BUG, "fixed": ud, "7.x": ud}
 
 
 def no_svm_cases() -> Iterator[Case]:

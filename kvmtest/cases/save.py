@@ -32,7 +32,7 @@ def rows(maxphyaddr: int) -> list[Row]:
         Row("lme-pg-cs-l-d", {"cs.attrib": CS_ATTR | ATTR_CS_DB}, {"cs.attrib": CS_ATTR},
             f"{APM_CC}: EFER.LME, CR0.PG, CS.L and CS.D are all non-zero; {KVM}",
             profiles={"legacy": VMEXIT_INVALID_HW, "fixed": VMEXIT_INVALID,
-                      "upstream": VMEXIT_INVALID}),
+                      "7.x": VMEXIT_INVALID}),
     ]
     out += bits("cr0-hi", "cr0", CR0, (32, 47, 63),
                 f"{APM_CC}: CR0[63:32] are not zero; {KVM}")

@@ -43,7 +43,7 @@ ENTERED_L2_SHUTDOWN = Expect(
 def _profiles(without_fix: Expect) -> dict[str, Expect]:
     # be5fa8737d42 reached stable 6.12.88: Debian 6.12.95 refuses the RSM.
     return {"legacy": without_fix, "fixed": without_fix, "6.12-stable": SHUTDOWN,
-            "upstream": SHUTDOWN}
+            "7.x": SHUTDOWN}
 
 
 # (name, defect, fix, the check it breaks, profiles).  The fix writes the
@@ -106,4 +106,4 @@ CR4_LEAK = Expect("vmexit", exit_code=SVM_EXIT_VMMCALL, l1_cr4_gained=CR4_MCE,
 # contract.
 CR4_PROFILES: dict[str, Expect] = {"legacy": CR4_LEAK, "fixed": CR4_LEAK,
                                    "6.12-stable": CR4_LEAK,
-                                   "upstream": vmexit(SVM_EXIT_VMMCALL)}
+                                   "7.x": vmexit(SVM_EXIT_VMMCALL)}

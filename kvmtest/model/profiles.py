@@ -147,10 +147,10 @@ STABLE_612 = replace(
     rsm_checks_vmcb12=True,
 )
 
-UPSTREAM = replace(
+V7 = replace(
     STABLE_612,
-    name="upstream",
-    kernels="Linux 7.1 (mainline with the merged v7 'nSVM: VMRUN failures' series)",
+    name="7.x",
+    kernels="Linux 7.x (to be measured on Debian 7.3.4; content still from the 7.1 sources)",
     summary="6.12-stable + EVENTINJ validity checked, TLB_CTL masked, late failures "
     "before VMCB02 is loaded",
     check_event_inj=True,
@@ -160,8 +160,8 @@ UPSTREAM = replace(
     smi_leaks_cr4_mce=False,  # not measured on 7.1: the contract
 )
 
-PROFILES: dict[str, Profile] = {p.name: p for p in (LEGACY, FIXED, STABLE_612, UPSTREAM)}
-DEFAULT_PROFILE = UPSTREAM.name
+PROFILES: dict[str, Profile] = {p.name: p for p in (LEGACY, FIXED, STABLE_612, V7)}
+DEFAULT_PROFILE = V7.name
 
 
 def get_profile(name: str) -> Profile:

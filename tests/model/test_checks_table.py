@@ -82,7 +82,7 @@ ROWS = [
     ("tlb_ctl 0x80", {"tlb_ctl": 0x80}, NONE, "reserved encodings are not a VMRUN check"),
 ]
 
-PROFILE_ORDER = ("legacy", "fixed", "upstream")
+PROFILE_ORDER = ("legacy", "fixed", "7.x")
 
 
 @pytest.mark.parametrize("name,changes,rejected,source", ROWS, ids=[r[0] for r in ROWS])

@@ -39,7 +39,7 @@ ERR = 0xFFFF_FFFF_FFFF_FFFF
 SVM_ON = params.PF_SET_SVME | params.PF_SET_HSAVE
 
 
-@pytest.fixture(scope="module", params=("legacy", "fixed", "upstream"))
+@pytest.fixture(scope="module", params=("legacy", "fixed", "7.x"))
 def backend(request: pytest.FixtureRequest) -> ModelBackend:
     b = ModelBackend(request.param)
     yield b
@@ -48,7 +48,7 @@ def backend(request: pytest.FixtureRequest) -> ModelBackend:
 
 @pytest.fixture(scope="module")
 def upstream() -> ModelBackend:
-    b = ModelBackend("upstream")
+    b = ModelBackend("7.x")
     yield b
     b.close()
 
@@ -98,7 +98,7 @@ def test_event_inj_cleared_only_upstream(backend: ModelBackend) -> None:
     inj = vmcb.EVTINJ_VALID | vmcb.EVTINJ_TYPE_EXEPT | 13 | vmcb.EVTINJ_VALID_ERR
     obs = run_case(backend, vmrun_case(GIF1, asid=0, event_inj=inj))
     assert obs.exit_code == ERR
-    assert obs.event_inj == (0 if backend.profile.name == "upstream" else inj)
+    assert obs.event_inj == (0 if backend.profile.name == "7.x" else inj)
 
 
 @pytest.mark.parametrize("insn", ["vmrun", "vmload", "vmsave", "stgi", "clgi", "skinit",
