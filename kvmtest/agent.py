@@ -19,26 +19,15 @@ from pathlib import Path
 from .backends.kvm import KvmBackend, kvm_module
 from .cases import catalogue
 from .kvm import KvmUnavailable
+from .kvm_amd import module_params
 from .runner import run_case
 from .session import skip_reason
-
-
-def _module_params(module: str) -> dict[str, str]:
-    base = Path(f"/sys/module/{module}/parameters")
-    out = {}
-    if base.is_dir():
-        for p in sorted(base.iterdir()):
-            try:
-                out[p.name] = p.read_text().strip()
-            except OSError:
-                continue
-    return out
 
 
 def run(request: dict) -> dict:
     started = time.monotonic()
     facts = {"kernel": platform.release(), "kvm_module": kvm_module(),
-             "kvm_amd": _module_params("kvm_amd")}
+             "kvm_amd": module_params()}
     try:
         backend = KvmBackend()
     except KvmUnavailable as e:

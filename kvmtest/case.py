@@ -27,6 +27,12 @@ NEED_SVM = "svm"  # SVM in the guest CPUID, nested SVM in the host
 NEED_NO_SVM = "no_svm"  # guest CPUID without SVM (runs on any KVM)
 NEED_NESTED_STATE = "nested_state"  # KVM_CAP_NESTED_STATE
 NEED_SMM = "smm"  # KVM_CAP_X86_SMM (KVM_SMI, RSM)
+# Configuration needs: kvm_amd's effective parameters (kvmtest.kvm_amd).
+NEED_NPT = "npt"  # kvm_amd npt=1: L1 may set NP_ENABLE
+NEED_NO_NPT = "no_npt"  # kvm_amd npt=0: L1 runs on shadow paging
+NEED_VGIF = "vgif"  # vGIF on: STGI/CLGI not intercepted
+NEED_NO_VGIF = "no_vgif"  # vGIF off
+CONFIG_NEEDS = (NEED_NPT, NEED_NO_NPT, NEED_VGIF, NEED_NO_VGIF)
 
 
 @dataclass(frozen=True)
@@ -136,6 +142,11 @@ class Case:
         unknown = set(self.params) - set(params.PARAMS)
         if unknown:
             raise ValueError(f"{self.id}: unknown params {sorted(unknown)}")
+
+    @property
+    def configs(self) -> list[str]:
+        """The configuration needs of this case (empty: any configuration)."""
+        return sorted(self.needs & set(CONFIG_NEEDS))
 
     @property
     def consistency_check(self) -> bool:

@@ -44,7 +44,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     rows = [{"id": c.id, "family": c.family, "gif_mode": c.gif_mode,
              "expect": (c.expect.describe() if not c.profiles else
                         {p: e.describe() for p, e in c.profiles.items()}),
-             "source": c.source, "needs": sorted(c.needs), "control_of": c.control_of}
+             "source": c.source, "needs": sorted(c.needs), "configs": c.configs,
+             "control_of": c.control_of}
             for c in cases]
     if args.json:
         print(json.dumps(rows, indent=1))

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from . import judge as j
-from .case import NEED_NESTED_STATE, NEED_NO_SVM, NEED_SMM, NEED_SVM, Case
+from .case import CONFIG_NEEDS, NEED_NESTED_STATE, NEED_NO_SVM, NEED_SMM, NEED_SVM, Case
 from .observation import Observation
 from .runner import DEFAULT_TIMEOUT, run_case
 
@@ -82,7 +82,7 @@ class Report:
         }
 
 
-NEED_ORDER = (NEED_NO_SVM, NEED_SVM, NEED_NESTED_STATE, NEED_SMM)
+NEED_ORDER = (NEED_NO_SVM, NEED_SVM, NEED_NESTED_STATE, NEED_SMM, *CONFIG_NEEDS)
 Progress = Callable[[Result, int, int], None]
 
 

@@ -31,6 +31,7 @@ from ..kvm import (
 )
 from ..kvm.cpuid import pack_cpuid2
 from ..kvm.nested import GIF_SET as KVM_STATE_NESTED_GIF_SET
+from ..kvm_amd import config_capabilities, module_params
 from ..observation import NestedView
 from ..payloads import Payload
 
@@ -233,6 +234,7 @@ class KvmBackend:
         self.nested_cap = self.kvm.check_extension(lib.KVM_CAP_NESTED_STATE)
         self.smm_cap = self.kvm.check_extension(lib.KVM_CAP_X86_SMM)
         self.maxphyaddr = maxphyaddr(self.supported)
+        self.kvm_amd_params = module_params()  # the running module's, effective
         # Packing ~60 entries costs as much as KVM_SET_CPUID2: do it once.
         self._cpuid = {svm: pack_cpuid2(guest_cpuid(self.supported, svm)) for svm in (False, True)}
 
@@ -256,6 +258,7 @@ class KvmBackend:
                 "use --backend qemu or model"),
             "smm": None if self.smm_cap else (
                 "host KVM lacks KVM_CAP_X86_SMM (KVM_SMI); use --backend qemu"),
+            **config_capabilities(self.kvm_amd_params),
         }
 
     @contextlib.contextmanager

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 
 import unicorn
 
+from ..kvm_amd import MODEL_DEFAULTS, config_capabilities
 from ..model.cpuid import MAXPHYADDR
 from ..model.machine import ModelMachine
 from ..model.profiles import DEFAULT_PROFILE, get_profile
@@ -33,15 +34,19 @@ class ModelBackend:
 
     name = "model"
 
-    def __init__(self, profile: str = DEFAULT_PROFILE, timer: str = TIMER_WATCHDOG) -> None:
+    def __init__(self, profile: str = DEFAULT_PROFILE, timer: str = TIMER_WATCHDOG,
+                 kvm_amd_params: dict[str, str] | None = None) -> None:
         self.profile = get_profile(profile)
+        # The kvm_amd parameters the model runs under (as L0's effective ones).
+        self.kvm_amd_params = {**MODEL_DEFAULTS, **(kvm_amd_params or {})}
         self.timer = timer
         self.maxphyaddr = MAXPHYADDR  # the model guest's CPUID 0x80000008
         self._machines: dict[str, ModelMachine] = {}
 
     def capabilities(self) -> dict[str, str | None]:
         # SMM (KVM_SMI, RSM): model/smm.py.
-        return {"svm": None, "no_svm": None, "nested_state": None, "smm": None}
+        return {"svm": None, "no_svm": None, "nested_state": None, "smm": None,
+                **config_capabilities(self.kvm_amd_params)}
 
     @contextmanager
     def machine(self, payload: Payload, svm: bool) -> Iterator[ModelMachine]:
