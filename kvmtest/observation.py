@@ -38,6 +38,7 @@ SHUTDOWN = "shutdown"
 GUEST_ASSERT = "guest_assert"
 UNEXPECTED_EXIT = "unexpected_exit"
 EMULATION_ERROR = "emulation_error"
+ACTION_FAILED = "action_failed"  # a host action (kvmtest.actions) was refused
 
 
 @dataclass
@@ -66,6 +67,10 @@ class Observation:
     after_outcome: str | None = None
     # SMM scenario: how often the SMM handler ran (proves the SMI and RSM path)
     smm_handler_runs: int | None = None
+    # L1's event log (kvmtest.eventlog): [kind, value, ...]; None: no log
+    log: list[int] | None = None
+    # host actions carried out (kvmtest.actions), in order
+    actions: list[str] = field(default_factory=list)
     # new kernel-log lines that indicate a kernel bug; None: not checked
     kernel_warnings: list[str] | None = None
     kernel_log_checked: bool = False

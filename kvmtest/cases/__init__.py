@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 
 from ..case import Case
-from . import control, insn, late, nested_state, save, smm
+from . import control, gif, insn, late, nested_state, save, smm
 from ._build import vmrun_cases
 
 # Used for listing and collection; backends pass their real value.
@@ -27,6 +27,8 @@ def catalogue(maxphyaddr: int = DEFAULT_MAXPHYADDR) -> tuple[Case, ...]:
     cases += nested_state.cases()
     cases += smm.cases()
     cases += smm.cr4_cases()
+    cases += gif.cases()
+    cases += gif.singlestep_cases()
     seen: set[str] = set()
     for c in cases:
         if c.id in seen:
