@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 
 from ..case import Case
-from . import control, gif, insn, late, nested_state, save, smm
+from . import control, gif, insn, late, nested_state, permission, save, smm, unmap
 from ._build import vmrun_cases
 
 # Used for listing and collection; backends pass their real value.
@@ -24,11 +24,15 @@ def catalogue(maxphyaddr: int = DEFAULT_MAXPHYADDR) -> tuple[Case, ...]:
     cases += vmrun_cases("control", control.observation_rows(maxphyaddr))
     # Late failures take KVM's full #VMEXIT path on every kernel: GIF cleared.
     cases += vmrun_cases("late", late.rows(maxphyaddr), software_checked=False)
-    cases += nested_state.cases()
+    cases += nested_state.cases(maxphyaddr)
+    cases += nested_state.roundtrip_cases()
     cases += smm.cases()
     cases += smm.cr4_cases()
     cases += gif.cases()
     cases += gif.singlestep_cases()
+    cases += unmap.cases()
+    cases += permission.cases()
+    cases += permission.smm_cases()
     seen: set[str] = set()
     for c in cases:
         if c.id in seen:
