@@ -19,6 +19,9 @@
  * trap is not held by GIF: EFLAGS.TF traps after the VMRUN completes, i.e.
  * after the #VMEXIT (APM vol. 2 15.5.1, "VMRUN and TF/RF Bits in EFLAGS"):
  * "db@after_vmrun" with DR6.BS.
+ *
+ * EV_NO_SVM leaves out CLGI, VMRUN and STGI (a guest without SVM, any KVM
+ * host: the host loop's event plumbing, tests/test_events_kvm.py).
  */
 #include "kvmtest_layout.h"
 #include "svm.h"
@@ -57,6 +60,8 @@ l1_main:
 	call set_gate
 	lidt [rip + idt_ptr]
 	cli
+	test qword ptr [P_MODE], EV_NO_SVM
+	jnz 3f
 	test rbx, PF_CLGI
 	jz 3f
 	CLGI
@@ -77,6 +82,8 @@ l1_main:
 5:
 	MARK(before_vmrun)
 	mov rax, [P_VMRUN_RAX]
+	test qword ptr [P_MODE], EV_NO_SVM
+	jnz no_vmrun
 	push rcx
 	popfq
 	.globl events_vmrun
@@ -101,7 +108,10 @@ events_vmrun:
 6:	sti
 	nop
 	MARK(after_sti)
+	test qword ptr [P_MODE], EV_NO_SVM
+	jnz 9f
 	STGI
+9:
 	MARK(after_stgi)
 	cli
 	mov qword ptr [R_STAGE], STAGE_AFTER_VMRUN
@@ -109,6 +119,13 @@ events_vmrun:
 	mov edi, UCALL_SYNC
 	call ucall
 	ret
+
+/* EV_NO_SVM: the same RFLAGS, then straight to after_vmrun (TF traps after
+ * the JMP, i.e. at after_vmrun, as after a VMRUN). */
+no_vmrun:
+	push rcx
+	popfq
+	jmp after_vmrun
 
 /* Handlers: log what they interrupted and return.  The frame's RIP is at
  * [rsp] on entry (none of these vectors pushes an error code). */

@@ -10,15 +10,17 @@
  * mode.  The SMI handler (copied to SMBASE + 0x8000 by the host) reports
  * SYNC(STAGE_SMM) from SMM, then RSMs back into L2.
  *
- * L1 sets CR4.MCE itself first: an SMI taken in L2 leaves KVM's CR4.MCE in
- * L1's CR4 on the kernels measured (smm/l1-cr4-kept), which is not what
- * these cases are about.
+ * L1 sets CR4.MCE and EFER.NX itself first: an SMI taken in L2 leaves
+ * KVM's hardware CR4.MCE in L1's CR4 (smm/l1-cr4-kept), and with kvm_amd
+ * npt=0 KVM's hardware EFER.NX in L1's EFER (measured on every kernel), which
+ * is not what these cases are about.
  */
 #define l1_main vmrun_l1_main
 #include "vmrun.S"
 #undef l1_main
 
 #define CR4_MCE (1 << 6)
+#define EFER_NX (1 << 11)
 
 	.code64
 	.globl l1_main
@@ -26,6 +28,10 @@ l1_main:
 	mov rax, cr4
 	or eax, CR4_MCE
 	mov cr4, rax
+	mov ecx, MSR_EFER
+	rdmsr
+	or eax, EFER_NX
+	wrmsr
 	jmp vmrun_l1_main
 
 	.balign 16

@@ -177,6 +177,12 @@ build_ivt:
 /* ---- 32-bit: compatibility mode, then protected mode without paging ------- */
 	.code32
 compat32:
+	/* Stack and data segments for legacy mode (64-bit mode ignores their
+	 * hidden size bits, legacy mode does not). */
+	mov ax, SEL_DATA
+	mov ds, ax
+	mov es, ax
+	mov ss, ax
 	cmp dword ptr [P_MODE], PERM_COMPAT
 	je insn32
 	/* Paging off: leaves long mode (EFER.LMA clears, EFER.LME stays). */

@@ -76,6 +76,7 @@ PERM_SMM = 5  # smm_vmrun payload: in SMM, long mode set up by the handler
 # events payload (guest_payloads/events.S) mode bits.
 EV_TF = 1 << 0  # single-step the VMRUN (RFLAGS.TF set just before it)
 EV_IRET = 1 << 1  # IRET to self after the VMRUN (ends NMI blocking)
+EV_NO_SVM = 1 << 2  # no CLGI/VMRUN/STGI: a guest without SVM (tests only)
 
 # svm_insn payload: instruction selector.
 INSNS = ("vmrun", "vmmcall", "vmload", "vmsave", "stgi", "clgi", "skinit", "invlpga", "wrmsr")

@@ -33,7 +33,9 @@ def make(name: str, profile: str | None = None, **options: Any) -> tuple[Any, st
         from .model import ModelBackend
 
         profile = profile or "7.x"
-        return ModelBackend(profile), f"backend model: profile {profile}"
+        params = options.get("kvm_amd_params")
+        return (ModelBackend(profile, kvm_amd_params=params),
+                f"backend model: profile {profile}")
     if name == "qemu":
         from .qemu import QemuBackend
 

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import unicorn
 
-from ..kvm_amd import MODEL_DEFAULTS, config_capabilities
+from ..kvm_amd import MODEL_DEFAULTS, config_capabilities, is_on
 from ..model.cpuid import MAXPHYADDR
 from ..model.machine import ModelMachine
 from ..model.profiles import DEFAULT_PROFILE, get_profile
@@ -57,6 +57,7 @@ class ModelBackend:
             m = ModelMachine(payload, self.profile, timer=self.timer)
             self._machines[payload.name] = m
         m.reset(self.profile, svm_in_cpuid=svm)
+        m.vgif = bool(is_on(self.kvm_amd_params, "vgif"))
         yield m
 
     @contextmanager

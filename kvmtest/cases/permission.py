@@ -12,7 +12,10 @@ Paging is not among them.
 KVM (nested.c nested_svm_check_permissions, every kernel measured) raises
 #UD when "!(vcpu->arch.efer & EFER_SVME) || !is_paging(vcpu)": protected
 mode without paging gets #UD too.  The [no-paging] cases hold KVM to the
-APM; every kernel fails them (docs/findings.md).
+APM; every kernel fails them (docs/findings.md).  With vGIF (kvm_amd vgif=1)
+KVM does not intercept STGI and CLGI at all: the CPU runs them, with the
+APM's checks only, so perm/{stgi,clgi}-no-paging-vgif pass where their
+intercepted twins fail.
 
 VMRUN in SMM: "VMRUN is not supported inside the SMM handler and the
 behavior is undefined" (APM vol. 2 15.5); KVM's nested_svm_vmrun() answers
@@ -24,7 +27,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from .. import layout, params
-from ..case import INSN, NEED_SMM, NEED_SVM, NO_FAULT, SCRIPT, Case, Expect, exception
+from ..case import (
+    INSN,
+    NEED_NO_VGIF,
+    NEED_SMM,
+    NEED_SVM,
+    NEED_VGIF,
+    NO_FAULT,
+    SCRIPT,
+    Case,
+    Expect,
+    exception,
+)
 from ..vmcb import SVM_EXIT_VMMCALL
 
 UD, GP = 6, 13
@@ -43,12 +57,13 @@ def _no_fault(insn: str) -> Expect:
 
 
 def _case(id_: str, insn: str, mode: int, expect: Expect, source: str, family: str = "perm",
-          profiles: dict[str, Expect] | None = None, control_of: str | None = None) -> Case:
+          profiles: dict[str, Expect] | None = None, control_of: str | None = None,
+          needs: frozenset[str] = frozenset()) -> Case:
     p = {"flags": ENABLED, "insn": params.INSNS.index(insn), "mode": mode,
          "vmrun_rax": layout.VMCB12_GPA, "hsave_pa": layout.HSAVE_GPA}
     return Case(id=id_, family=family, scenario=INSN, payload="perm", expect=expect,
-                source=source, params=p, needs=frozenset({NEED_SVM}), profiles=profiles or {},
-                control_of=control_of)
+                source=source, params=p, needs=frozenset({NEED_SVM}) | needs,
+                profiles=profiles or {}, control_of=control_of)
 
 
 # Measured: every kernel #UDs with paging off (is_paging), except that
@@ -70,9 +85,16 @@ def cases() -> Iterator[Case]:
                     f"negative control of {cpl3}: the same GDT, at CPL 0", "negative",
                     control_of=cpl3)
         nopg = f"perm/{insn}-no-paging"
+        gif_insn = insn in ("stgi", "clgi")
         yield _case(nopg, insn, params.PERM_NO_PAGING, _no_fault(insn),
                     f"{APM}: protected mode without paging is allowed; {KVM} (is_paging)",
-                    profiles=_no_paging_profiles(insn))
+                    profiles=_no_paging_profiles(insn),
+                    needs=frozenset({NEED_NO_VGIF}) if gif_insn else frozenset())
+        if gif_insn:
+            yield _case(f"{nopg}-vgif", insn, params.PERM_NO_PAGING, NO_FAULT,
+                        f"{APM}; with vGIF KVM does not intercept {insn.upper()} (svm.c "
+                        "init_vmcb: vgif clears INTERCEPT_STGI/CLGI); control: "
+                        f"negative/perm-{insn}-compat", needs=frozenset({NEED_VGIF}))
         yield _case(f"negative/perm-{insn}-compat", insn, params.PERM_COMPAT, _no_fault(insn),
                     f"negative control of {nopg}: the same 32-bit code with paging on",
                     "negative", control_of=nopg)
