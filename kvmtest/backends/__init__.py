@@ -33,9 +33,7 @@ def make(name: str, profile: str | None = None, **options: Any) -> tuple[Any, st
         from .model import ModelBackend
 
         profile = profile or "7.x"
-        params = options.get("kvm_amd_params")
-        return (ModelBackend(profile, kvm_amd_params=params),
-                f"backend model: profile {profile}")
+        return ModelBackend(profile), f"backend model: profile {profile}"
     if name == "qemu":
         from .qemu import QemuBackend
 
