@@ -272,6 +272,8 @@ class KvmMachine:
         return 0
 
     def delete_memory(self, gpa: int) -> int:
+        if gpa not in self._extra:
+            return errno.EINVAL  # no memslot add_memory made there
         slot, mem = self._extra.pop(gpa)
         try:
             self.vm.forget_memory_region(slot)

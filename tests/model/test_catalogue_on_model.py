@@ -12,6 +12,7 @@ import pytest
 
 from kvmtest import judge as j
 from kvmtest.backends.model import ModelBackend
+from kvmtest.case import CONFIG_NEEDS
 from kvmtest.cases import catalogue
 from kvmtest.cases._build import GIF_BUG
 from kvmtest.session import run_cases
@@ -27,17 +28,34 @@ def known_bugs(profile: str) -> set[str]:
     return {c.id for c in catalogue() if c.profiles and j.expectation(c, profile).known_bug}
 
 
+# Families whose known bugs hold on every kernel measured (6.1.170 .. 7.3.4),
+# kvmtest/cases/{permission,gif,unmap}.py: #UD with paging off, DR6.BS lost
+# on a single-stepped #VMEXIT, the interrupt window after VMRUN (6.x), the
+# unmappable VMCB12 (6.x), no #DB after a failed VMRUN (7.x).
+DEPTH_FAMILIES = {"perm", "gif", "singlestep", "unmap", "negative"}
+
+
+def config_skips(v: dict[str, j.Verdict]) -> set[str]:
+    """Skipped cases must be the ones for a configuration the model's
+    default (kvm_amd.MODEL_DEFAULTS: vgif=0) is not."""
+    by_id = {c.id: c for c in catalogue()}
+    skipped = {i for i, x in v.items() if x.verdict == j.SKIP}
+    assert all(by_id[i].needs & set(CONFIG_NEEDS) for i in skipped), skipped
+    return skipped
+
+
 @pytest.mark.parametrize("profile", ["fixed", "6.12-stable", "7.x"])
 def test_catalogue_passes(profile):
     v = verdicts(profile)
-    assert not any(x.verdict == j.SKIP for x in v.values())  # the model runs every need
+    skipped = config_skips(v)  # the model runs every other need
     failed = {i: x.reason for i, x in v.items() if x.verdict in (j.FAIL, j.ERROR)}
-    # Only the known bugs of the profile fail: none upstream, the SMM family
-    # (no be5fa8737d42 in 6.1.192) on fixed, the CR4.MCE leak on 6.12-stable.
-    assert set(failed) == known_bugs(profile)
+    # Only the known bugs of the profile fail: the SMM family (no
+    # be5fa8737d42 in 6.1.192) on fixed, the CR4.MCE leak on 6.12-stable,
+    # and the catalogue-depth findings.
+    assert set(failed) == known_bugs(profile) - skipped
     assert all(r.startswith("known bug (") and profile in r.split(")")[0]
                for r in failed.values()), failed
-    assert {i.split("/")[0] for i in failed} <= {"smm"}
+    assert {i.split("/")[0] for i in failed} <= {"smm"} | DEPTH_FAMILIES
     # The catalogue cannot tell 6.12-stable from upstream on the model's
     # CPU (both clear EVENTINJ and refuse the RSM): the fingerprint says so.
     assert profile in j.fingerprint(v.values()).split(" or ")
@@ -45,6 +63,7 @@ def test_catalogue_passes(profile):
 
 def test_legacy_fails_exactly_its_known_bugs():
     v = verdicts("legacy")
+    config_skips(v)
     failed = {i for i, x in v.items() if x.verdict in (j.FAIL, j.ERROR)}
     bugs = {c.id: c.profiles["legacy"].known_bug for c in catalogue()
             if "legacy" in c.profiles and c.profiles["legacy"].known_bug
@@ -56,7 +75,8 @@ def test_legacy_fails_exactly_its_known_bugs():
     assert all("GIF left set" in v[i].reason for i in gif)
     # ... and the rest are the INVLPGA and nCR3 bugs measured on 6.1.170 and
     # the SMM family (RSM re-enters L2 without the be5fa8737d42 re-check).
-    assert {i.split("[")[0] for i in set(bugs) - gif} == {
+    depth = {i for i in set(bugs) - gif if i.split("/")[0] in DEPTH_FAMILIES}
+    assert {i.split("[")[0] for i in set(bugs) - gif - depth} == {
         "insn/nosvm-invlpga", "insn/svme0-invlpga", "control/np-ncr3-above-maxphyaddr",
         *(c.id for c in catalogue() if c.family == "smm")}
     assert j.fingerprint(v.values()) == "legacy"
