@@ -44,7 +44,7 @@ def test_actions_parse(text, parsed):
 
 @pytest.mark.parametrize("bad", ["reboot", "irq", "nmi 2", "irq forty", "delete_memory"])
 def test_bad_actions_are_refused_with_a_reason(bad):
-    with pytest.raises(actions.ActionError, match="host action|unknown"):
+    with pytest.raises(actions.ActionError, match=r"host action|unknown"):
         actions.parse(bad)
 
 

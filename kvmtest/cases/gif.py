@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 from .. import params
-from ..case import GIF0, GIF1, NEED_SMM, NEED_SVM, SCRIPT, Case, Expect, exception
+from ..case import GIF0, GIF1, NEED_SMM, NEED_SVM, SCRIPT, Case, Expect
 from ..vmcb import SVM_EXIT_ERR, SVM_EXIT_VMMCALL
 from ._build import GIF_BUG
 

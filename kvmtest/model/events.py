@@ -146,7 +146,7 @@ def _due(m: ModelMachine, shadow: bool = False) -> Deliver | None:
 def _arm(m: ModelMachine) -> None:
     """Watch every instruction while an event waits for STI or IRET."""
     ev = m.events
-    want = m.svm.gif and _blocked_by_instruction(m) or ev.nmi_masked
+    want = (m.svm.gif and _blocked_by_instruction(m)) or ev.nmi_masked
     if want and ev.hook is None:
         ev.prev = None
         ev.hook = m.uc.hook_add(UC_HOOK_CODE, _on_step, m)

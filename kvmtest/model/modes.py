@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 from unicorn import UcError
 from unicorn import x86_const as x86
 
-
 if TYPE_CHECKING:
     from .machine import ModelMachine
 

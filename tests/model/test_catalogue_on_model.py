@@ -105,8 +105,11 @@ def test_pytest_xdist_gives_the_verdicts_of_kvmtest_run(tmp_path):
     for tc in ET.parse(xml).getroot().iter("testcase"):
         case_id = tc.get("name").removeprefix("test_case[")[:-1]
         failed = tc.find("failure") is not None or tc.find("error") is not None
-        outcome[case_id] = ("fail" if failed else
-                            "skip" if tc.find("skipped") is not None else "pass")
+        skipped = tc.find("skipped")
+        # A known bug is a strict xfail (the plugin): kvmtest run says fail.
+        xfail = skipped is not None and skipped.get("type") == "pytest.xfail"
+        outcome[case_id] = ("fail" if failed or xfail else
+                            "skip" if skipped is not None else "pass")
     cli = {c["id"]: {"pass": "pass", "skip": "skip"}.get(c["verdict"], "fail")
            for c in report["cases"]}
     assert outcome == cli
