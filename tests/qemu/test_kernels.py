@@ -21,6 +21,11 @@ FIXED = "debian:linux-image-6.1.0-56-amd64-unsigned"  # 6.1.192
 STABLE_612 = "debian:linux-image-6.12.95+deb12-amd64-unsigned@bookworm-backports"
 
 
+# Catalogue-depth families: their known bugs hold on every kernel measured
+# (docs/findings.md D1-D5), so every kernel fails some of them.
+DEPTH = {"perm", "gif", "singlestep", "unmap", "negative"}
+
+
 def model_verdicts(profile: str) -> dict[str, str]:
     """The model's verdicts, where it runs the case (it has no SMM)."""
     results = run_cases(ModelBackend(profile), catalogue(), None)
@@ -53,8 +58,9 @@ def test_6_1_170_is_legacy(tmp_path, run_qemu_cli):
 def test_6_1_192_is_fixed(tmp_path, run_qemu_cli):
     rc, report = run_qemu_cli(tmp_path, "--kernel", FIXED)
     check_kernel(report, "fixed")
-    # Only SMM known bugs fail: every VMRUN failure keeps the contract.
-    assert all(i.startswith("smm/") for i in known_bugs("fixed"))
+    # Only SMM and catalogue-depth known bugs fail: every VMRUN failure of
+    # the save/control/late families keeps the contract.
+    assert all(i.split("/")[0] in {"smm"} | DEPTH for i in known_bugs("fixed"))
     assert rc == (1 if known_bugs("fixed") else 0)
 
 
@@ -64,4 +70,5 @@ def test_6_12_95_is_6_12_stable(tmp_path, run_qemu_cli):
     rc, report = run_qemu_cli(tmp_path, "--kernel", STABLE_612)
     assert report["fingerprint"] == "6.12-stable"
     check_kernel(report, "6.12-stable")
-    assert known_bugs("6.12-stable") == {"smm/l1-cr4-kept"} and rc == 1
+    bugs = {i for i in known_bugs("6.12-stable") if i.split("/")[0] not in DEPTH}
+    assert bugs == {"smm/l1-cr4-kept"} and rc == 1
