@@ -178,12 +178,11 @@ def run_case(backend: Backend, case: Case, timeout: float = DEFAULT_TIMEOUT) -> 
     with backend.kernel_log() as warnings, backend.machine(payload, svm=svm) as m:
         try:
             prepare_memory(m, case, payload)
-        except PrepareError as e:
-            prepared: str | None = str(e)
-        else:
-            prepared = None
-        if prepared is not None:
-            obs = Observation(outcome=UNEXPECTED_EXIT, detail=prepared)
+            problem = None
+        except PrepareError as e:  # the backend could not set the case up
+            problem = str(e)
+        if problem is not None:
+            obs = Observation(outcome=EMULATION_ERROR, detail=problem)
         elif case.scenario == SET_NESTED_STATE:
             obs = set_nested_state(m, case, payload, timeout)
         elif case.scenario in (VMRUN, INSN, SCRIPT):
