@@ -67,3 +67,23 @@ def test_refused_action_ends_the_case(real_kvm, model):
     for backend in (real_kvm["backend"], model):
         obs = run_case(backend, case)
         assert obs.outcome == "action_failed" and "errno 22" in obs.detail, backend.name
+
+
+def test_guest_debug_single_step_binding(real_kvm):
+    """KVM_SET_GUEST_DEBUG single-step: each KVM_RUN stops after one guest
+    instruction with KVM_EXIT_DEBUG (#DB, DR6.BS), the host's own stepping
+    (for a fuzzer stopping right after an emulated instruction such as RSM)."""
+    from kvmtest.exits import DebugExit
+    from kvmtest.kvm import lib
+
+    backend = real_kvm["backend"]
+    if not backend.kvm.check_extension(lib.KVM_CAP_SET_GUEST_DEBUG):
+        pytest.skip("host KVM lacks KVM_CAP_SET_GUEST_DEBUG")
+    ping = load_payload("ping")
+    with backend.machine(ping, svm=False) as m:
+        m.touched_nested_state = True  # host debugging must not outlive this VM
+        m.vcpu.set_guest_debug(lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_SINGLESTEP)
+        first, second = m.run(2.0), m.run(2.0)
+        assert isinstance(first, DebugExit) and isinstance(second, DebugExit)
+        assert first.exception == 1 and first.dr6 & 0x4000
+        assert ping.entry < first.pc < second.pc
