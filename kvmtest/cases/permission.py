@@ -101,11 +101,40 @@ def cases() -> Iterator[Case]:
         real = f"perm/{insn}-real-mode"
         yield _case(real, insn, params.PERM_REAL, exception(UD, f"perm16_{insn}"),
                     f"{APM}: #UD outside protected mode (checked before the intercept)")
+    yield from _vgif_svme0_cases()
     yield _case("negative/perm-vmmcall-real-mode", "vmmcall", params.PERM_REAL, NO_FAULT,
                 "negative control of perm/*-real-mode: VMMCALL has no mode check (APM vol. "
                 "2 15.18) and KVM handles it (kvm_emulate_hypercall): the real-mode path "
                 "reaches the instruction site and reports", "negative",
                 control_of="perm/vmrun-real-mode")
+
+
+# With vGIF, 6.1 and 6.12 never intercept STGI/CLGI (svm.c init_vmcb clears
+# both when vgif is on): the CPU runs them, and the CPU only ever sees
+# EFER.SVME=1 (KVM keeps it set in the VMCB), so L1 with EFER.SVME=0 gets no
+# #UD.  7.3.4 intercepts both while EFER.SVME=0
+# (svm_recalc_instruction_intercepts), but svm_set_gif(svm, true) drops the
+# STGI intercept again when vgif is on: STGI still runs.  Measured on
+# 6.1.192, 6.12.117 and 7.3.4 (docs/findings.md D6).
+def _vgif_svme0_cases() -> Iterator[Case]:
+    bug = ("{insn} without #UD while EFER.SVME=0: with vGIF KVM leaves it to the CPU, "
+           "which sees KVM's EFER.SVME=1")
+    for insn in ("stgi", "clgi"):
+        ud = exception(UD, f"perm64_{insn}")
+        early = Expect("no_fault", known_bug=bug.format(insn=insn.upper()))
+        fixed_7 = early if insn == "stgi" else ud
+        bad = f"perm/{insn}-svme0-vgif"
+        p = {"flags": params.PF_SET_HSAVE, "insn": params.INSNS.index(insn),
+             "mode": params.PERM_CPL0, "vmrun_rax": layout.VMCB12_GPA,
+             "hsave_pa": layout.HSAVE_GPA}
+        common = dict(scenario=INSN, payload="perm", needs=frozenset({NEED_SVM, NEED_VGIF}))
+        yield Case(id=bad, family="perm", expect=ud, params=p,
+                   profiles={"legacy": early, "fixed": early, "7.x": fixed_7},
+                   source=f"{APM}: #UD with EFER.SVME=0; KVM svm.c init_vmcb (vgif), "
+                   "svm_recalc_instruction_intercepts, svm_set_gif", **common)
+        yield Case(id=f"negative/perm-{insn}-svme1-vgif", family="negative",
+                   expect=NO_FAULT, params={**p, "flags": ENABLED},
+                   source=f"negative control of {bad}: EFER.SVME=1", control_of=bad, **common)
 
 
 def smm_cases() -> Iterator[Case]:
