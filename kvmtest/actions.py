@@ -11,6 +11,12 @@ Actions are plain text so cases stay data (and fuzzers can generate them):
     delete_memory GPA   delete the extra memslot at GPA (Case.extra_memory)
     nested_roundtrip    KVM_GET_NESTED_STATE, then KVM_SET_NESTED_STATE of the same
                         state; the flags and vmcb_pa read back must not change
+    nested_gif1         KVM_SET_NESTED_STATE with exactly GIF_SET (no guest mode),
+                        as a VMM restoring a vCPU outside guest mode does
+    efer_svme 0|1       KVM_SET_SREGS: EFER.SVME cleared or set by the host
+
+Stage params.STAGE_BEFORE_L1 (0) runs its actions before L1's first
+instruction.
 
 Each returns "" when it worked, else a one-line reason (the kernel's errno);
 runner.drive ends the case there with outcome ACTION_FAILED.
@@ -23,11 +29,13 @@ import os
 
 from . import layout
 from .backends.base import Machine
+from .nested_request import FORMAT_SVM, GIF_SET, HEADER_SIZE, NestedBlob
 from .payloads import Payload, PayloadError
 
 SMBASE = layout.SMRAM_GPA  # KVM's reset value
 SMI_HANDLER_GPA = SMBASE + 0x8000
-VERBS = ("irq", "nmi", "nmi_masked", "smi", "delete_memory", "nested_roundtrip")
+VERBS = ("irq", "nmi", "nmi_masked", "smi", "delete_memory", "nested_roundtrip",
+         "nested_gif1", "efer_svme")
 
 
 class ActionError(ValueError):
@@ -38,7 +46,7 @@ def parse(action: str) -> tuple[str, int | None]:
     verb, _, arg = action.partition(" ")
     if verb not in VERBS:
         raise ActionError(f"unknown host action {action!r} (known: {', '.join(VERBS)})")
-    needs_arg = verb in ("irq", "delete_memory")
+    needs_arg = verb in ("irq", "delete_memory", "efer_svme")
     if needs_arg != bool(arg):
         raise ActionError(f"host action {action!r}: {verb} takes "
                           f"{'one integer' if needs_arg else 'no'} argument")
@@ -80,6 +88,12 @@ def perform(m: Machine, payload: Payload, action: str) -> str:
     if verb == "delete_memory":
         e = m.delete_memory(arg)  # type: ignore[arg-type]
         return _err("KVM_SET_USER_MEMORY_REGION (delete)", e) if e else ""
+    if verb == "nested_gif1":
+        e = m.set_nested(NestedBlob(GIF_SET, FORMAT_SVM, HEADER_SIZE, 0, b""))
+        return _err("KVM_SET_NESTED_STATE (GIF_SET)", e) if e else ""
+    if verb == "efer_svme":
+        e = m.set_efer_svme(bool(arg))
+        return _err("KVM_SET_SREGS (EFER.SVME)", e) if e else ""
     return nested_roundtrip(m)
 
 

@@ -62,6 +62,7 @@ LOG_DB = 5
 LOG_DR6 = 6  # value: DR6 & LOG_DR6_MASK when the #DB was taken
 LOG_DR6_MASK = 0xE00F  # BD, BS, BT, B0..B3
 # Host actions on a SYNC (kvmtest/actions.py): the stage tags payloads use.
+STAGE_BEFORE_L1 = 0  # not a SYNC: the host's actions before L1's first instruction
 STAGE_HOST_ACTION = 0x4841  # "HA": L1 asks the host for the case's action(s)
 STAGE_L2_PAUSE = 0x4C32  # "L2": L2 stops for the host, then VMMCALLs
 STAGE_SMM = 0x534D4D  # an SMM handler stops for the host before RSM

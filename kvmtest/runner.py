@@ -88,6 +88,9 @@ def _host_actions(m: Machine, case: Case, payload: Payload, stage: int,
 def drive(m: Machine, case: Case, payload: Payload, timeout: float) -> Observation:
     """Run L1 until DONE, an exception report, or something that ends the case."""
     obs = Observation(outcome=UNEXPECTED_EXIT)
+    if params.STAGE_BEFORE_L1 in case.on_sync and not _host_actions(
+            m, case, payload, params.STAGE_BEFORE_L1, obs):
+        return obs
     for _ in range(MAX_EXITS):
         ex = m.run(timeout)
         if isinstance(ex, InterruptedExit):  # a stray signal, not the guest: go on

@@ -77,6 +77,10 @@ class Machine(Protocol):
         (0, "") or (errno, the ioctl that refused it)."""
         ...
 
+    def set_efer_svme(self, on: bool) -> int:
+        """KVM_SET_SREGS with EFER.SVME set or cleared (the host's write)."""
+        ...
+
     def leave_smm(self) -> int:
         """KVM_SET_VCPU_EVENTS: take the vCPU out of SMM (after prepare_nested)."""
         ...

@@ -328,6 +328,16 @@ class KvmMachine:
         ev.smi.pending = 0
         self.vcpu.set_vcpu_events(ev)
 
+    def set_efer_svme(self, on: bool) -> int:
+        self.touched_nested_state = True
+
+        def write() -> None:
+            sregs = self.vcpu.get_sregs()
+            sregs.efer = (sregs.efer | layout.EFER_SVME) if on else (
+                sregs.efer & ~layout.EFER_SVME)
+            self.vcpu.set_sregs(sregs)
+        return self._events_call(write)
+
     def leave_smm(self) -> int:
         return self._events_call(lambda: self._set_smm(False))
 

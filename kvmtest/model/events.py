@@ -217,9 +217,9 @@ def around_svm(m: ModelMachine, insn: str) -> Raise | VmExit | Exit | None:
             return Raise(UD)
         if m.cpl:
             return Raise(GP, 0)
-        clgi_kept = (insn == "clgi" and not svm.svme
-                     and svm.profile.vgif_intercepts_clgi_without_svme)
-        if m.vgif and insn in ("stgi", "clgi") and not clgi_kept and not _window_wanted(m):
+        kept = (not svm.svme and svm.profile.vgif_svme0_intercepts
+                and not (insn == "stgi" and m.vgif_stgi_dropped))
+        if m.vgif and insn in ("stgi", "clgi") and not kept and not _window_wanted(m):
             # vGIF: KVM leaves STGI/CLGI to the CPU (init_vmcb clears their
             # intercepts) unless it waits for GIF to deliver an event
             # (svm_enable_irq_window/nmi/smi: INTERCEPT_STGI).

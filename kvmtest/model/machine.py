@@ -171,6 +171,7 @@ class ModelMachine:
         self.smm = smm.SmmState()
         self.events = events.EventState()
         self.vgif = False  # kvm_amd vgif=1: STGI/CLGI left to the CPU (backend sets it)
+        self.vgif_stgi_dropped = False  # 7.x: svm_set_gif(true) cleared the STGI intercept
         # Extra memslots (add_memory): GPA -> size; deleted ones keep their
         # last contents for the host (delete_memory).
         self._extra: dict[int, int] = {}
@@ -255,6 +256,7 @@ class ModelMachine:
         self.smm = smm.SmmState()
         events.disarm(self)
         self.events = events.EventState()
+        self.vgif_stgi_dropped = False
         for gpa, size in self._extra.items():
             self.uc.mem_unmap(gpa, size)
         self._extra.clear()
@@ -338,6 +340,9 @@ class ModelMachine:
 
     def prepare_nested(self, prep: HostPrep) -> tuple[int, str]:
         return nested.prepare(self, prep)
+
+    def set_efer_svme(self, on: bool) -> int:
+        return nested.set_efer_svme(self, on)
 
     def leave_smm(self) -> int:
         self.smm.active = False

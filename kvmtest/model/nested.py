@@ -59,6 +59,20 @@ def prepare(m: ModelMachine, prep: HostPrep) -> tuple[int, str]:
     return 0, ""
 
 
+def set_efer_svme(m: ModelMachine, on: bool) -> int:
+    """KVM_SET_SREGS changing only EFER.SVME: kvm_set_efer -> svm_set_efer,
+    whose KVM_REQ_RECALC_INTERCEPTS (7.x) re-decides STGI/CLGI."""
+    svm = m.svm
+    if on and not svm.svm_in_cpuid:
+        return EINVAL
+    efer = m.hw_efer | (layout.EFER_SVME if on else 0)
+    if bool(on) != svm.svme:
+        if svm._set_efer(efer) is not None:
+            return EINVAL
+        m.vgif_stgi_dropped = False
+    return 0
+
+
 def set_state(m: ModelMachine, blob: NestedBlob) -> int:
     svm, profile = m.svm, m.svm.profile
     # x86.c
@@ -78,6 +92,8 @@ def set_state(m: ModelMachine, blob: NestedBlob) -> int:
     if not blob.flags & GUEST_MODE:
         svm._leave_nested()
         svm.gif = bool(blob.flags & GIF_SET)
+        if svm.gif and not svm.svme:
+            m.vgif_stgi_dropped = True  # 7.x svm_set_gif(true): STGI intercept cleared
         return 0
     if blob.vmcb_pa & 0xFFF or not cpuid.legal_gpa(blob.vmcb_pa):  # page_address_valid
         return EINVAL

@@ -117,10 +117,12 @@ class Profile:
     nested_state_svme0_gif0: bool = False
     # svm_set_nested_state(): L1's EFER.LMA without EFER.LME refused (7.x).
     nested_state_lma_needs_lme: bool = False
-    # With vGIF and EFER.SVME=0, CLGI stays intercepted (7.x
-    # svm_recalc_instruction_intercepts); STGI's intercept is dropped again
-    # by svm_set_gif(true) on every kernel, so the CPU runs it.
-    vgif_intercepts_clgi_without_svme: bool = False
+    # With vGIF and EFER.SVME=0, STGI and CLGI are intercepted (7.x
+    # svm_recalc_instruction_intercepts, on each EFER.SVME change); older
+    # kernels never intercept them with vGIF.  7.x's svm_set_gif(svm, true)
+    # drops the STGI intercept again (model: nested.py, the host's
+    # KVM_SET_NESTED_STATE with GIF_SET is the path the catalogue takes).
+    vgif_svme0_intercepts: bool = False
 
     def describe(self) -> dict[str, str]:
         return {f.name: str(getattr(self, f.name)) for f in fields(self)}
@@ -186,7 +188,7 @@ V7 = replace(
     unmappable_vmcb12_at_vmexit="triple_fault",
     nested_state_svme0_gif0=True,
     nested_state_lma_needs_lme=True,
-    vgif_intercepts_clgi_without_svme=True,
+    vgif_svme0_intercepts=True,
 )
 
 PROFILES: dict[str, Profile] = {p.name: p for p in (LEGACY, FIXED, STABLE_612, V7)}
