@@ -14,6 +14,8 @@ Actions are plain text so cases stay data (and fuzzers can generate them):
     nested_gif1         KVM_SET_NESTED_STATE with exactly GIF_SET (no guest mode),
                         as a VMM restoring a vCPU outside guest mode does
     efer_svme 0|1       KVM_SET_SREGS: EFER.SVME cleared or set by the host
+    step                run one guest instruction (KVM_SET_GUEST_DEBUG single-step):
+                        KVM handles its pending requests on that entry
 
 Stage params.STAGE_BEFORE_L1 (0) runs its actions before L1's first
 instruction.
@@ -35,7 +37,7 @@ from .payloads import Payload, PayloadError
 SMBASE = layout.SMRAM_GPA  # KVM's reset value
 SMI_HANDLER_GPA = SMBASE + 0x8000
 VERBS = ("irq", "nmi", "nmi_masked", "smi", "delete_memory", "nested_roundtrip",
-         "nested_gif1", "efer_svme")
+         "nested_gif1", "efer_svme", "step")
 
 
 class ActionError(ValueError):
@@ -94,6 +96,8 @@ def perform(m: Machine, payload: Payload, action: str) -> str:
     if verb == "efer_svme":
         e = m.set_efer_svme(bool(arg))
         return _err("KVM_SET_SREGS (EFER.SVME)", e) if e else ""
+    if verb == "step":
+        return m.step()
     return nested_roundtrip(m)
 
 

@@ -23,12 +23,15 @@ START = ("mark@before_vmrun",)
 TAIL = ("mark@after_vmrun", "mark@after_sti", "mark@after_stgi")
 
 
-def events_case(name: str, actions: tuple[str, ...], mode: int = 0, **kw) -> Case:
+def events_case(name: str, actions: tuple[str, ...], mode: int = 0,
+                on_sync_before: tuple[str, ...] = (), **kw) -> Case:
+    on_sync = {params.STAGE_HOST_ACTION: actions}
+    if on_sync_before:
+        on_sync[params.STAGE_BEFORE_L1] = on_sync_before
     return Case(id=f"test/{name}", family="test", scenario=SCRIPT, payload="events",
                 expect=Expect("log"), source="tests/test_events_kvm.py",
                 params={"flags": 0, "mode": params.EV_NO_SVM | mode},
-                on_sync={params.STAGE_HOST_ACTION: actions}, needs=frozenset({NEED_NO_SVM}),
-                **kw)
+                on_sync=on_sync, needs=frozenset({NEED_NO_SVM}), **kw)
 
 
 CASES = {
@@ -38,6 +41,8 @@ CASES = {
     # POPF sets TF; the trap comes after the next instruction (the JMP).
     "tf": (events_case("tf", (), params.EV_TF),
            (*START, "db@after_vmrun", "dr6=0x4000", *TAIL)),
+    # The host single-steps L1's first instruction before it runs.
+    "step": (events_case("step", (), on_sync_before=("step",)), (*START, *TAIL)),
     # An extra memslot at 512 MiB, deleted while L1 waits: L1 does not touch
     # it, the host still reads what it held.
     "memslot": (events_case("memslot", ("delete_memory 0x20000000",),

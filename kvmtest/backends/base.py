@@ -81,6 +81,10 @@ class Machine(Protocol):
         """KVM_SET_SREGS with EFER.SVME set or cleared (the host's write)."""
         ...
 
+    def step(self) -> str:
+        """Run exactly one guest instruction; "" or why not."""
+        ...
+
     def leave_smm(self) -> int:
         """KVM_SET_VCPU_EVENTS: take the vCPU out of SMM (after prepare_nested)."""
         ...

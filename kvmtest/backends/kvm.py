@@ -14,7 +14,7 @@ import platform
 from collections.abc import Iterator
 
 from .. import kmsg, l1, layout, ucall
-from ..exits import Exit, IoExit, IrqWindowExit
+from ..exits import DebugExit, Exit, IoExit, IrqWindowExit
 from ..info import host_vendor, kvm_module
 from ..kvm import (
     DEV_KVM,
@@ -84,6 +84,8 @@ def _set_segment(seg, s: l1.Segment) -> None:
         s.present, s.dpl, s.db, s.s, s.l, s.g, s.avl)
     seg.unusable = s.unusable
 
+
+DEFAULT_STEP_TIMEOUT = 2.0  # one guest instruction under the host's single-step
 
 # Everything below the payload that a case can write (tables, ucall/params,
 # HSAVE, VMCB12s, bitmaps, stacks, SMRAM), wiped when a vCPU is reused.
@@ -337,6 +339,19 @@ class KvmMachine:
                 sregs.efer & ~layout.EFER_SVME)
             self.vcpu.set_sregs(sregs)
         return self._events_call(write)
+
+    def step(self) -> str:
+        self.touched_nested_state = True
+        debug = lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_SINGLESTEP
+        try:
+            self.vcpu.set_guest_debug(debug)
+            try:  # its own deadline: the case's is armed by its first run()
+                self.last_exit = ex = self.vcpu.run(DEFAULT_STEP_TIMEOUT)
+            finally:
+                self.vcpu.set_guest_debug(0)
+        except KvmError as e:
+            return str(e)
+        return "" if isinstance(ex, DebugExit) else f"single-step ended with {ex!r}"
 
     def leave_smm(self) -> int:
         return self._events_call(lambda: self._set_smm(False))

@@ -118,8 +118,10 @@ def cases() -> Iterator[Case]:
 # with KVM_SET_NESTED_STATE(GIF_SET).  The KVM state before L1 runs is set by
 # the host first (STAGE_BEFORE_L1), so that it does not depend on which case
 # the VM ran before.  Measured on 6.1.170 .. 7.3.4 (docs/findings.md D6).
-FRESH = ("efer_svme 1", "efer_svme 0")  # an EFER.SVME change: intercepts recalculated
-RESTORED = (*FRESH, "nested_gif1")  # then the host restores GIF=1
+# An EFER.SVME change requests the recalculation, one guest instruction lets
+# KVM do it (L1's first: l1_entry's MOV to RSP), then GIF=1 is restored.
+FRESH = ("efer_svme 1", "efer_svme 0")
+RESTORED = (*FRESH, "step", "nested_gif1")
 
 
 def _vgif_svme0_cases() -> Iterator[Case]:

@@ -344,6 +344,30 @@ class ModelMachine:
     def set_efer_svme(self, on: bool) -> int:
         return nested.set_efer_svme(self, on)
 
+    def step(self) -> str:
+        """One instruction Unicorn runs itself (a model event in it -- an SVM
+        instruction, I/O, a fault -- is not modelled for a host step)."""
+        # As KVM steps for the host: RFLAGS.TF for one instruction, the #DB
+        # taken by the host (Unicorn's trap reaches _on_intr), TF and DR6 put
+        # back as the guest had them.
+        uc = self.uc
+        rflags, dr6 = uc.reg_read(x86.UC_X86_REG_RFLAGS), uc.reg_read(x86.UC_X86_REG_DR6)
+        self._event = None
+        uc.reg_write(x86.UC_X86_REG_RFLAGS, rflags | RFLAGS_TF)
+        try:
+            uc.emu_start(self.rip, UNTIL)
+        except UcError as e:
+            return f"model step: {e}"
+        finally:
+            uc.reg_write(x86.UC_X86_REG_RFLAGS,
+                         (uc.reg_read(x86.UC_X86_REG_RFLAGS) & ~RFLAGS_TF) | (rflags & RFLAGS_TF))
+            uc.reg_write(x86.UC_X86_REG_DR6, dr6)
+        if self._event is None or self._event[:2] != ("intr", 1) or self._parked is not None:
+            self._resume_blocked = "a host single-step into a model event (not modelled)"
+            return self._resume_blocked
+        self._event = None
+        return ""
+
     def leave_smm(self) -> int:
         self.smm.active = False
         return 0
