@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from . import layout, params
+from . import cpuid_features, layout, params
 
 # GIF modes for VMRUN cases: GIF=1 at VMRUN (as after reset) or CLGI first.
 GIF1 = "gif1"
@@ -135,13 +135,18 @@ class Case:
     profiles: Mapping[str, Expect] = field(default_factory=dict)
     # The case it is the negative control of (same VMCB minus the defect).
     control_of: str | None = None
+    # Guest CPUID feature bits forced on (True) or off (False) on top of the
+    # backend's guest CPUID (names: kvmtest.cpuid_features), for checks
+    # whose legality follows the guest CPUID.
+    cpuid: Mapping[str, bool] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("params", "vmcb", "memory", "profiles", "smm_vmcb"):
+        for name in ("params", "vmcb", "memory", "profiles", "smm_vmcb", "cpuid"):
             object.__setattr__(self, name, _frozen(getattr(self, name)))
         unknown = set(self.params) - set(params.PARAMS)
         if unknown:
             raise ValueError(f"{self.id}: unknown params {sorted(unknown)}")
+        cpuid_features.check(self.cpuid)
 
     @property
     def configs(self) -> list[str]:

@@ -58,20 +58,23 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def _backend_options(args: argparse.Namespace) -> dict:
-    if args.backend != "qemu":
-        for opt in ("kernel", "modules", "kvm_modules", "cpu", "kvm_amd_param", "artifacts"):
-            if getattr(args, opt, None):
-                raise CliError(f"--{opt.replace('_', '-')} needs --backend qemu", EXIT_USAGE)
-        return {}
-    if not args.kernel:
-        raise CliError("--backend qemu needs --kernel SPEC (e.g. debian:"
-                       "linux-image-6.1.0-56-amd64-unsigned)", EXIT_USAGE)
     params = {}
-    for p in args.kvm_amd_param or []:
+    for p in getattr(args, "kvm_amd_param", None) or []:
         name, eq, value = p.partition("=")
         if not eq or not name:
             raise CliError(f"--kvm-amd-param wants NAME=VALUE, not {p!r}", EXIT_USAGE)
         params[name] = value
+    if args.backend != "qemu":
+        for opt in ("kernel", "modules", "kvm_modules", "cpu", "artifacts"):
+            if getattr(args, opt, None):
+                raise CliError(f"--{opt.replace('_', '-')} needs --backend qemu", EXIT_USAGE)
+        if params and args.backend != "model":
+            # The kvm backend tests the kvm_amd that is loaded, as it is loaded.
+            raise CliError("--kvm-amd-param needs --backend qemu or model", EXIT_USAGE)
+        return {"kvm_amd_params": params} if params else {}
+    if not args.kernel:
+        raise CliError("--backend qemu needs --kernel SPEC (e.g. debian:"
+                       "linux-image-6.1.0-56-amd64-unsigned)", EXIT_USAGE)
     return {"kernel": args.kernel, "modules": args.modules, "kvm_modules": args.kvm_modules,
             "cpu": args.cpu, "kvm_amd_params": params, "artifacts": args.artifacts}
 
@@ -163,7 +166,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu", default=None,
                    help="qemu: CPU model (default: EPYC under TCG, host with -enable-kvm)")
     p.add_argument("--kvm-amd-param", action="append", metavar="NAME=VALUE",
-                   help="qemu: extra kvm_amd parameter (nested=1 is always set)")
+                   help="qemu: extra kvm_amd parameter (nested=1 is always set); "
+                   "model: the parameters to emulate (npt, vgif, vls)")
     p.add_argument("--artifacts", metavar="DIR", help="qemu: keep console and logs here")
 
 

@@ -53,7 +53,8 @@ def config_capabilities(params: dict[str, str]) -> dict[str, str | None]:
         NEED_VGIF: None if vgif else (
             f"{where}: vgif={params.get('vgif', '?')}: no virtual GIF "
             "(run with --cpu EPYC,+vgif under QEMU, or on a CPU with vGIF)"),
-        NEED_NO_VGIF: None if vgif is False else (
+        # No kvm_amd (another vendor's KVM) means no virtual GIF either.
+        NEED_NO_VGIF: None if not vgif else (
             f"{where}: vgif={params.get('vgif', '?')}: this case needs STGI/CLGI "
             "intercepted (run with --kvm-amd-param vgif=0)"),
     }

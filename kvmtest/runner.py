@@ -137,7 +137,10 @@ def set_nested_state(m: Machine, case: Case, payload: Payload, timeout: float) -
 def run_case(backend: Backend, case: Case, timeout: float = DEFAULT_TIMEOUT) -> Observation:
     payload = load_payload(case.payload)
     svm = NEED_SVM in case.needs
-    with backend.kernel_log() as warnings, backend.machine(payload, svm=svm) as m:
+    # Only a case that changes the guest CPUID passes cpuid= (other backends
+    # need not know the keyword).
+    extra = {"cpuid": case.cpuid} if case.cpuid else {}
+    with backend.kernel_log() as warnings, backend.machine(payload, svm=svm, **extra) as m:
         prepare_memory(m, case, payload)
         if case.scenario == SET_NESTED_STATE:
             obs = set_nested_state(m, case, payload, timeout)

@@ -66,6 +66,8 @@ from ..observation import NestedView
 from ..payloads import Payload
 from ..vmcb import Vmcb
 from . import paging, smm
+from .cpuid import GuestCpu
+from .hwstate import HostConfig
 from .profiles import Profile
 from .svm import NestedSvm, Raise, VmExit
 from .unicorn_fixups import OldExceptionReset
@@ -147,7 +149,8 @@ def _descriptor(attrib: int, base: int, limit: int) -> int:
 class ModelMachine:
     """Implements backends.base.Machine for one payload; reused across cases."""
 
-    def __init__(self, payload: Payload, profile: Profile, timer: str = TIMER_WATCHDOG) -> None:
+    def __init__(self, payload: Payload, profile: Profile, timer: str = TIMER_WATCHDOG,
+                 host: HostConfig | None = None) -> None:
         if timer not in (TIMER_WATCHDOG, TIMER_UNICORN):
             raise ValueError(f"timer must be {TIMER_WATCHDOG!r} or {TIMER_UNICORN!r}")
         self.payload = payload
@@ -173,7 +176,8 @@ class ModelMachine:
         self._initial = self.uc.context_save()
         self._reset_old_exception = OldExceptionReset(self.uc)
         self._watchdog = Watchdog(self.uc.emu_stop) if timer == TIMER_WATCHDOG else None
-        self.svm = NestedSvm(self, profile, svm_in_cpuid=True)
+        self.host = host or HostConfig()
+        self.svm = NestedSvm(self, profile, GuestCpu.build(svm=True), self.host)
 
     # ---- setup -----------------------------------------------------------
 
@@ -234,7 +238,8 @@ class ModelMachine:
 
     # ---- per-case reset --------------------------------------------------
 
-    def reset(self, profile: Profile, svm_in_cpuid: bool) -> None:
+    def reset(self, profile: Profile, svm_in_cpuid: bool,
+              cpuid: dict[str, bool] | None = None) -> None:
         """Back to the state right after construction: the same case then
         gives byte-identical observations (nothing survives but the TB cache)."""
         self.uc.context_restore(self._initial)
@@ -245,7 +250,7 @@ class ModelMachine:
         self._parked = None
         self._resume_blocked = None
         self.smm = smm.SmmState()
-        self.svm = NestedSvm(self, profile, svm_in_cpuid=svm_in_cpuid)
+        self.svm = NestedSvm(self, profile, GuestCpu.build(svm_in_cpuid, cpuid), self.host)
 
     def close(self) -> None:
         if self._watchdog is not None:

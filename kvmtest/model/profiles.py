@@ -98,6 +98,18 @@ class Profile:
     # on Debian 6.1.170, 6.1.192 and 6.12.95; Linux 7.1 not measured, so the
     # upstream profile keeps the contract (L1's CR4 intact).
     smi_leaks_cr4_mce: bool = True
+    # kvm_amd npt=0 (no NPT in L1's CPUID): NP_ENABLE in VMCB12 fails the
+    # consistency checks up to 6.12 (__nested_vmcb_check_controls:
+    # NP_ENABLE && !npt_enabled); Linux 7.x clears it when copying VMCB12's
+    # controls to its cache instead, and L2 runs without nested paging.
+    np_without_npt_rejected: bool = True
+    # Under vGIF (vls) KVM stops intercepting STGI/CLGI (VMLOAD/VMSAVE) in
+    # init_vmcb(), so the CPU -- which always sees EFER.SVME=1, svm_set_efer()
+    # -- runs them without the #UD EFER.SVME=0 calls for.  Linux 7.x
+    # intercepts them again while L1's EFER.SVME is clear
+    # (svm_recalc_instruction_intercepts, "KVM: SVM: Recalc instructions
+    # intercepts when EFER.SVME is toggled").
+    svme0_reintercepts: bool = False
 
     def describe(self) -> dict[str, str]:
         return {f.name: str(getattr(self, f.name)) for f in fields(self)}
@@ -158,6 +170,8 @@ V7 = replace(
     unbacked_ncr3=NCR3_NPF,
     late_failure_writes_save_area=False,
     smi_leaks_cr4_mce=False,  # not measured on 7.1: the contract
+    np_without_npt_rejected=False,
+    svme0_reintercepts=True,
 )
 
 PROFILES: dict[str, Profile] = {p.name: p for p in (LEGACY, FIXED, STABLE_612, V7)}
