@@ -32,7 +32,12 @@ NEED_NPT = "npt"  # kvm_amd npt=1: L1 may set NP_ENABLE
 NEED_NO_NPT = "no_npt"  # kvm_amd npt=0: L1 runs on shadow paging
 NEED_VGIF = "vgif"  # vGIF on: STGI/CLGI not intercepted
 NEED_NO_VGIF = "no_vgif"  # vGIF off
-CONFIG_NEEDS = (NEED_NPT, NEED_NO_NPT, NEED_VGIF, NEED_NO_VGIF)
+NEED_VLS = "vls"  # virtual VMLOAD/VMSAVE on: VMLOAD/VMSAVE not intercepted
+NEED_NO_VLS = "no_vls"  # vls off
+# The CPU model (--cpu) is part of the configuration too.
+NEED_CPU_PCID = "cpu_pcid"  # the CPU has PCID (CR4.PCIDE can reach hardware)
+CONFIG_NEEDS = (NEED_NPT, NEED_NO_NPT, NEED_VGIF, NEED_NO_VGIF, NEED_VLS, NEED_NO_VLS,
+                NEED_CPU_PCID)
 
 
 @dataclass(frozen=True)
@@ -72,24 +77,40 @@ class Expect:
     # CR4 bits L1 finds set after the #VMEXIT that it did not set (a bug's
     # signature; 0 = L1's CR4 intact, as the contract says).
     l1_cr4_gained: int = 0
+    # The event L2 takes through its own IDT (cases with PF_L2_IDT):
+    # (vector, error code pushed or None for none, or ANY_ERROR_CODE when
+    # the CPU model decides); None: no event may reach L2.
+    l2_event: tuple[int, int | None] | None = None
+    # EXITINTINFO[31:0] a successful #VMEXIT must write (None: V=0, no event
+    # was being delivered).
+    exit_int_info: int | None = None
 
     def describe(self) -> str:
-        if self.kind == "vmexit":
+        if self.kind == "vmexit" and self.l2_event is None:
             return f"vmexit {self.exit_code:#x}"
         if self.kind == "exception":
             ec = "" if self.error_code is None else f" ec={self.error_code:#x}"
             return f"{_VECTOR_NAMES.get(self.vector or 0, self.vector)}{ec} at {self.at}"
         text = self.kind.replace("_", " ")
+        if self.kind == "vmexit":
+            text = f"vmexit {self.exit_code:#x}"
         if self.kind == "no_fault" and self.exit_code is not None:
             text += f", then vmexit {self.exit_code:#x}"
         if self.known_bug:
             text += f" (bug: {self.known_bug})"
         if self.event_inj_cleared is not None:
             text += ", EVENTINJ " + ("cleared" if self.event_inj_cleared else "kept")
+        if self.l2_event is not None:
+            vec, err = self.l2_event
+            text += f", L2 takes vector {vec:#x}" + (
+                "" if err == ANY_ERROR_CODE else " without error code" if err is None
+                else f" ec={err:#x}")
         return text
 
 
 _VECTOR_NAMES = {0: "#DE", 6: "#UD", 13: "#GP", 14: "#PF", 8: "#DF"}
+# l2_event error code: pushed or not is the CPU's choice (see cases/eventinj.py).
+ANY_ERROR_CODE = -1
 
 VMEXIT_INVALID = Expect("vmexit_invalid")
 VMEXIT_INVALID_HW = Expect("vmexit_invalid", hw_checked=True)

@@ -52,6 +52,8 @@ def _read_vmcb12(m: Machine, obs: Observation) -> None:
     obs.exit_info_2 = v["exit_info_2"]
     obs.exit_int_info = v["exit_int_info"]
     obs.event_inj = v["event_inj"]
+    obs.int_ctl = v["int_ctl"]
+    obs.tlb_ctl = v["tlb_ctl"]
 
 
 def _on_sync(m: Machine, case: Case, obs: Observation) -> None:

@@ -14,6 +14,7 @@ import platform
 from collections.abc import Iterator
 
 from .. import cpuid_features, kmsg, l1, layout, ucall
+from ..case import NEED_CPU_PCID
 from ..exits import Exit, IoExit
 from ..info import host_vendor, kvm_module
 from ..kvm import (
@@ -273,7 +274,15 @@ class KvmBackend:
             "smm": None if self.smm_cap else (
                 "host KVM lacks KVM_CAP_X86_SMM (KVM_SMI); use --backend qemu"),
             **config_capabilities(self.kvm_amd_params),
+            NEED_CPU_PCID: None if self._has_feature("pcid") else (
+                "the CPU has no PCID (KVM's supported CPUID); under QEMU run with "
+                "--cpu EPYC,+pcid"),
         }
+
+    def _has_feature(self, name: str) -> bool:
+        f = cpuid_features.FEATURES[name]
+        return any(e.function == f.leaf and e.index == f.subleaf
+                   and getattr(e, f.register) >> f.bit & 1 for e in self.supported)
 
     @contextlib.contextmanager
     def machine(self, payload: Payload, svm: bool,

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 
 import unicorn
 
+from ..case import NEED_CPU_PCID
 from ..kvm_amd import MODEL_DEFAULTS, config_capabilities
 from ..model.cpuid import MAXPHYADDR
 from ..model.hwstate import HostConfig
@@ -58,7 +59,8 @@ class ModelBackend:
     def capabilities(self) -> dict[str, str | None]:
         # SMM (KVM_SMI, RSM): model/smm.py.
         return {"svm": None, "no_svm": None, "nested_state": None, "smm": None,
-                **config_capabilities(self.kvm_amd_params)}
+                **config_capabilities(self.kvm_amd_params),
+                NEED_CPU_PCID: "the model's guest CPU (QEMU's EPYC) has no PCID"}
 
     @contextmanager
     def machine(self, payload: Payload, svm: bool,

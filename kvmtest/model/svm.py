@@ -35,8 +35,9 @@ from ..observation import (
     NestedView,
 )
 from ..vmcb import (
+    EVTINJ_TYPE_EXEPT,
+    EVTINJ_TYPE_NMI,
     EVTINJ_VALID,
-    EVTINJ_VALID_ERR,
     INTERCEPT_HLT,
     INTERCEPT_IOIO_PROT,
     INTERCEPT_MSR_PROT,
@@ -81,6 +82,10 @@ M64 = (1 << 64) - 1
 
 UD = 6
 GP = 13
+EVTINJ_TYPE_MASK = 7 << 8
+# Vectors QEMU's exception delivery pushes an error code for
+# (target/i386/tcg seg_helper.c exception_has_error_code).
+CPU_ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17})
 
 # Intercepts of L1 for L2 (VMCB control words 3 and 4) and their exit codes.
 INSN_INTERCEPTS = {  # insn: (control field, bit, exit code)
@@ -514,15 +519,22 @@ class NestedSvm:
         if (save.long_mode_paging and save.cr4 & layout.CR4_PAE
                 and save.cs_attrib & checks.ATTR_L and save.cs_attrib & checks.ATTR_DB):
             return "CS.L && CS.D with long mode"
-        if checks.event_inj_invalid(self._event_inj & 0xFFFF_FFFF):
+        if checks.cpu_refuses_event(self._event_inj & 0xFFFF_FFFF):
             return "invalid EVENTINJ"
         return None
 
     def _inject_event(self) -> None:
-        """EVENTINJ delivered into L2 on VMRUN; the CPU then clears it."""
+        """EVENTINJ delivered into L2 on VMRUN as the CPU the kernels are
+        measured on does it (QEMU TCG helper_vmrun): NMI takes vector 2
+        whatever VECTOR says; an exception pushes ERRORCODE when its vector
+        has one (8, 10-14, 17), whatever EV says; INTR and software
+        interrupts push none.  The CPU then clears EVENTINJ."""
         ev = self._event_inj
-        vector = ev & 0xFF
-        err = (ev >> 32) & 0xFFFF_FFFF if ev & EVTINJ_VALID_ERR else None
+        kind = ev & EVTINJ_TYPE_MASK
+        vector = 2 if kind == EVTINJ_TYPE_NMI else ev & 0xFF
+        err = None
+        if kind == EVTINJ_TYPE_EXEPT and vector in CPU_ERROR_CODE_VECTORS:
+            err = (ev >> 32) & 0xFFFF_FFFF
         self._event_inj = 0
         if self.m._deliver(vector, err) is not None:
             self.m.raise_exception(8, 0)
