@@ -63,6 +63,10 @@ class Expect:
     # After the #VMEXIT: True = EVENTINJ must read 0, False = must be kept,
     # None = not part of this expectation.
     event_inj_cleared: bool | None = None
+    # After a #VMEXIT from an L2 that took the injected event: EVENTINJ.V
+    # must read 0 (the CPU clears it once the event is delivered, APM 15.20;
+    # the other bits are then meaningless: 6.1 leaves ERRORCODE there).
+    event_inj_taken: bool = False
     # The failure is detected by the CPU's own VMRUN checks and reflected to
     # L1 by KVM (kernels without the software check).  KVM copies the CPU's
     # exit code, and QEMU's TCG writes VMEXIT_INVALID as 32 bits

@@ -72,6 +72,8 @@ def _check_vmexit(obs: o.Observation, want: Expect, case: Case) -> list[str]:
         after = 0 if want.event_inj_cleared else before
         if obs.event_inj != after:
             bad.append(f"EVENTINJ {obs.event_inj:#x} != {after:#x}")
+    if want.event_inj_taken and (obs.event_inj is None or obs.event_inj & EVTINJ_VALID):
+        bad.append(f"EVENTINJ {obs.event_inj or 0:#x} still valid after L2 took the event")
     bad += _check_exit_int_info(obs, want, case)
     if case.scenario == VMRUN:
         bad += _check_control_write_back(obs, case)

@@ -36,6 +36,11 @@ NCR3_BUG = Expect("vmexit", exit_code=SVM_EXIT_SHUTDOWN,
                   "consistency check for nCR3 validity')")
 
 
+# V_INTR_PRIO 3, V_IGN_TPR, V_INTR_MASKING, V_TPR 5; a reserved TLB_CTL
+# encoding that no kernel refuses.
+WRITE_BACK = {"int_ctl": 3 << 16 | 1 << 20 | 1 << 24 | 0x5, "int_vector": 0x41, "tlb_ctl": 0x80}
+
+
 def rows(maxphyaddr: int) -> list[Row]:
     top = 1 << maxphyaddr  # first illegal GPA
     return [
@@ -89,7 +94,15 @@ def rows(maxphyaddr: int) -> list[Row]:
             {"event_inj": EVTINJ_VALID | EVTINJ_TYPE_EXEPT | NMI_VECTOR}, {"event_inj": 0},
             f"{APM_CC} and 15.20: EVENTINJ holds an illegal event; Linux 7.1 nested.c "
             "(EVENTINJ validity)", profiles=SW_CHECK_SINCE_7_1),
-        # Not in the catalogue: a reserved EVENTINJ.TYPE (1).  On 6.1 it is
+        # INT_CTL, INT_VECTOR and TLB_CTL as L1 wrote them must come back after
+        # the #VMEXIT, failed (ASID 0) or not (the control): the CPU only
+        # updates V_TPR/V_IRQ/V_GIF and leaves TLB_CONTROL (APM 15.21,
+        # 15.16.1).  6.1 writes its cached copies back (nested_svm_vmexit),
+        # 7.x masks TLB_CTL in its cache but no longer writes it back.
+        Row("control-write-back", {**WRITE_BACK, "asid": 0}, {**WRITE_BACK, "asid": 1},
+            f"{APM_CC}: the ASID is equal to zero; APM vol. 2 15.21 (INT_CTL), 15.16.1 "
+            "(TLB_CONTROL): L1's values survive the #VMEXIT"),
+        # A reserved EVENTINJ.TYPE: see eventinj.py.  On 6.1 it is
         # sometimes dropped instead of reaching the CPU (svm_cancel_injection()
         # -> svm_complete_interrupts() ignores unknown types), so VMRUN then
         # succeeds: measured once in five runs under TCG, not reproducible.

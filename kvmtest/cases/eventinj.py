@@ -13,7 +13,7 @@ Every case gives L2 its own IDT (PF_L2_IDT: all 256 vectors to
 l2_evt_common, which records the vector, whether an error code was pushed
 and its value, then VMMCALLs), so a delivered event is seen exactly: the
 valid encodings are the negative controls and must reach L2 as encoded,
-with EVENTINJ read back as 0 after the #VMEXIT (the event was taken).
+with EVENTINJ.V read back as 0 after the #VMEXIT (the event was taken).
 
 Determinism: on 6.1 and 6.12 a reserved TYPE reaches the CPU only if KVM
 does not cancel the entry first; svm_cancel_injection() ->
@@ -56,9 +56,9 @@ def ev(kind: int, vector: int, error_code: int | None = None) -> int:
 
 def delivered(vector: int, error_code: int | None) -> Expect:
     """VMRUN succeeds, L2 takes the event, L2's VMMCALL comes back, and the
-    #VMEXIT reports EVENTINJ as taken (V clear: 0)."""
+    #VMEXIT reports EVENTINJ as taken (V clear)."""
     return Expect("vmexit", exit_code=SVM_EXIT_VMMCALL, l2_event=(vector, error_code),
-                  event_inj_cleared=True)
+                  event_inj_taken=True)
 
 
 # Software-checked since 7.x; older kernels leave it to the CPU, whose own

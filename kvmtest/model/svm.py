@@ -568,7 +568,10 @@ class NestedSvm:
         v["exit_info_1"] = ex.exit_info_1
         v["exit_info_2"] = ex.exit_info_2
         if ex.exit_code not in (SVM_EXIT_ERR, SVM_EXIT_ERR & 0xFFFF_FFFF):
-            v["exit_int_info"] = 0  # nested_save_pending_event_to_vmcb12: none pending
+            # nested_save_pending_event_to_vmcb12: none pending.  KVM writes
+            # the u32 exit_int_info only; exit_int_info_err (bits 63:32) keeps
+            # what VMCB12 held.
+            v["exit_int_info"] = v["exit_int_info"] & ~0xFFFF_FFFF
         v["event_inj"] = 0 if self.profile.clear_event_inj_on_vmexit else self._event_inj
         self.m.write_phys(self.vmcb12_gpa, v.to_bytes())
 
