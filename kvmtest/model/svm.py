@@ -53,7 +53,7 @@ from ..vmcb import (
     SVM_EXIT_VMRUN,
     Vmcb,
 )
-from . import checks, cpuid, paging
+from . import checks, cpuid, hwstate, paging
 from .cpuid import GuestCpu
 from .hwstate import HostConfig
 from .profiles import NCR3_NPF, Profile
@@ -162,6 +162,8 @@ class NestedSvm:
         # Saved at VMRUN ("vmcb01"), cached from VMCB12 ("nested.ctl/save").
         self._l1_ctx: object | None = None
         self._l1_cr4_leak = 0  # CR4 bits the next #VMEXIT adds to L1's (SMM in L2)
+        self._l1_efer_leak = 0  # the same for EFER (npt=0: NX, hwstate.hw_efer)
+        self._l1_hw_efer = 0  # L1's EFER when an SMI took it out of L2
         self._l1_svme = False
         self._ctl: Vmcb | None = None
         self._l2_static: dict[str, int] = {}
@@ -535,7 +537,9 @@ class NestedSvm:
         err = None
         if kind == EVTINJ_TYPE_EXEPT and vector in CPU_ERROR_CODE_VECTORS:
             err = (ev >> 32) & 0xFFFF_FFFF
-        self._event_inj = 0
+        # The CPU clears EVENTINJ (the u32 at 0xA8) and leaves EVENTINJ_ERR;
+        # kernels that copy vmcb02's pair back hand L1 the error code.
+        self._event_inj = ev & ~0xFFFF_FFFF
         if self.m._deliver(vector, err) is not None:
             self.m.raise_exception(8, 0)
 
@@ -580,7 +584,10 @@ class NestedSvm:
             self.m.restore_context(self._l1_ctx, keep_gprs=True)
             if self._l1_cr4_leak:
                 self.m.set_reg(x86.UC_X86_REG_CR4, self.m.cr4 | self._l1_cr4_leak)
+            if self._l1_efer_leak:
+                self.m.set_hw_efer(self.m.hw_efer | self._l1_efer_leak)
         self._l1_cr4_leak = 0
+        self._l1_efer_leak = 0
         self.svme = self._l1_svme
         self.guest_mode = False
         self.vmcb12_gpa = 0
@@ -662,7 +669,10 @@ class NestedSvm:
                      "cr4", "rax", "rsp", "rip"):
             v[name] = l1_state[name]
         v["rflags"] = l1_state["rflags"] | 0x2
-        v["efer"] = m.hw_efer | layout.EFER_SVME  # vmcb01: svm_set_efer() always sets SVME
+        # vmcb01 holds KVM's hardware EFER (svm_set_efer: SVME always, NX
+        # with npt=0): that is what HSAVE gets.
+        self._l1_hw_efer = m.hw_efer | layout.EFER_SVME
+        v["efer"] = hwstate.hw_efer(self._l1_hw_efer, self.host.npt)
         v["cpl"] = 0
         m.write_phys(self.hsave_msr, v.to_bytes())
         self._smm_hsave = _vmrun_state(v)
@@ -721,6 +731,12 @@ class NestedSvm:
         self._rsm_vmcb12 = vmcb12
         # vmcb01 came back from HSAVE with KVM's hardware CR4 (MCE set).
         self._l1_cr4_leak = CR4_MCE if self.profile.smi_leaks_cr4_mce else 0
+        # ... and KVM's hardware EFER: with npt=0 svm_set_efer() forces NX
+        # (measured: L1's EFER gains NX on every tier kernel under npt=0).
+        if self.profile.smi_leaks_cr4_mce and self._l1_ctx is not None:
+            l1_efer = self._l1_hw_efer
+            self._l1_efer_leak = hwstate.hw_efer(l1_efer, self.host.npt) & ~l1_efer & ~(
+                layout.EFER_SVME)
         self.vmcb12_gpa = gpa
         self.guest_mode = True
         self.svme = bool(save.efer & layout.EFER_SVME)
