@@ -52,6 +52,8 @@ RESULT = (
     "l2_event_word",
 )
 
+RESULT_BYTES = 8 * len(RESULT)  # for payloads that walk the whole block
+
 STAGE_BEFORE_VMRUN = 1
 STAGE_AFTER_VMRUN = 2
 
