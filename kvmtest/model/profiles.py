@@ -92,12 +92,16 @@ class Profile:
     # vCPU down (be5fa8737d42 "KVM: SVM: check validity of VMCB controls when
     # returning from SMM"; measured: in Debian 6.12.95, not in 6.1.170/6.1.192).
     rsm_checks_vmcb12: bool
-    # An SMI taken in L2 hands L1 KVM's hardware CR4 (CR4.MCE always set):
-    # svm_enter_smm() saves VMCB01's save area to HSAVE, svm_leave_smm()
-    # copies it back and the next #VMEXIT loads L1's CR4 from it.  Measured
-    # on Debian 6.1.170, 6.1.192 and 6.12.95; Linux 7.1 not measured, so the
-    # upstream profile keeps the contract (L1's CR4 intact).
-    smi_leaks_cr4_mce: bool = True
+    # svm_set_efer() taking EFER.SVME from 1 to 0 outside guest mode sets GIF
+    # (6.1.192 and 6.12.117 svm.c: "svm_leave_nested(vcpu); svm_set_gif(svm,
+    # true);"); 7.3.4 only sets it through svm_leave_nested() of a vCPU in
+    # guest mode.  Seen when an SMM handler clears EFER.SVME in L1's saved
+    # state (smm/hsave-l1-efer-svme0).
+    svme_clear_sets_gif: bool = True
+    # VMRUN on a legal GPA no memslot backs: "gp" (kvm_vcpu_map() fails ->
+    # #GP, 6.x) or "internal_error" (7.x: kvm_handle_memory_failure() ->
+    # KVM_EXIT_INTERNAL_ERROR, emulation; kvmtest/cases/insn.py).
+    unbacked_vmcb12: str = "gp"
 
     def describe(self) -> dict[str, str]:
         return {f.name: str(getattr(self, f.name)) for f in fields(self)}
@@ -150,14 +154,16 @@ STABLE_612 = replace(
 V7 = replace(
     STABLE_612,
     name="7.x",
-    kernels="Linux 7.x (to be measured on Debian 7.3.4; content still from the 7.1 sources)",
+    kernels="Debian 7.2.13 (sid) and 7.3.4 (trixie-backports)",
     summary="6.12-stable + EVENTINJ validity checked, TLB_CTL masked, late failures "
-    "before VMCB02 is loaded",
+    "before VMCB02 is loaded, an unbacked VMCB12 handed to userspace, GIF kept "
+    "when EFER.SVME is cleared",
     check_event_inj=True,
     tlb_ctl=TLB_CTL_MASK,
     unbacked_ncr3=NCR3_NPF,
     late_failure_writes_save_area=False,
-    smi_leaks_cr4_mce=False,  # not measured on 7.1: the contract
+    svme_clear_sets_gif=False,
+    unbacked_vmcb12="internal_error",
 )
 
 PROFILES: dict[str, Profile] = {p.name: p for p in (LEGACY, FIXED, STABLE_612, V7)}
