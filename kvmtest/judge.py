@@ -18,7 +18,9 @@ from .payloads import load_payload
 from .vmcb import SVM_EXIT_ERR, SVM_EXIT_VMMCALL
 
 PASS, FAIL, ERROR, SKIP = "pass", "fail", "error", "skip"
-# Oldest first.  6.12-stable: measured on Debian 6.12.95 (bookworm-backports).
+# Oldest first; each is a booted kernel (kvmtest.model.profiles: `measured`):
+# legacy = Debian 6.1.170, fixed = 6.1.192, 6.12-stable = 6.12.95 and 6.12.117,
+# 7.x = 7.2.13 and 7.3.4.
 PROFILES = ("legacy", "fixed", "6.12-stable", "7.x")
 # A profile a case does not list behaves there like its base.
 PROFILE_BASE = {"6.12-stable": "fixed"}

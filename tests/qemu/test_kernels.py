@@ -28,6 +28,7 @@ from kvmtest import judge as j
 from kvmtest import parity
 from kvmtest.backends.model import ModelBackend
 from kvmtest.cases import catalogue
+from kvmtest.model.profiles import PROFILES, get_profile
 from kvmtest.observation import Observation
 from kvmtest.runner import run_case
 
@@ -153,6 +154,14 @@ def test_documented_differences_are_well_formed():
         assert set(d["kernels"]) <= names and set(d["configs"]) <= set(CONFIGS)
         assert d["reason"].strip() and d["kernel"] != d["model"]
         assert any(matches(c.id, d["cases"]) for c in catalogue())
+
+
+def test_every_profile_is_a_booted_kernel():
+    """No profile without a measured kernel; the tier boots one of each."""
+    assert set(PROFILES) == set(j.PROFILES)
+    for k in KERNELS:
+        assert k.spec in get_profile(k.profile).measured, k
+    assert {k.profile for k in KERNELS} == set(j.PROFILES)
 
 
 def test_every_known_bug_is_in_the_findings():
