@@ -17,7 +17,7 @@ import unicorn
 from ..case import NEED_CPU_PCID
 from ..kvm_amd import MODEL_DEFAULTS, config_capabilities
 from ..model.cpuid import MAXPHYADDR
-from ..model.hwstate import HostConfig
+from ..model.hwstate import KvmAmd
 from ..model.machine import ModelMachine
 from ..model.profiles import DEFAULT_PROFILE, get_profile
 from ..model.watchdog import TIMER_WATCHDOG
@@ -41,17 +41,16 @@ class ModelBackend:
         self.profile = get_profile(profile)
         # The kvm_amd parameters the model runs under, as kvm_amd would report
         # its effective ones (vls=1 needs npt=1, svm_hardware_setup).  A
-        # parameter the model does not emulate is refused (HostConfig).
+        # parameter the model does not emulate is refused (hwstate.KvmAmd.from_params).
         given = dict(kvm_amd_params or {})
         if given.get("nrips", "0") not in ("0", "N", "n"):
             raise ValueError("the model emulates a guest without NRIPS only (nrips=0): "
                              "TCG, where the kernels are measured, has no NRIP save")
         given.pop("nrips", None)
-        self.host = HostConfig.from_params(given)
-        self.kvm_amd_params = {**MODEL_DEFAULTS, **given,
-                               "npt": "Y" if self.host.npt else "N",
-                               "vgif": "1" if self.host.vgif else "0",
-                               "vls": "1" if self.host.vls else "0"}
+        self.host = KvmAmd.from_params(given)
+        self.kvm_amd_params = {**MODEL_DEFAULTS, **given}
+        if given.get("vls") and not self.host.vls:
+            self.kvm_amd_params["vls"] = "0"  # kvm_amd turns vls off without NPT
         self.timer = timer
         self.maxphyaddr = MAXPHYADDR  # the model guest's CPUID 0x80000008
         self._machines: dict[str, ModelMachine] = {}
@@ -69,7 +68,7 @@ class ModelBackend:
         if m is None or m.payload is not payload:
             if m is not None:
                 m.close()
-            m = ModelMachine(payload, self.profile, timer=self.timer, host=self.host)
+            m = ModelMachine(payload, self.profile, timer=self.timer, kvm_amd=self.host)
             self._machines[payload.name] = m
         m.reset(self.profile, svm_in_cpuid=svm, cpuid=dict(cpuid or {}))
         yield m

@@ -70,8 +70,8 @@ class QemuBackend:
         self.outdir: Path | None = None
 
     def capabilities(self) -> dict[str, str | None]:
-        # Known only inside the guest (kvm_amd's effective parameters too):
-        # the agent reports skips per case.
+        # Known only inside the guest: the agent reports skips per case
+        # (configuration needs too: kvm_amd's effective parameters there).
         return {"svm": None, "no_svm": None, "nested_state": None, "smm": None,
                 **dict.fromkeys(CONFIG_NEEDS)}
 

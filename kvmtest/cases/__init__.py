@@ -29,8 +29,7 @@ def catalogue(maxphyaddr: int = DEFAULT_MAXPHYADDR) -> tuple[Case, ...]:
     cases += vmrun_cases(kut.FAMILY, kut.rows(maxphyaddr))
     cases += accepted_cases(kut.FAMILY, kut.accepted(maxphyaddr))
     cases += nested_state.cases()
-    cases += smm.cases()
-    cases += smm.cr4_cases()
+    cases += smm.all_cases()
     seen: set[str] = set()
     for c in cases:
         if c.id in seen:

@@ -31,7 +31,7 @@ from ..vmcb import (
 )
 from . import cpuid
 from .cpuid import DEFAULT_CPU, GuestCpu
-from .hwstate import DEFAULT_HOST, HostConfig
+from .hwstate import DEFAULT_KVM_AMD, KvmAmd
 from .profiles import TLB_CTL_REJECT, Profile
 
 MSRPM_SIZE = 0x2000  # 8 KiB (KVM MSRPM_SIZE)
@@ -102,7 +102,7 @@ class Context:
     """What the checks are relative to: the guest CPUID and L0's kvm_amd."""
 
     cpu: GuestCpu = DEFAULT_CPU
-    host: HostConfig = DEFAULT_HOST
+    host: KvmAmd = DEFAULT_KVM_AMD
 
     @property
     def svm(self) -> bool:

@@ -118,9 +118,9 @@ EXEPT = 3 << 8
 
 def _ctx(npt: bool = True, **cpuid: bool) -> checks.Context:
     from kvmtest.model.cpuid import GuestCpu
-    from kvmtest.model.hwstate import HostConfig
+    from kvmtest.model.hwstate import KvmAmd
 
-    return checks.Context(GuestCpu.build(svm=True, overrides=cpuid), HostConfig(npt=npt))
+    return checks.Context(GuestCpu.build(svm=True, overrides=cpuid), KvmAmd(npt=npt))
 
 
 CONTEXT_ROWS = [
