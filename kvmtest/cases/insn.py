@@ -54,7 +54,7 @@ HANDED_TO_CPU = ("KVM leaves {insn} to the CPU under {cfg} (init_vmcb), which se
 # the CPUID says.  KVM supports no SKINIT at all (never in
 # KVM_GET_SUPPORTED_CPUID; skinit_interception #UDs SKINIT itself), so a VMM
 # that enumerates it runs outside KVM's contract: recorded per kernel, not
-# failed (docs/findings.md, "outside the contract").
+# failed (docs/findings.md, "Measured, and judged not to contradict ...").
 # 7.x under vGIF: a KVM_SET_NESTED_STATE that sets GIF (as a VMM does at
 # reset) drops the STGI intercept again (svm_set_gif); the kvm backend only
 # sets nested state where a case left some, so a case sees a fresh vCPU.
