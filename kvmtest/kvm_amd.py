@@ -59,7 +59,8 @@ def config_capabilities(params: dict[str, str]) -> dict[str, str | None]:
             "intercepted (run with --kvm-amd-param vgif=0)"),
         NEED_VLS: None if vls else (
             f"{where}: vls={params.get('vls', '?')}: no virtual VMLOAD/VMSAVE (needs npt=1 and "
-            "the CPU feature: --cpu EPYC,+v-vmsave-vmload under QEMU)"),
+            "a CPU with V_VMSAVE_VMLOAD: AMD hardware or QEMU -enable-kvm; QEMU 7.2's TCG "
+            "has none)"),
         NEED_NO_VLS: None if not vls else (
             f"{where}: vls={params.get('vls', '?')}: this case needs VMLOAD/VMSAVE "
             "intercepted (run with --kvm-amd-param vls=0)"),

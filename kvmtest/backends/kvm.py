@@ -275,8 +275,8 @@ class KvmBackend:
                 "host KVM lacks KVM_CAP_X86_SMM (KVM_SMI); use --backend qemu"),
             **config_capabilities(self.kvm_amd_params),
             NEED_CPU_PCID: None if self._has_feature("pcid") else (
-                "the CPU has no PCID (KVM's supported CPUID); under QEMU run with "
-                "--cpu EPYC,+pcid"),
+                "the CPU has no PCID (KVM's supported CPUID): needs AMD hardware with PCID "
+                "(Zen 2+) or QEMU -enable-kvm on one; QEMU 7.2's TCG has none"),
         }
 
     def _has_feature(self, name: str) -> bool:
