@@ -102,10 +102,7 @@ def rows(maxphyaddr: int) -> list[Row]:
         Row("control-write-back", {**WRITE_BACK, "asid": 0}, {**WRITE_BACK, "asid": 1},
             f"{APM_CC}: the ASID is equal to zero; APM vol. 2 15.21 (INT_CTL), 15.16.1 "
             "(TLB_CONTROL): L1's values survive the #VMEXIT"),
-        # A reserved EVENTINJ.TYPE: see eventinj.py.  On 6.1 it is
-        # sometimes dropped instead of reaching the CPU (svm_cancel_injection()
-        # -> svm_complete_interrupts() ignores unknown types), so VMRUN then
-        # succeeds: measured once in five runs under TCG, not reproducible.
+        # The reserved EVENTINJ TYPEs and the other encodings: eventinj.py.
     ]
 
 
