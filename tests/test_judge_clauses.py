@@ -237,3 +237,20 @@ def test_l2_event_clause(gif):
     assert j.check(bad_type, good(), bad_type.profiles["7.x"]) == []
     bad = j.check(bad_type, good(l1=l2_took(0x30, None)), bad_type.profiles["7.x"])
     assert any("no event was due" in b for b in bad)
+
+
+@pytest.mark.parametrize("gif", GIFS)
+def test_a_racy_alternative_is_accepted_as_a_known_bug(gif):
+    """A reserved EVENTINJ TYPE on 6.x: the CPU refusing it passes; the event
+    dropped on a cancelled entry (L2 ran) matches the alternative, a known
+    bug; anything else matches nothing."""
+    case = CASES[f"eventinj/type5[{gif}]"]
+    refused = good(exit_code=0xFFFF_FFFF)
+    assert j.judge(case, refused, "fixed").verdict == j.PASS
+    dropped = vmexit_ok()
+    v = j.judge(case, dropped, "fixed")
+    assert v.verdict == j.FAIL and "known bug" in v.reason and "dropped" in v.reason
+    assert "fixed" in v.profiles and "7.x" not in v.profiles
+    assert j.judge(case, dropped, "7.x").verdict == j.FAIL
+    other = vmexit_ok(exit_code=0x7F)
+    assert j.judge(case, other, None).verdict == j.FAIL and not j.judge(case, other).profiles

@@ -18,15 +18,19 @@ with EVENTINJ.V read back as 0 after the #VMEXIT (the event was taken).
 Determinism: on 6.1 and 6.12 a reserved TYPE reaches the CPU only if KVM
 does not cancel the entry first; svm_cancel_injection() ->
 svm_complete_interrupts() drops an unknown TYPE, so a cancelled entry
-(signal, reschedule) would run L2 without the event.  Measured: 5 boots
-each of 6.1.170, 6.1.192, 6.12.95, 6.12.117 and 7.3.4 under QEMU TCG
-(`kvmtest run --backend qemu --kernel K -k "eventinj/type or
-eventinj/exept-vec"`), every encoding refused (or, for the reserved
-vectors on 6.x, delivered) in all 25 runs.  The contract stays
-VMEXIT_INVALID: a dropped event would be that KVM bug, and fails the case.
+(signal, reschedule) runs L2 without the event.  No case can steer that
+race, so the 6.x profiles accept both outcomes as what those kernels do
+(Expect.alternatives): the CPU refusing the event, and the event dropped --
+the latter a known bug, which fails the case whenever it shows.  Measured:
+5 boots each of 6.1.170, 6.1.192, 6.12.95, 6.12.117 and 7.3.4 running
+`-k "eventinj/type or eventinj/exept-vec"` gave the CPU's refusal every
+time; the full catalogue on 6.1.170 dropped a reserved TYPE twice in about
+60 observations (eventinj/type5[gif1] under npt=0 among them).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from .. import layout, params
 from ..case import ANY_ERROR_CODE, VMEXIT_INVALID, VMEXIT_INVALID_HW, Expect
@@ -68,6 +72,20 @@ def delivered(vector: int, error_code: int | None) -> Expect:
 # VMRUN check fails it (reflected with a full #VMEXIT: GIF cleared).
 INVALID_SINCE_7 = {"legacy": VMEXIT_INVALID_HW, "fixed": VMEXIT_INVALID_HW, "7.x": VMEXIT_INVALID}
 
+# A reserved TYPE on 6.x, when KVM cancels the entry before the CPU sees
+# EVENTINJ: svm_cancel_injection() moves it to EXITINTINFO and
+# svm_complete_interrupts() ignores the unknown TYPE ("default: break"), so
+# the event is gone and the re-entry runs L2 without it: VMRUN "succeeds",
+# L2 VMMCALLs.  Measured on 6.1.170, about once in 30 full-catalogue runs of
+# such a case; never in the runs of those cases alone.  The same code is in
+# 6.1.192 and 6.12.117.  It fails the case when it happens (docs/findings.md).
+DROPPED = Expect("vmexit", exit_code=SVM_EXIT_VMMCALL,
+                 known_bug="a reserved EVENTINJ TYPE dropped on a cancelled entry: VMRUN "
+                 "ran L2 without it (svm_cancel_injection -> svm_complete_interrupts)")
+RESERVED_TYPE = {"legacy": replace(VMEXIT_INVALID_HW, alternatives=(DROPPED,)),
+                 "fixed": replace(VMEXIT_INVALID_HW, alternatives=(DROPPED,)),
+                 "7.x": VMEXIT_INVALID}
+
 
 def _invalid(name: str, value: int, fix: int, fix_vector: int, why: str,
              profiles: dict[str, Expect] | None = None) -> Row:
@@ -83,7 +101,7 @@ def rows(maxphyaddr: int) -> list[Row]:
     del maxphyaddr
     out = [
         _invalid(f"type{t}", EVTINJ_VALID | t << 8 | 0x30, ev(EVTINJ_TYPE_INTR, 0x30), 0x30,
-                 f"reserved TYPE {t}")
+                 f"reserved TYPE {t}", profiles=RESERVED_TYPE)
         for t in (1, 5, 6, 7)
     ]
     for vector in (32, 0x80, 0xFF):

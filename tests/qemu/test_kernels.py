@@ -164,16 +164,25 @@ def check_tier_run(kernel: Kernel, config: str, tmp_path, run_qemu_cli) -> dict:
     bugs = {c["id"] for c in ran
             if by_id[c["id"]].profiles
             and j.expectation(by_id[c["id"]], kernel.profile).known_bug}
-    assert failed == bugs, [(c["id"], c["reason"]) for c in ran if c["id"] in failed ^ bugs]
+    # A race in the kernel no case can steer: a known-bug alternative that
+    # fails the case only when it shows (cases/eventinj.py, reserved TYPEs).
+    racy = {c["id"] for c in ran if by_id[c["id"]].profiles and any(
+        a.known_bug for a in j.expectation(by_id[c["id"]], kernel.profile).alternatives)}
+    assert bugs <= failed <= bugs | racy, [
+        (c["id"], c["reason"]) for c in ran if c["id"] in failed ^ bugs and c["id"] not in racy]
     patterns = finding_patterns()
     assert [i for i in sorted(failed) if not documented_in_findings(i, patterns)] == []
     assert rc == (1 if failed or report["kernel_warnings_outside_cases"] else 0)
 
     assert smm_mechanics_problems(report) == []
 
-    # The model's profile, observation by observation.
-    model = model_observations(kernel.profile, kvm_amd, [c["id"] for c in ran])
-    left, stale = unexplained_differences(report, model, kernel.name, config)
+    # The model's profile, observation by observation (but where the kernel
+    # lost a race the model does not run).
+    lost = failed & racy
+    compared = {**report, "cases": [c for c in report["cases"] if c["id"] not in lost]}
+    model = model_observations(kernel.profile, kvm_amd,
+                               [c["id"] for c in ran if c["id"] not in lost])
+    left, stale = unexplained_differences(compared, model, kernel.name, config)
     assert left == [], "\n".join(left)
     assert stale == [], f"documented differences that no longer occur: {stale}"
     return report
@@ -202,5 +211,6 @@ def test_every_profile_is_a_booted_kernel():
 def test_every_known_bug_is_in_the_findings():
     """Each case some profile marks as a known bug is documented."""
     patterns = finding_patterns()
-    bugs = {c.id for c in catalogue() for p in c.profiles.values() if p.known_bug}
+    bugs = {c.id for c in catalogue() for p in c.profiles.values()
+            for e in (p, *p.alternatives) if e.known_bug}
     assert bugs and [i for i in sorted(bugs) if not documented_in_findings(i, patterns)] == []
