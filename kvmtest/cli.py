@@ -191,6 +191,9 @@ def parser() -> argparse.ArgumentParser:
                    help="qemu: kernel(s) to time (default: Debian 6.1.170 and 6.1.192)")
     p.set_defaults(func=cmd_bench)
     _add_qemu_commands(sub)
+    from .cache_cli import add_command as add_cache_command
+
+    add_cache_command(sub)
     return ap
 
 
