@@ -248,7 +248,7 @@ def _prune_leftovers(kernels: Path, pruner: Pruner) -> None:
                 key = name[len(prefix):].rsplit("-", 1)[0]  # mkdtemp's random suffix
                 if not is_held(kernels / f"{key}.lock"):
                     pruner.remove(path, "left by an interrupted fetch")
-        if name.endswith(".lock") and name != ".apt.lock" and not (kernels / name[:-5]).is_dir():
+        if name.endswith(".lock") and not (kernels / name[:-5]).is_dir():
             _remove_lock(path, pruner)
 
 

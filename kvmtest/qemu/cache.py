@@ -9,6 +9,7 @@ Layout under ``cache_root()``::
     vmlinux/<release>-<key>.elf (+ .sha256)  uncompressed kernels for PVH boot
     initramfs/<release>-<key>.cpio           base initramfs archives
     apt/<suite>/                             private apt states (@SUITE specs)
+    apt/.lock                                flock serialising apt-get/apt-cache
 
 A cached file is only as good as the last check of it: entries record the
 size and sha256 of every file they keep, a cheap check (every size, plus the

@@ -143,8 +143,9 @@ class Plan:
 
     @property
     def needed(self) -> int:
-        """Upper bound of the bytes a fetch needs: the .debs plus their unpacked size."""
-        return sum(d.size + d.installed_size for d in self.debs or [])
+        """Bytes a fetch needs: the .debs plus their unpacked size (Installed-Size),
+        plus 5 % for file system blocks (a module tree is ~4,000 small files)."""
+        return int(sum(d.size + d.installed_size for d in self.debs or []) * 1.05)
 
 
 class Apt:
@@ -195,7 +196,7 @@ class Apt:
     def _locked(self) -> Iterator[None]:
         # One apt at a time from our workers: update takes the lists lock,
         # apt-cache rewrites pkgcache.bin.
-        with locked(self.root / "kernels" / ".apt.lock"):
+        with locked(self.root / "apt" / ".lock"):
             yield
 
     def _stamp(self) -> Path | None:
