@@ -196,7 +196,8 @@ class Apt:
     def _locked(self) -> Iterator[None]:
         # One apt at a time from our workers: update takes the lists lock,
         # apt-cache rewrites pkgcache.bin.
-        with locked(self.root / "apt" / ".lock"):
+        with locked(self.root / "apt" / ".lock") as lock:
+            lock.discard = True  # a failed spec leaves no lock file behind
             yield
 
     def _stamp(self) -> Path | None:
