@@ -32,7 +32,7 @@ import tarfile
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,6 +140,7 @@ class Plan:
     parts: tuple[Dep, ...]  # split layout: its binary/modules/base; classic: ()
     chain: list[str] = field(default_factory=list)  # names followed to get there
     debs: list[PkgInfo] | None = None  # filled by Apt.expand (costs apt-cache calls)
+    complete: bool = True  # False: stopped at a cached kernel, PACKAGE is name+version only
 
     @property
     def needed(self) -> int:
@@ -232,7 +233,7 @@ class Apt:
             )
         return parse_show(proc.stdout) if proc.returncode == 0 else None
 
-    def plan(self, package: str) -> Plan:
+    def plan(self, package: str, cached: Callable[[str, str], bool] | None = None) -> Plan:
         """Resolve PACKAGE: follow meta packages, expand split images."""
         age = self.lists_age()
         if age is not None and age > LISTS_MAX_AGE and not self.updated:
@@ -243,14 +244,14 @@ class Apt:
                     raise
                 note(f"using {self.where}'s package lists from {age / 86400:.0f} days ago: {exc}")
         try:
-            return self._plan(package)
+            return self._plan(package, cached)
         except _NotFound:
             if self.updated:
                 raise
         self.update()  # stale or missing lists
-        return self._plan(package)
+        return self._plan(package, cached)
 
-    def _plan(self, package: str) -> Plan:
+    def _plan(self, package: str, cached: Callable[[str, str], bool] | None) -> Plan:
         name, version, chain = package, None, []
         for _ in range(4):
             info = self.show(name, version)
@@ -272,6 +273,10 @@ class Apt:
             if not images:
                 return Plan(info, (), chain, [info])  # classic (or not a kernel at all)
             name, version = images[0].name, images[0].version  # meta package
+            if version and cached and cached(name, version):
+                # Each apt-cache call parses the lists (0.5 s on sid): the
+                # concrete package is only looked at again if it must be fetched.
+                return Plan(PkgInfo(name, version, (), 0, 0), (), [*chain, name], complete=False)
         raise QemuError(f"{package}: meta packages nest too deeply ({' -> '.join(chain)})")
 
     def expand(self, plan: Plan) -> None:
@@ -442,7 +447,14 @@ def fetch_debian(
     apt = Apt(suite, root)
     if (entry.path / META).is_file():
         return _ensure(entry, apt, None, given)  # fast path: no apt at all
-    plan = apt.plan(package)
+    def cached(name: str, version: str) -> bool:
+        try:
+            meta = Entry(root / "kernels" / entry_key(name, suite)).meta()
+        except (OSError, ValueError):
+            return False
+        return meta.get("version") == version
+
+    plan = apt.plan(package, cached)
     entry = Entry(root / "kernels" / entry_key(plan.package.name, suite))
     return _ensure(entry, apt, plan, given)
 
@@ -465,6 +477,8 @@ def _ensure(entry: Entry, apt: Apt, plan: Plan | None, given: str) -> Kernel:
         try:
             if plan is None:
                 plan = _replan(entry, apt)
+            elif not plan.complete:
+                plan = apt.plan(plan.chain[0])
             _fetch(entry, apt, plan, given)
         except BaseException:
             if not entry.path.exists():

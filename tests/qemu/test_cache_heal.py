@@ -154,6 +154,22 @@ def test_truncated_image_is_fetched_again(tmp_path, capfd):
     assert capfd.readouterr().err == ""  # healed once, then quiet
 
 
+def test_meta_spec_repairs_the_kernel_it_resolves_to(tmp_path, capfd):
+    """A meta spec stops at a cached kernel of the pinned version; damaged, it is fetched."""
+    meta_spec = "debian:linux-image-cloud-amd64"
+    shared = resolve_kernel(meta_spec)
+    entry = seeded(tmp_path, f"debian:{shared.package}")
+    image = entry.path / entry.meta()["image"]
+    good, size = sha256_file(image), image.stat().st_size
+    os.truncate(image, 4096)
+    kernel = resolve_kernel(meta_spec, cache=tmp_path)
+    assert capfd.readouterr().err == (
+        f"kvmtest: cache entry {shared.package} is damaged ({image.relative_to(entry.path)} "
+        f"is 4096 bytes, recorded {size}): fetching it again\n")
+    assert sha256_file(kernel.image) == good and kernel.resolved_from == meta_spec
+    assert (kernel.package, kernel.package_version) == (shared.package, shared.package_version)
+
+
 def test_entry_of_an_older_kvmtest_is_fetched_again(tmp_path, capfd):
     entry = seeded(tmp_path, CLOUD)
     meta = entry.meta()
