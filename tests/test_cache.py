@@ -228,6 +228,18 @@ def test_parse_show_reads_pinned_dependencies():
     assert parse_show("") is None
 
 
+@pytest.mark.parametrize("spec", [
+    "debian:", "debian:-o=Dir::Etc=/tmp", "debian:Linux-Image", "debian:a/b",
+    "debian:linux-image-amd64@", "debian:linux-image-amd64@../x", "debian:x@-o",
+])
+def test_malformed_debian_specs_never_reach_apt(spec, tmp_path):
+    from kvmtest.qemu import QemuError, resolve_kernel
+
+    with pytest.raises(QemuError, match=r"debian: needs PACKAGE\[@SUITE\]"):
+        resolve_kernel(spec, cache=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_holds_names_where_most_files_are():
     assert _holds([]) == "no files"
     assert _holds(["usr/src/h/Makefile", "usr/src/h/a/b.h", "usr/share/doc/x"]) == (

@@ -20,6 +20,7 @@ This module also re-exports what the rest of kvmtest imports from here.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from kvmtest.qemu.cache import atomic_write, cache_root, locked
@@ -28,6 +29,10 @@ from kvmtest.qemu.errors import QemuError
 from kvmtest.qemu.image import Kernel, image_banner, image_release
 from kvmtest.qemu.modules import MODULE_SUFFIXES, ModuleTree, module_name, read_module
 from kvmtest.qemu.pvh import extract_vmlinux, has_pvh_note, pvh_image
+
+# Debian policy 5.6.1 (package names); suites are codenames like trixie-backports.
+PACKAGE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
+SUITE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+-]*")
 
 __all__ = [
     "MODULE_SUFFIXES",
@@ -55,8 +60,8 @@ def resolve_kernel(
     if spec.startswith("debian:"):
         if modules is not None:
             raise QemuError("--modules does not apply to debian: kernels (they ship theirs)")
-        package, _, suite = spec.removeprefix("debian:").partition("@")
-        if not package or "/" in package or "/" in suite:
+        package, at, suite = spec.removeprefix("debian:").partition("@")
+        if not PACKAGE.fullmatch(package) or (at and not SUITE.fullmatch(suite)):
             raise QemuError(
                 f"kernel {spec!r}: debian: needs PACKAGE[@SUITE], "
                 "e.g. debian:linux-image-6.1.0-56-amd64-unsigned"

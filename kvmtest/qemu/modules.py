@@ -67,7 +67,7 @@ def module_name(path: Path) -> str:
     return name.replace("-", "_")
 
 
-_SCANS: dict[Path, tuple[dict[str, Path], set[str]]] = {}
+_SCANS: dict[tuple[Path, int], tuple[dict[str, Path], set[str]]] = {}
 
 
 def _scan_dir(directory: Path) -> tuple[dict[str, Path], set[str]]:
@@ -75,11 +75,13 @@ def _scan_dir(directory: Path) -> tuple[dict[str, Path], set[str]]:
 
     Unpacked packages in the cache never change, so their scans (~0.2 s for
     4000 modules) are memoised; other dirs (build trees, rebuilt modules) are
-    rescanned every time.
+    rescanned every time.  An entry fetched again is a new directory (a new
+    inode), so it is scanned again.
     """
     directory = directory.resolve()
-    if directory in _SCANS:
-        return _SCANS[directory]
+    key = (directory, directory.stat().st_ino if directory.exists() else 0)
+    if key in _SCANS:
+        return _SCANS[key]
     files: dict[str, Path] = {}
     for path in sorted(directory.rglob("*.ko*")):
         if path.name.endswith(MODULE_SUFFIXES) and path.is_file():
@@ -93,7 +95,7 @@ def _scan_dir(directory: Path) -> tuple[dict[str, Path], set[str]]:
             if line.strip()
         }
     if directory.is_relative_to(cache_root().resolve() / "kernels"):
-        _SCANS[directory] = (files, builtin)
+        _SCANS[key] = (files, builtin)
     return files, builtin
 
 
