@@ -66,7 +66,11 @@ def resolve_kernel(
                 f"kernel {spec!r}: debian: needs PACKAGE[@SUITE], "
                 "e.g. debian:linux-image-6.1.0-56-amd64-unsigned"
             )
-        return fetch_debian(package, suite=suite or None, cache=cache, spec=spec)
+        try:
+            return fetch_debian(package, suite=suite or None, cache=cache, spec=spec)
+        except OSError as exc:  # e.g. a read-only or foreign-owned cache
+            where = exc.filename or (cache or cache_root())
+            raise QemuError(f"kernel cache: {exc.strerror or exc}: {where}") from None
     path = Path(spec).expanduser()
     if path.is_dir():
         return _from_build_tree(path, spec)

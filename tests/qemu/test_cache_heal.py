@@ -314,6 +314,8 @@ def test_ctrl_c_during_the_unpack_stops_every_child(tmp_path):
 
 
 @pytest.mark.parametrize("spec, message", [
+    ("debian:no-such-package",
+     "debian:no-such-package: no such package in this machine's apt sources"),
     ("debian:no-such-package@bookworm-backports",
      "debian:no-such-package@bookworm-backports: no such package in suite bookworm-backports"),
     ("debian:linux-image-amd64@no-such-suite",
