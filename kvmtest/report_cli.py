@@ -88,9 +88,8 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr, flush=True)
 
     result = matrix.run(plan, cells, jobs=jobs, shard=shard, artifacts=artifacts, progress=say)
-    for line in summary_lines(result):
-        print(line)
     write_outputs(result, args)
+    _print_summary(result, args)
     return result["exit_code"]
 
 
@@ -115,10 +114,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     flat = not merging and result.get("plan") is None and len(result["cells"]) == 1 \
         and _is_run_report(files[0])
     write_outputs(result, args, flat_ktap=flat)
-    if not any(getattr(args, o, None) for o in OUTPUTS):
-        for line in summary_lines(result):
-            print(line)
+    _print_summary(result, args)
     return result["exit_code"]
+
+
+def _print_summary(result: dict, args: argparse.Namespace) -> None:
+    """The cells' lines on stdout, or on stderr when a report goes to stdout."""
+    to_stdout = "-" in [getattr(args, o, None) for o in OUTPUTS]
+    for line in summary_lines(result):
+        print(line, file=sys.stderr if to_stdout else sys.stdout)
 
 
 def _is_run_report(path: str) -> bool:
