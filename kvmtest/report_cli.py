@@ -78,6 +78,10 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     except (matrix.MatrixUsageError, ReportUsageError) as e:
         print(f"kvmtest: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    if args.dry_run:  # the cells this machine would run: TARGET<TAB>CONFIG
+        for c in cells:
+            print(f"{c.target}\t{c.config.label}")
+        return 0
     jobs = args.jobs or os.cpu_count() or 1
     artifacts = Path(args.artifacts).resolve() if args.artifacts else None
     print(f"matrix: {len(cells)} of {len(plan.cells)} cells"
@@ -167,6 +171,8 @@ def add_commands(sub) -> None:
                    "merge with `kvmtest report merge`)")
     p.add_argument("--artifacts", metavar="DIR",
                    help="keep each cell's log (and QEMU console) in DIR/<cell>")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the cells (of this shard) as TARGET<TAB>CONFIG lines, run nothing")
     _add_outputs(p)
     p.set_defaults(func=cmd_matrix)
     p = sub.add_parser(
