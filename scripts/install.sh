@@ -10,6 +10,7 @@ APT_PACKAGES=(
   qemu-system-x86 busybox-static zstd      # qemu backend (zstd: zstd-packed modules)
   gcc-12 make patch git xz-utils           # kvmtest kmod build, bisect-run
   procps                                   # pgrep in the QEMU reaping tests
+  chromium chromium-driver                 # the HTML report's tests (headless, WebDriver)
 )
 
 missing=()

@@ -22,7 +22,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-import yaml
+
+yaml = pytest.importorskip(
+    "yaml", reason="PyYAML is missing: pip install -e '.[dev]' (scripts/install.sh does it)")
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = ROOT / ".github" / "workflows" / "kvmtest-matrix.yml"
