@@ -51,6 +51,7 @@ table#grid{border-collapse:separate;border-spacing:0}
 #grid th.col .fp{font-family:ui-monospace,monospace}
 #grid th.col.st-fail,#grid th.col.st-error,#grid th.col.st-missing{border-top:4px solid #c62828}
 #grid th.col.st-pass{border-top:4px solid #2e7d32}
+#grid th.col.st-error,#grid th.col.st-missing{background:#ffe0b2}
 td.v{text-align:center;cursor:pointer;font-family:ui-monospace,monospace;min-width:60px}
 td.v-pass{background:#c8e6c9}td.v-fail{background:#ef9a9a;font-weight:bold}
 td.v-error{background:#ffcc80;font-weight:bold}td.v-skip{background:#e0e0e0;color:#555}

@@ -3,9 +3,13 @@ configurations with a small -k selection (4 boots), plus a kernel that
 does not exist, whose error cell must not stop the others."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +56,44 @@ def test_two_kernels_two_configs(tmp_path, qemu_available):
     assert "no-such-bzImage" in (tmp_path / "m.html").read_text()
     suites = ET.parse(tmp_path / "m.xml").getroot().findall("testsuite")
     assert len(suites) == 6
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{proc.name}: {cmdline[:200]}")
+    return found
+
+
+def test_interrupt_ends_every_cell(tmp_path, qemu_available):
+    """^C while cells boot: the matrix exits 130 and no `kvmtest run` or
+    QEMU of its cells is left behind."""
+    art = tmp_path / "art"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "kvmtest", "matrix", "--kernel", FIXED, "--config", "default",
+         "--config", "npt=0", "-k", K, "--artifacts", str(art), "-j", "2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(art.glob("*/qemu/console.log")) and time.monotonic() < deadline:
+            assert p.poll() is None, p.stderr.read()
+            time.sleep(0.2)
+        assert _processes_mentioning(str(art)), "no cell was running"
+        time.sleep(1)
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=60) == 130
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert "interrupted" in p.stderr.read()
+    assert _processes_mentioning(str(art)) == []
+    # killed, not waited for: no guest got as far as writing its results
+    assert not list(art.glob("*/qemu/result.json"))
