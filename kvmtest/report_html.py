@@ -295,14 +295,14 @@ def _json_for_script(data: dict) -> str:
 def _header(c: int, cell: dict) -> str:
     config = cell["config"].get("label")
     kernel = cell.get("kernel") or ""
-    package = _package_text(cell)
     status = STATUS_MARK.get(cell["status"], cell["status"])
     lines = [f'<div class="target">{_e(cell["target"])}</div>',
              f'<div class="config">config: {_e(config)}</div>']
-    if kernel and kernel != cell["target"] and cell["backend"] != "model":
-        lines.append(f'<div class="kernel">{_e(kernel)}</div>')
-    if package:
-        lines.append(f'<div class="package">{_e(package)}</div>')
+    # The booted kernel: its package version (the name is the target) and release.
+    version = (cell.get("package") or {}).get("version")
+    booted = " ".join(filter(None, [version, f"({kernel})" if version and kernel else kernel]))
+    if booted and kernel != cell["target"] and cell["backend"] != "model":
+        lines.append(f'<div class="kernel">{_e(booted)}</div>')
     if cell["status"] in (res.ERROR, res.MISSING):
         first = (cell.get("error") or "").strip().splitlines()[:1]
         lines.append(f'<div class="error">{_e(status)}: {_e(first[0] if first else "")}</div>')
