@@ -251,3 +251,24 @@ def test_exit_code_precedence():
     assert res.exit_code([cell("pass", 0), cell("missing", 4)]) == 4
     assert res.exit_code([cell("untested", 125), cell("untested", 125)]) == 125
     assert res.exit_code([cell("pass", 0), cell("untested", 125)]) == 0
+
+
+def test_schema_keys(full):
+    """The keys docs/ci.md documents for kvmtest-matrix/1 (readers rely on them)."""
+    assert full["schema"] == "kvmtest-matrix/1"
+    assert set(full) == {"schema", "plan", "shard", "selection", "summary", "exit_code",
+                         "wall_s", "cells", "cases"}
+    assert set(full["summary"]) == {"cells", "pass", "fail", "error", "untested", "missing"}
+    for entry in full["plan"]:
+        assert set(entry) == {"key", "target", "backend", "profile", "config"}
+    for cell in full["cells"]:
+        assert set(cell) == {"key", "target", "backend", "profile", "config", "kernel",
+                             "package", "fingerprint", "summary", "status", "exit_code",
+                             "error", "duration_s", "notes", "kernel_warnings_outside_cases",
+                             "results"}
+        assert set(cell["config"]) == {"label", "cpu", "kvm_amd"}
+        for r in cell["results"]:
+            assert set(r) == set(res.RESULT_FIELDS)
+    for case in full["cases"]:
+        assert set(case) == {"id", "family", "gif_mode", "scenario", "expected", "source",
+                             "control_of", "configs", "vmcb", "smm_vmcb", "params", "memory"}
