@@ -69,14 +69,14 @@ def _kvm_amd_params(args: argparse.Namespace) -> dict[str, str]:
 
 def _backend_options(args: argparse.Namespace) -> dict:
     if args.backend != "qemu":
-        # The model emulates kvm_amd's parameters (npt, vgif decide its capabilities).
-        qemu_only = ("kernel", "modules", "kvm_modules", "cpu", "artifacts") + (
-            () if args.backend == "model" else ("kvm_amd_param",))
-        for opt in qemu_only:
+        for opt in ("kernel", "modules", "kvm_modules", "cpu", "artifacts"):
             if getattr(args, opt, None):
                 raise CliError(f"--{opt.replace('_', '-')} needs --backend qemu", EXIT_USAGE)
-        params = _kvm_amd_params(args)
-        return {"kvm_amd_params": params} if params else {}
+        if getattr(args, "kvm_amd_param", None):
+            if args.backend != "model":  # the model emulates kvm_amd's parameters
+                raise CliError("--kvm-amd-param needs --backend qemu or model", EXIT_USAGE)
+            return {"kvm_amd_params": _kvm_amd_params(args)}
+        return {}
     if not args.kernel:
         raise CliError("--backend qemu needs --kernel SPEC (e.g. debian:"
                        "linux-image-6.1.0-56-amd64-unsigned)", EXIT_USAGE)

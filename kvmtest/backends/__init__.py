@@ -34,8 +34,9 @@ def make(name: str, profile: str | None = None, **options: Any) -> tuple[Any, st
 
         profile = profile or "7.x"
         params = options.get("kvm_amd_params")
-        note = f"backend model: profile {profile}" + (
-            " (kvm_amd " + " ".join(f"{k}={v}" for k, v in params.items()) + ")" if params else "")
+        note = f"backend model: profile {profile}"
+        if params:
+            note += " (kvm_amd " + " ".join(f"{k}={v}" for k, v in params.items()) + ")"
         return ModelBackend(profile, kvm_amd_params=params), note
     if name == "qemu":
         from .qemu import QemuBackend
