@@ -141,6 +141,13 @@ def close_watched(backend) -> list[str]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if getattr(args, "junit", None):
+        from .outputs import check_writable
+
+        try:
+            check_writable(args.junit)
+        except OSError as e:
+            raise CliError(f"cannot write {args.junit}: {e}", EXIT_USAGE) from None
     report = run_report(args)
     print(rep.table(report))
     for line in report.notes[1:]:
@@ -150,6 +157,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         rep.write_json(report, Path(args.json))
     if args.ktap:
         Path(args.ktap).write_text(rep.ktap(report))
+    if getattr(args, "junit", None):
+        from . import junit
+        from .outputs import write_text
+
+        write_text(args.junit, junit.from_run(report.to_json()))
     return report.exit_code()
 
 
@@ -191,6 +203,7 @@ def parser() -> argparse.ArgumentParser:
     add_run_options(p)
     p.add_argument("--json", metavar="FILE", help="write the JSON report here")
     p.add_argument("--ktap", metavar="FILE", help="write a KTAP v1 report here")
+    p.add_argument("--junit", metavar="FILE", help="write JUnit XML here")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("bench", help="benchmarks (Python vs C, model reuse)")
     p.add_argument("--quick", action="store_true", help="fewer iterations")
@@ -201,6 +214,12 @@ def parser() -> argparse.ArgumentParser:
                    help="qemu: kernel(s) to time (default: Debian 6.1.170 and 6.1.192)")
     p.set_defaults(func=cmd_bench)
     _add_qemu_commands(sub)
+    from .report_cli import add_commands as add_report_commands  # matrix, report
+
+    add_report_commands(sub)
+    from .cache_cli import add_command as add_cache_command
+
+    add_cache_command(sub)
     return ap
 
 
