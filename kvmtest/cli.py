@@ -57,21 +57,30 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_PASS
 
 
-def _backend_options(args: argparse.Namespace) -> dict:
-    if args.backend != "qemu":
-        for opt in ("kernel", "modules", "kvm_modules", "cpu", "kvm_amd_param", "artifacts"):
-            if getattr(args, opt, None):
-                raise CliError(f"--{opt.replace('_', '-')} needs --backend qemu", EXIT_USAGE)
-        return {}
-    if not args.kernel:
-        raise CliError("--backend qemu needs --kernel SPEC (e.g. debian:"
-                       "linux-image-6.1.0-56-amd64-unsigned)", EXIT_USAGE)
+def _kvm_amd_params(args: argparse.Namespace) -> dict[str, str]:
     params = {}
-    for p in args.kvm_amd_param or []:
+    for p in getattr(args, "kvm_amd_param", None) or []:
         name, eq, value = p.partition("=")
         if not eq or not name:
             raise CliError(f"--kvm-amd-param wants NAME=VALUE, not {p!r}", EXIT_USAGE)
         params[name] = value
+    return params
+
+
+def _backend_options(args: argparse.Namespace) -> dict:
+    if args.backend != "qemu":
+        for opt in ("kernel", "modules", "kvm_modules", "cpu", "artifacts"):
+            if getattr(args, opt, None):
+                raise CliError(f"--{opt.replace('_', '-')} needs --backend qemu", EXIT_USAGE)
+        if getattr(args, "kvm_amd_param", None):
+            if args.backend != "model":  # the model emulates kvm_amd's parameters
+                raise CliError("--kvm-amd-param needs --backend qemu or model", EXIT_USAGE)
+            return {"kvm_amd_params": _kvm_amd_params(args)}
+        return {}
+    if not args.kernel:
+        raise CliError("--backend qemu needs --kernel SPEC (e.g. debian:"
+                       "linux-image-6.1.0-56-amd64-unsigned)", EXIT_USAGE)
+    params = _kvm_amd_params(args)
     return {"kernel": args.kernel, "modules": args.modules, "kvm_modules": args.kvm_modules,
             "cpu": args.cpu, "kvm_amd_params": params, "artifacts": args.artifacts}
 
@@ -132,6 +141,13 @@ def close_watched(backend) -> list[str]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if getattr(args, "junit", None):
+        from .outputs import check_writable
+
+        try:
+            check_writable(args.junit)
+        except OSError as e:
+            raise CliError(f"cannot write {args.junit}: {e}", EXIT_USAGE) from None
     report = run_report(args)
     print(rep.table(report))
     for line in report.notes[1:]:
@@ -141,6 +157,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         rep.write_json(report, Path(args.json))
     if args.ktap:
         Path(args.ktap).write_text(rep.ktap(report))
+    if getattr(args, "junit", None):
+        from . import junit
+        from .outputs import write_text
+
+        write_text(args.junit, junit.from_run(report.to_json()))
     return report.exit_code()
 
 
@@ -163,7 +184,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu", default=None,
                    help="qemu: CPU model (default: EPYC under TCG, host with -enable-kvm)")
     p.add_argument("--kvm-amd-param", action="append", metavar="NAME=VALUE",
-                   help="qemu: extra kvm_amd parameter (nested=1 is always set)")
+                   help="qemu: extra kvm_amd parameter (nested=1 is always set); "
+                   "model: the parameters to emulate (npt, vgif, vls)")
     p.add_argument("--artifacts", metavar="DIR", help="qemu: keep console and logs here")
 
 
@@ -181,6 +203,7 @@ def parser() -> argparse.ArgumentParser:
     add_run_options(p)
     p.add_argument("--json", metavar="FILE", help="write the JSON report here")
     p.add_argument("--ktap", metavar="FILE", help="write a KTAP v1 report here")
+    p.add_argument("--junit", metavar="FILE", help="write JUnit XML here")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("bench", help="benchmarks (Python vs C, model reuse)")
     p.add_argument("--quick", action="store_true", help="fewer iterations")
@@ -191,6 +214,12 @@ def parser() -> argparse.ArgumentParser:
                    help="qemu: kernel(s) to time (default: Debian 6.1.170 and 6.1.192)")
     p.set_defaults(func=cmd_bench)
     _add_qemu_commands(sub)
+    from .report_cli import add_commands as add_report_commands  # matrix, report
+
+    add_report_commands(sub)
+    from .cache_cli import add_command as add_cache_command
+
+    add_cache_command(sub)
     return ap
 
 

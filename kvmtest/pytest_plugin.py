@@ -3,9 +3,6 @@
 Any test that takes the ``kvm_case`` fixture is parametrized over the
 catalogue, with ids such as ``save/cr0-cd0-nw1[gif1]``.  Cases the chosen
 backend cannot run are skipped at collection with the backend's reason.
-A case that is a known bug of the kernel behaviour under test (the profile
-selected, or the one the model emulates) is a strict xfail: it must fail
-with that bug, and a pass (the bug gone) fails the run.
 """
 
 from __future__ import annotations
@@ -14,7 +11,7 @@ import pytest
 
 from .backends import NAMES, BackendError, make
 from .cases import catalogue
-from .judge import PROFILES, expectation
+from .judge import PROFILES
 
 BACKEND_KEY = pytest.StashKey[tuple]()
 MARKERS = {
@@ -60,17 +57,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     backend, _, error = backend_for(metafunc.config)
     maxphy = getattr(backend, "maxphyaddr", None)
     cases = catalogue(maxphy) if maxphy else catalogue()
-    # The behaviour under test: --kvm-profile, else the model's own profile.
-    profile = metafunc.config.getoption("--kvm-profile") or getattr(
-        getattr(backend, "profile", None), "name", None)
     params = []
     for case in cases:
         reason = error or skip_reason(backend, case)
         marks = [pytest.mark.catalogue]
         if reason:
             marks.append(pytest.mark.skip(reason=reason))
-        elif profile and case.profiles and (bug := expectation(case, profile).known_bug):
-            marks.append(pytest.mark.xfail(strict=True, reason=f"known bug ({profile}): {bug}"))
         params.append(pytest.param(case, id=case.id, marks=marks))
     metafunc.parametrize("kvm_case", params)
 

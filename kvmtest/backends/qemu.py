@@ -63,7 +63,7 @@ class QemuBackend:
         self.kvm_modules = kvm_modules
         self.kvm_amd_params = {"nested": "1", **(kvm_amd_params or {})}
         self.artifacts = Path(artifacts) if artifacts else None
-        self.kernel_desc = f"{self.kernel.release} ({kernel})"
+        self.kernel_desc = self.kernel.describe()  # names the concrete package
         self.guest_facts: dict = {}
         self.unattributed_warnings: list[str] = []
         self.timings: dict = {}
@@ -71,7 +71,7 @@ class QemuBackend:
 
     def capabilities(self) -> dict[str, str | None]:
         # Known only inside the guest: the agent reports skips per case
-        # (kvm_amd's effective npt/vgif included).
+        # (configuration needs too: kvm_amd's effective parameters there).
         return {"svm": None, "no_svm": None, "nested_state": None, "smm": None,
                 **dict.fromkeys(CONFIG_NEEDS)}
 

@@ -101,7 +101,7 @@ def cases() -> Iterator[Case]:
         real = f"perm/{insn}-real-mode"
         yield _case(real, insn, params.PERM_REAL, exception(UD, f"perm16_{insn}"),
                     f"{APM}: #UD outside protected mode (checked before the intercept)")
-    yield from _vgif_svme0_cases()
+    yield from _vgif_restored_cases()
     yield _case("negative/perm-vmmcall-real-mode", "vmmcall", params.PERM_REAL, NO_FAULT,
                 "negative control of perm/*-real-mode: VMMCALL has no mode check (APM vol. "
                 "2 15.18) and KVM handles it (kvm_emulate_hypercall): the real-mode path "
@@ -109,43 +109,35 @@ def cases() -> Iterator[Case]:
                 control_of="perm/vmrun-real-mode")
 
 
-# With vGIF, 6.1 and 6.12 never intercept STGI/CLGI (svm.c init_vmcb clears
-# both when vgif is on): the CPU runs them, and the CPU only ever sees
-# EFER.SVME=1 (KVM keeps it set in the VMCB), so L1 with EFER.SVME=0 gets no
-# #UD.  7.3.4 intercepts both while EFER.SVME=0 (svm_recalc_instruction_
-# intercepts, requested on every EFER.SVME change), but svm_set_gif(svm,
-# true) drops the STGI intercept again -- e.g. when the host restores a vCPU
-# with KVM_SET_NESTED_STATE(GIF_SET).  The KVM state before L1 runs is set by
-# the host first (STAGE_BEFORE_L1), so that it does not depend on which case
-# the VM ran before.  Measured on 6.1.170 .. 7.3.4 (docs/findings.md D6).
-# An EFER.SVME change requests the recalculation, one guest instruction lets
-# KVM do it (L1's first: l1_entry's MOV to RSP), then GIF=1 is restored.
-FRESH = ("efer_svme 1", "efer_svme 0")
-RESTORED = (*FRESH, "step", "nested_gif1")
+# With vGIF, 6.x never intercept STGI/CLGI and 7.x re-intercepts them while
+# EFER.SVME=0 (the insn family: insn/*-{stgi,clgi}-vgif, docs/findings.md
+# 4).  7.x's svm_set_gif(svm, true) drops the STGI intercept again, e.g. when
+# a VMM restores the vCPU with KVM_SET_NESTED_STATE(GIF_SET), and nothing
+# re-arms it until EFER.SVME changes: STGI then runs without #UD.  The host
+# drives that path before L1 runs (STAGE_BEFORE_L1): an EFER.SVME change
+# requests the intercept recalculation, one guest instruction lets KVM do it
+# (l1_entry's MOV to RSP, single-stepped), then GIF=1 is restored.  Measured
+# on 6.1.170 .. 7.3.4 (docs/findings.md D6).
+RESTORED = ("efer_svme 1", "efer_svme 0", "step", "nested_gif1")
+RESTORED_BUG = Expect("no_fault", known_bug=(
+    "STGI without #UD while EFER.SVME=0 (vGIF): the CPU runs it and sees KVM's EFER.SVME=1 "
+    "(6.x: never intercepted; 7.x: svm_set_gif(true) dropped the intercept)"))
 
 
-def _vgif_svme0_cases() -> Iterator[Case]:
-    bug = ("{insn} without #UD while EFER.SVME=0: with vGIF KVM leaves it to the CPU, "
-           "which sees KVM's EFER.SVME=1")
-    rows = (("stgi", "", FRESH, False), ("clgi", "", FRESH, False),
-            ("stgi", "-restored", RESTORED, True))
-    for insn, suffix, before, still_broken in rows:
-        ud = exception(UD, f"perm64_{insn}")
-        early = Expect("no_fault", known_bug=bug.format(insn=insn.upper()))
-        bad = f"perm/{insn}-svme0-vgif{suffix}"
-        p = {"flags": params.PF_SET_HSAVE, "insn": params.INSNS.index(insn),
-             "mode": params.PERM_CPL0, "vmrun_rax": layout.VMCB12_GPA,
-             "hsave_pa": layout.HSAVE_GPA}
-        common = dict(scenario=INSN, payload="perm", needs=frozenset({NEED_SVM, NEED_VGIF}),
-                      on_sync={params.STAGE_BEFORE_L1: before})
-        yield Case(id=bad, family="perm", expect=ud, params=p,
-                   profiles={"legacy": early, "fixed": early,
-                             "7.x": early if still_broken else ud},
-                   source=f"{APM}: #UD with EFER.SVME=0; KVM svm.c init_vmcb (vgif), "
-                   "svm_recalc_instruction_intercepts, svm_set_gif", **common)
-        yield Case(id=f"negative/perm-{insn}-svme1-vgif{suffix}", family="negative",
-                   expect=NO_FAULT, params={**p, "flags": ENABLED},
-                   source=f"negative control of {bad}: EFER.SVME=1", control_of=bad, **common)
+def _vgif_restored_cases() -> Iterator[Case]:
+    bad = "perm/stgi-svme0-vgif-restored"
+    p = {"flags": params.PF_SET_HSAVE, "insn": params.INSNS.index("stgi"),
+         "mode": params.PERM_CPL0, "vmrun_rax": layout.VMCB12_GPA,
+         "hsave_pa": layout.HSAVE_GPA}
+    common = dict(scenario=INSN, payload="perm", needs=frozenset({NEED_SVM, NEED_VGIF}),
+                  on_sync={params.STAGE_BEFORE_L1: RESTORED})
+    yield Case(id=bad, family="perm", expect=exception(UD, "perm64_stgi"), params=p,
+               profiles={"legacy": RESTORED_BUG, "fixed": RESTORED_BUG, "7.x": RESTORED_BUG},
+               source=f"{APM}: #UD with EFER.SVME=0; KVM svm.c svm_set_gif (vgif), "
+               "svm_recalc_instruction_intercepts, nested.c svm_set_nested_state", **common)
+    yield Case(id="negative/perm-stgi-svme1-vgif-restored", family="negative",
+               expect=NO_FAULT, params={**p, "flags": ENABLED},
+               source=f"negative control of {bad}: EFER.SVME=1", control_of=bad, **common)
 
 
 def smm_cases() -> Iterator[Case]:

@@ -98,12 +98,6 @@ def _blocked_by_instruction(m: ModelMachine) -> bool:
     return ev.nmi_masked or (ev.irq is not None and not _rflags(m) & RFLAGS_IF)
 
 
-def _window_wanted(m: ModelMachine) -> bool:
-    """An event waits for GIF: KVM intercepts STGI even with vGIF."""
-    ev = m.events
-    return ev.irq is not None or ev.nmi_pending or m.smm.pending
-
-
 def window(m: ModelMachine) -> Exit | None:
     """At an instruction boundary the run loop stops at: inject what can be."""
     ev, svm = m.events, m.svm
@@ -217,15 +211,6 @@ def around_svm(m: ModelMachine, insn: str) -> Raise | VmExit | Exit | None:
             return Raise(UD)
         if m.cpl:
             return Raise(GP, 0)
-        kept = (not svm.svme and svm.profile.vgif_svme0_intercepts
-                and not (insn == "stgi" and m.vgif_stgi_dropped))
-        if m.vgif and insn in ("stgi", "clgi") and not kept and not _window_wanted(m):
-            # vGIF: KVM leaves STGI/CLGI to the CPU (init_vmcb clears their
-            # intercepts) unless it waits for GIF to deliver an event
-            # (svm_enable_irq_window/nmi/smi: INTERCEPT_STGI).
-            svm.gif = insn == "stgi"
-            m.skip(3)
-            return None
     tf = bool(_rflags(m) & RFLAGS_TF)
     was_guest = svm.guest_mode
     action = svm.execute(insn)
@@ -244,8 +229,7 @@ def vmexit(m: ModelMachine, ex: VmExit) -> Exit | None:
     """nested_svm_vmexit() when VMCB12 may have gone: KVM cannot map it."""
     svm = m.svm
     if m.backed(svm.vmcb12_gpa, 0x1000):
-        svm.vmexit(ex)
-        return None
+        return svm.vmexit(ex)
     if svm.profile.unmappable_vmcb12_at_vmexit == "gp_in_l2":
         # 6.1/6.12: kvm_vcpu_map() fails with -EINVAL, kvm_inject_gp() -- while
         # still in guest mode -- and the #VMEXIT is dropped.

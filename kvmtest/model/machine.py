@@ -68,6 +68,8 @@ from ..observation import NestedView
 from ..payloads import Payload
 from ..vmcb import Vmcb
 from . import events, modes, nested, paging, smm
+from .cpuid import GuestCpu
+from .hwstate import KvmAmd
 from .profiles import Profile
 from .svm import NestedSvm, Raise, VmExit
 from .unicorn_fixups import OldExceptionReset
@@ -149,11 +151,13 @@ def _descriptor(attrib: int, base: int, limit: int) -> int:
 class ModelMachine:
     """Implements backends.base.Machine for one payload; reused across cases."""
 
-    def __init__(self, payload: Payload, profile: Profile, timer: str = TIMER_WATCHDOG) -> None:
+    def __init__(self, payload: Payload, profile: Profile, timer: str = TIMER_WATCHDOG,
+                 kvm_amd: KvmAmd | None = None) -> None:
         if timer not in (TIMER_WATCHDOG, TIMER_UNICORN):
             raise ValueError(f"timer must be {TIMER_WATCHDOG!r} or {TIMER_UNICORN!r}")
         self.payload = payload
         self.timer = timer
+        self.kvm_amd = kvm_amd or KvmAmd()  # the kvm_amd parameters modelled
         self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
         # Haswell has no SVM: SVM opcodes #UD into the hook (DESIGN.md 3).
         self.uc.ctl_set_cpu_model(x86.UC_CPU_X86_HASWELL)
@@ -162,7 +166,7 @@ class ModelMachine:
         self._low_image = self._build_low_image()
         self._code_end = layout.CODE_GPA + len(payload.image)
         self._dirty: set[int] = set()  # page numbers above LOW_REGION
-        self._msr_sites = msr_sites(payload.image)
+        self._msr_sites = msr_sites(payload.image) + smm.handler_msr_sites(payload)
         self._event: tuple | None = None
         self._loading_l2 = False
         self._msr_passthrough: int | None = None
@@ -170,8 +174,6 @@ class ModelMachine:
         self._resume_blocked: str | None = None
         self.smm = smm.SmmState()
         self.events = events.EventState()
-        self.vgif = False  # kvm_amd vgif=1: STGI/CLGI left to the CPU (backend sets it)
-        self.vgif_stgi_dropped = False  # 7.x: svm_set_gif(true) cleared the STGI intercept
         # Extra memslots (add_memory): GPA -> size; deleted ones keep their
         # last contents for the host (delete_memory).
         self._extra: dict[int, int] = {}
@@ -182,7 +184,7 @@ class ModelMachine:
         self._initial = self.uc.context_save()
         self._reset_old_exception = OldExceptionReset(self.uc)
         self._watchdog = Watchdog(self.uc.emu_stop) if timer == TIMER_WATCHDOG else None
-        self.svm = NestedSvm(self, profile, svm_in_cpuid=True)
+        self.svm = NestedSvm(self, profile, GuestCpu.build(svm=True), self.kvm_amd)
 
     # ---- setup -----------------------------------------------------------
 
@@ -243,7 +245,8 @@ class ModelMachine:
 
     # ---- per-case reset --------------------------------------------------
 
-    def reset(self, profile: Profile, svm_in_cpuid: bool) -> None:
+    def reset(self, profile: Profile, svm_in_cpuid: bool,
+              cpuid: dict[str, bool] | None = None) -> None:
         """Back to the state right after construction: the same case then
         gives byte-identical observations (nothing survives but the TB cache)."""
         self.uc.context_restore(self._initial)
@@ -256,12 +259,11 @@ class ModelMachine:
         self.smm = smm.SmmState()
         events.disarm(self)
         self.events = events.EventState()
-        self.vgif_stgi_dropped = False
         for gpa, size in self._extra.items():
             self.uc.mem_unmap(gpa, size)
         self._extra.clear()
         self._deleted.clear()
-        self.svm = NestedSvm(self, profile, svm_in_cpuid=svm_in_cpuid)
+        self.svm = NestedSvm(self, profile, GuestCpu.build(svm_in_cpuid, cpuid), self.kvm_amd)
 
     def close(self) -> None:
         if self._watchdog is not None:
@@ -838,8 +840,7 @@ class ModelMachine:
         if self.svm.guest_mode:
             action = self.svm.on_l2_exception(vector, error_code, cr2)
             if action is not None:
-                self.svm.vmexit(action)
-                return None
+                return self.svm.vmexit(action)
         problem = self._deliver(vector, error_code)
         if problem is None:
             return None
@@ -858,8 +859,7 @@ class ModelMachine:
         if self.svm.guest_mode:
             action = self.svm.on_l2_shutdown()
             if action is not None:
-                self.svm.vmexit(action)
-                return None
+                return self.svm.vmexit(action)
         self._resume_blocked = "the vCPU is in shutdown state"
         return ShutdownExit()
 

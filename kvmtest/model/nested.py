@@ -67,9 +67,8 @@ def set_efer_svme(m: ModelMachine, on: bool) -> int:
         return EINVAL
     efer = m.hw_efer | (layout.EFER_SVME if on else 0)
     if bool(on) != svm.svme:
-        if svm._set_efer(efer) is not None:
+        if svm._set_efer(efer) is not None:  # recalculates vGIF's intercepts (7.x)
             return EINVAL
-        m.vgif_stgi_dropped = False
     return 0
 
 
@@ -91,9 +90,7 @@ def set_state(m: ModelMachine, blob: NestedBlob) -> int:
         return EINVAL
     if not blob.flags & GUEST_MODE:
         svm._leave_nested()
-        svm.gif = bool(blob.flags & GIF_SET)
-        if svm.gif and not svm.svme:
-            m.vgif_stgi_dropped = True  # 7.x svm_set_gif(true): STGI intercept cleared
+        svm._set_gif(bool(blob.flags & GIF_SET))  # with vGIF: drops the STGI intercept
         return 0
     if blob.vmcb_pa & 0xFFF or not cpuid.legal_gpa(blob.vmcb_pa):  # page_address_valid
         return EINVAL
