@@ -25,7 +25,6 @@ from .observation import (
     FAIL_ENTRY,
     GUEST_ASSERT,
     INTERNAL_ERROR,
-    KVM_STATE_NESTED_GUEST_MODE,
     SHUTDOWN,
     SYNC,
     TIMEOUT,

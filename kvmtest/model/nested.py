@@ -66,9 +66,9 @@ def set_efer_svme(m: ModelMachine, on: bool) -> int:
     if on and not svm.svm_in_cpuid:
         return EINVAL
     efer = m.hw_efer | (layout.EFER_SVME if on else 0)
-    if bool(on) != svm.svme:
-        if svm._set_efer(efer) is not None:  # recalculates vGIF's intercepts (7.x)
-            return EINVAL
+    # A change recalculates vGIF's intercepts (7.x, svm._recalc_intercepts).
+    if bool(on) != svm.svme and svm._set_efer(efer) is not None:
+        return EINVAL
     return 0
 
 
