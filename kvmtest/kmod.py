@@ -11,7 +11,7 @@ just what changed (a ``nested.c`` edit rebuilds in a few seconds), which is
 what makes ``git bisect run`` over KVM changes cheap.  Patches are applied
 to the mirror, never to the caller's tree.
 
-Measured figures and the bisect recipe are in ``KMOD_NOTES.md``.
+Measured figures and the bisect recipe are in ``docs/kmod.md``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Builds Debian linux-source-6.1 (6.1.192-2) against linux-headers-6.1.0-56-amd64,
 with and without tests/data/revert-gif-fix-6.1.patch.  The first run is a
 full build (~70 s CPU on 2 cores); later runs reuse the cached work dir and
 take a few seconds.  The boot tests additionally need qemu-system-x86_64.
-See kvmtest/KMOD_NOTES.md.
+See docs/kmod.md; the git history fixture is bisect_fixture.py, next to this file.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from kvmtest.bisect_fixture import (
+from bisect_fixture import (
     BAD_INDEX,
     gif_clear_refs,
     has_gif_fix,
     make_nested_c_history,
 )
+
 from kvmtest.cases import catalogue
 from kvmtest.kmod import (
     NESTED_C,
@@ -200,12 +200,12 @@ def test_git_bisect_run_names_the_gif_fix_removal(
     verdict.write_text(f"""#!/bin/sh
 {sys.executable} -m kvmtest.kmod build --source . --kernel {headers} \\
     --out {tmp_path}/mods --work-dir {stock.work_dir} >&2 || exit 125
-n=$({sys.executable} -c 'import sys; from kvmtest.bisect_fixture import gif_clear_refs as g
+n=$({sys.executable} -c 'import sys; from bisect_fixture import gif_clear_refs as g
 print(g(sys.argv[1]))' {tmp_path}/mods/kvm-amd.ko) || exit 125
 [ "$n" -eq {baseline} ]
 """)
     verdict.chmod(0o755)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{Path(__file__).resolve().parent}"}
 
     def git(*args: str) -> str:
         return subprocess.run(
