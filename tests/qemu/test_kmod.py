@@ -218,6 +218,29 @@ print(g(sys.argv[1]))' {tmp_path}/mods/kvm-amd.ko) || exit 125
     assert f"{shas[BAD_INDEX]} is the first bad commit" in out
 
 
+def _kvmtest(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kvmtest", *args], capture_output=True,
+                          text=True, timeout=1200)
+
+
+def test_kmod_cli_exit_codes(stock: BuiltModules, tree: Path, headers: Path,
+                             tmp_path: Path) -> None:
+    """`kvmtest kmod`: 0 modules match, 3 vermagic mismatch, 1 the build failed."""
+    ok = _kvmtest("kmod", "check", str(stock.out_dir), RELEASE)
+    assert ok.returncode == 0 and f"are for {RELEASE}" in ok.stdout
+    other = _kvmtest("kmod", "check", str(stock.out_dir), "6.1.0-47-amd64")
+    assert other.returncode == 3 and "vermagic mismatch" in other.stderr
+    stale = tmp_path / "stale.patch"
+    stale.write_text(
+        f"--- a/{NESTED_C}\n+++ b/{NESTED_C}\n@@ -1,1 +1,1 @@\n-no such line\n+replacement\n"
+    )
+    failed = _kvmtest("kmod", "build", "--source", str(tree), "--kernel", str(headers),
+                      "--patch", str(stale), "--out", str(tmp_path / "out"),
+                      "--work-dir", str(stock.work_dir))
+    assert failed.returncode == 1 and "does not apply" in failed.stderr
+    assert "Traceback" not in ok.stderr + other.stderr + failed.stderr
+
+
 # --------------------------------------------------------------------------
 # booting the rebuilt modules (the CI proof: GIF=1 cases fail with the revert)
 
@@ -267,6 +290,17 @@ def test_boot_stock_rebuilt_modules_pass(stock: BuiltModules, tmp_path: Path,
     assert report["fingerprint"] == "fixed"
     assert failed == fixed_bugs()  # the SMM known bugs of 6.1, as Debian's own modules
     assert returncode == (1 if failed else 0)
+
+
+@needs_qemu
+def test_bisect_run_good_and_bad(stock: BuiltModules, patched: BuiltModules) -> None:
+    """One `git bisect run` step each: the stock rebuild is good (0), the
+    rebuild without the GIF fix is bad (1)."""
+    for mods, code in ((stock, 0), (patched, 1)):
+        p = _kvmtest("bisect-run", "--kernel", KERNEL, "--kvm-modules", str(mods.out_dir),
+                     "-k", "control/asid0[gif1]")
+        assert p.returncode == code, p.stderr[-2000:]
+        assert f"({code})" in p.stderr.splitlines()[-1]
 
 
 @needs_qemu
