@@ -1,4 +1,4 @@
-"""The CI proof on real kernels (DESIGN.md section 3): Debian 6.1.170 keeps
+"""The CI proof on real kernels (README.md, profiles): Debian 6.1.170 keeps
 the GIF bug, 6.1.192 has the fix, and the model's profiles agree with both,
 case by case.  Each test boots one kernel under QEMU TCG (~15 s).
 
