@@ -20,11 +20,13 @@ from . import argcheck, outputs
 from . import report as rep
 from .argcheck import UsageError
 from .backends import NAMES, BackendError, KernelError, make
+from .bench.kvm import BenchError
 from .cases import DEFAULT_MAXPHYADDR, catalogue
 from .config import Config, ConfigError
 from .console import pipe_safe
 from .display import RunDisplay
 from .judge import PROFILES
+from .kvm import KvmUnavailable
 from .payloads import PayloadError
 from .selection import SelectionError, select
 from .session import Report, run_cases
@@ -339,9 +341,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     except (UsageError, SelectionError, ConfigError) as e:
         print(f"kvmtest: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except PayloadError as e:
+    except (PayloadError, BackendError, KvmUnavailable, BenchError) as e:
         print(f"kvmtest: error: {e}", file=sys.stderr)
         return EXIT_ENV
+    except KernelError as e:
+        print(f"kvmtest: error: {e}", file=sys.stderr)
+        return EXIT_KERNEL
     except KeyboardInterrupt:
         print("kvmtest: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
