@@ -320,6 +320,10 @@ def _unexpected(exc: Exception) -> int:
     """One line for an exception nobody handled, the traceback in a log."""
     log = _traceback_log(exc)
     where = f"traceback in {log}" if log else "traceback below"
+    frames = traceback.extract_tb(exc.__traceback__)
+    if frames:  # where it happened, for a message without a file name
+        f = frames[-1]
+        where = f"in {f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}; {where}"
     if isinstance(exc, OSError) and exc.errno in _ENV_ERRNOS:
         print(f"kvmtest: error: {exc} ({where})", file=sys.stderr)
         code = EXIT_ENV

@@ -318,6 +318,7 @@ def test_internal_error(command):
     assert p.returncode == INTERNAL.get(command, 70), p.stderr
     line = next(line for line in p.stderr.splitlines() if "internal error" in line)
     assert "ZeroDivisionError: injected bug" in line
+    assert "in <string>:3 boom;" in line  # where it was raised
     log = Path(re.search(r"traceback in (\S+)\)", line).group(1))
     try:
         assert "Traceback" not in p.stderr

@@ -2,8 +2,11 @@
 
 run and explain exit 4; bisect-run skips the commit (125)."""
 
+import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -12,9 +15,9 @@ KERNEL = "debian:linux-image-6.1.0-56-amd64-unsigned"
 BROKEN = ("--backend", "qemu", "--kernel", KERNEL, "--kvm-amd-param", "nested=bogus")
 
 
-def kvmtest(*args: str) -> subprocess.CompletedProcess:
+def kvmtest(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "kvmtest", *args], capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, env=dict(os.environ, **(env or {})))
 
 
 def test_kvm_amd_that_refuses_to_load_is_exit_4(tmp_path, qemu_available):
@@ -35,3 +38,35 @@ def test_bisect_run_skips_a_kernel_that_breaks(qemu_available):
     p = kvmtest("bisect-run", *BROKEN[2:], "-k", "control/asid0[gif1]")
     assert p.returncode == 125, p.stderr[-2000:]
     assert "the kernel could not be tested: skip (125)" in p.stderr
+
+
+@pytest.fixture
+def full_cache():
+    """A 1 MiB tmpfs as the cache: the vmlinux extracted for a PVH boot does not fit."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    d = Path(tempfile.mkdtemp(prefix="kvmtest-full-"))
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        d.rmdir()
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    yield d
+    subprocess.run(["umount", str(d)], check=True)
+    d.rmdir()
+
+
+def test_disk_full_while_caching_the_vmlinux(full_cache, qemu_available):
+    """ENOSPC before the boot: an environment error (3), and bisect-run stops
+    (128) rather than marking the commit bad."""
+    from kvmtest.qemu import resolve_kernel
+
+    kernel = resolve_kernel(KERNEL)  # from the real cache, before it is swapped
+    args = ("--kernel", str(kernel.image), "--modules", str(kernel.modules_dir), "-k", "asid0")
+    env = {"KVMTEST_CACHE": str(full_cache)}
+    p = kvmtest("run", "--backend", "qemu", *args, env=env)
+    assert p.returncode == 3, p.stderr[-2000:]
+    assert "No space left on device" in p.stderr and "Traceback" not in p.stderr
+    p = kvmtest("bisect-run", *args, env=env)
+    assert p.returncode == 128, p.stderr[-2000:]
+    assert "stopping the bisect (128)" in p.stderr
