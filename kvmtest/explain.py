@@ -290,13 +290,13 @@ def _vmexit_rows(case: Case, want: Expect, obs: Observation) -> list[Row]:
     rows += [_row("gif", (want.gif_after,), obs.gif),
              _row("guest_mode", (False,), obs.guest_mode)]
     l1 = obs.l1 or {}
+    flipped = dict(want.l1_flipped)  # bits a known bug flips in L1's registers
     for reg in j.L1_REGS:
         pre = l1.get(f"pre_{reg}")
         if pre is None:
             rows.append((f"l1.{reg}", "as before VMRUN", _fmt(l1.get(reg)), False))
             continue
-        rows.append(_row(f"l1.{reg}", (pre | (want.l1_cr4_gained if reg == "cr4" else 0),),
-                         l1.get(reg)))
+        rows.append(_row(f"l1.{reg}", (pre ^ flipped.get(reg, 0),), l1.get(reg)))
     if want.event_inj_cleared is not None:
         before = case.vmcb.get("event_inj", 0)
         rows.append(_row("event_inj", (0 if want.event_inj_cleared else before,),
