@@ -95,7 +95,8 @@ def test_mode_000(nodes):
     assert "(c--------- root:root): no one may open it" in line
 
 
-def test_the_same_node_opens_when_the_mode_allows_it(nodes):
+@pytest.mark.kvm
+def test_the_same_node_opens_when_the_mode_allows_it(nodes, real_kvm):
     """The control: same node, same user, mode 0666: the run works."""
     node = make_node(nodes, 0o666)
     p = as_nobody(node)
