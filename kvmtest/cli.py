@@ -301,6 +301,9 @@ def parser() -> Parser:
                    help="qemu: kernel(s) to time (default: Debian 6.1.170 and 6.1.192)")
     p.set_defaults(func=cmd_bench)
     _add_qemu_commands(sub)
+    from .report_cli import add_commands as add_report_commands  # matrix, report
+
+    add_report_commands(sub)
     ap.commands = sub.choices
     return ap
 

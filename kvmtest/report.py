@@ -97,6 +97,12 @@ def status_text(done: int, total: int, counts: Counter, current: str, elapsed: f
     return f"{' '.join(parts)}  {minutes}:{seconds:02d}  {current}"
 
 
+def junit_text(report: Report) -> str:
+    from . import junit  # built from the run's JSON, like `kvmtest report`'s
+
+    return junit.from_run(report.to_json())
+
+
 def json_text(report: Report) -> str:
     return json.dumps(report.to_json(), indent=1, sort_keys=True) + "\n"
 
@@ -127,4 +133,5 @@ def ktap(report: Report) -> str:
 FORMATS: dict[str, tuple[str, Callable[[Report], str]]] = {
     "json": ("write the JSON report here", json_text),
     "ktap": ("write a KTAP v1 report here", ktap),
+    "junit": ("write JUnit XML here", junit_text),
 }
