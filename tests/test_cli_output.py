@@ -137,6 +137,10 @@ def test_json_and_ktap_to_stdout():
     assert not os.path.exists("-")
     p = kvmtest("run", "--backend", "model", "-k", "asid0", "--ktap", "-")
     assert p.stdout.startswith("KTAP version 1\n") and p.stdout.count("\nok ") == 7
+    p = kvmtest("run", "--backend", "model", "-k", "asid0", "--junit", "-")
+    assert p.stdout.startswith("<?xml") and p.stdout.count("<testcase ") == 7
+    p = kvmtest("run", "--backend", "model", "-k", "asid0", "--junit", "-", "--json", "-")
+    assert p.returncode == 2 and "only one report can go to standard output" in p.stderr
 
 
 def test_report_to_a_fifo_is_written_in_place(tmp_path):
