@@ -140,10 +140,23 @@ def check_run_args(args: argparse.Namespace, kernel_paths: bool = True) -> None:
         raise UsageError(f"no case matches -k {args.k!r}")
     argcheck.report_paths(report_paths(args))
     _backend_options(args)
+    if args.backend == "model" and getattr(args, "kvm_amd_param", None):
+        _check_model_params(args)
     if getattr(args, "artifacts", None):
         argcheck.writable_dir("--artifacts", args.artifacts)
     if kernel_paths:
         argcheck.kernel_paths(args)
+
+
+def _check_model_params(args: argparse.Namespace) -> None:
+    """The kvm_amd parameters the model cannot emulate, refused by the model itself."""
+    from .backends.model import ModelBackend
+
+    try:
+        ModelBackend(args.profile or PROFILES[-1],
+                     kvm_amd_params=_backend_options(args).get("kvm_amd_params")).close()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def write_reports(report: Report, paths: dict[str, str]) -> None:
@@ -263,7 +276,8 @@ def add_run_options(p: argparse.ArgumentParser, selection: bool = True) -> None:
     p.add_argument("--cpu", default=None,
                    help="qemu: CPU model (default: EPYC under TCG, host with -enable-kvm)")
     p.add_argument("--kvm-amd-param", action="append", metavar="NAME=VALUE",
-                   help="qemu: extra kvm_amd parameter (nested=1 is always set)")
+                   help="qemu: extra kvm_amd parameter (nested=1 is always set); "
+                   "model: the parameters to emulate (npt, vgif, vls)")
     p.add_argument("--artifacts", metavar="DIR", help="qemu: keep console and logs here")
 
 
@@ -304,6 +318,9 @@ def parser() -> Parser:
     from .report_cli import add_commands as add_report_commands  # matrix, report
 
     add_report_commands(sub)
+    from .cache_cli import add_command as add_cache_command
+
+    add_cache_command(sub)
     ap.commands = sub.choices
     return ap
 
