@@ -285,6 +285,7 @@ def test_bisect_run_internal_error_stops():
                  "/etc/hostname", "-k", "asid0")
     assert p.returncode == 128
     assert "internal error" in p.stderr and "stopping the bisect (128)" in p.stderr
+    Path(re.search(r"traceback in (\S+)\)", p.stderr).group(1)).unlink()
 
 
 def test_bisect_run_missing_kernel_after_build_stops(tmp_path):
