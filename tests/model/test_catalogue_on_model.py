@@ -5,9 +5,9 @@ consistency-check cases plus the bugs measured on 6.1.170)."""
 
 import json
 import subprocess
-from pathlib import Path
 import sys
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
