@@ -59,7 +59,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def _backend_options(args: argparse.Namespace) -> dict:
     if args.backend != "qemu":
-        for opt in ("kernel", "modules", "kvm_modules", "cpu", "kvm_amd_param", "artifacts"):
+        for opt in ("kernel", "modules", "kvm_modules", "cpu", "kvm_amd_param", "artifacts",
+                    "keep"):
             if getattr(args, opt, None):
                 raise CliError(f"--{opt.replace('_', '-')} needs --backend qemu", EXIT_USAGE)
         return {}
@@ -73,7 +74,8 @@ def _backend_options(args: argparse.Namespace) -> dict:
             raise CliError(f"--kvm-amd-param wants NAME=VALUE, not {p!r}", EXIT_USAGE)
         params[name] = value
     return {"kernel": args.kernel, "modules": args.modules, "kvm_modules": args.kvm_modules,
-            "cpu": args.cpu, "kvm_amd_params": params, "artifacts": args.artifacts}
+            "cpu": args.cpu, "kvm_amd_params": params, "artifacts": args.artifacts,
+            "keep": getattr(args, "keep", False)}
 
 
 def run_report(args: argparse.Namespace, quiet: bool = False) -> Report:
@@ -165,6 +167,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kvm-amd-param", action="append", metavar="NAME=VALUE",
                    help="qemu: extra kvm_amd parameter (nested=1 is always set)")
     p.add_argument("--artifacts", metavar="DIR", help="qemu: keep console and logs here")
+    p.add_argument("--keep", action="store_true",
+                   help="qemu: keep the temporary artifacts directory (kept anyway on failure)")
 
 
 def parser() -> argparse.ArgumentParser:
