@@ -79,7 +79,7 @@ FRAMES: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
                "error": ((str,), False), "seconds": (_NUM, False)},
     "bye": {},
 }
-MAX_STRING = 64 * 1024  # any string field of a frame
+MAX_STRING = 192 * 1024  # any string field (/init's output frames: 64 KiB as hex)
 
 
 def decode(line: bytes) -> dict[str, Any]:

@@ -40,6 +40,8 @@ SCRIPT = "/opt/hostile.py"
 HOSTILE = r'''
 import json, os, sys, time
 MODE, ARG = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else ""
+# The canary's token travels reversed: the command file must not contain it.
+TOKEN = ("kvmtest-canary " + sys.argv[3][::-1]).encode() if len(sys.argv) > 3 else b"\0"
 FD = int(os.environ.get("KVMTEST_CHANNEL_FD", "3"))
 
 def raw(data):
@@ -96,7 +98,7 @@ def probe():
         except OSError as e:
             found[path] = "error %s" % e.errno
     found["/root"] = sorted(os.listdir("/root")) if os.path.isdir("/root") else "absent"
-    token, hits = ARG.rsplit("/", 1)[-1].encode(), []
+    token, hits = TOKEN, []
     for top in ("/bin", "/lib", "/lib64", "/opt", "/tmp", "/run", "/init", "/etc", "/root"):
         for dirpath, dirs, files in os.walk(top):
             for name in files:
@@ -122,6 +124,7 @@ def probe():
 plant_symlinks()
 if MODE == "probe":
     probe()
+    sys.exit(0)
 elif MODE == "exit-early":
     print("hostile: leaving before hello", file=sys.stderr)
     sys.exit(3)
@@ -135,7 +138,7 @@ elif MODE == "flood-line":       # 2 GiB without a newline
         raw(chunk)
 elif MODE == "flood-frames":     # 2 GiB of well-formed frames
     first_case()
-    line = (json.dumps({"t": "output", "stream": "stdout", "hex": "41" * 100000}) + "\n").encode()
+    line = (json.dumps({"t": "output", "stream": "stdout", "hex": "41" * 90000}) + "\n").encode()
     for _ in range((2 << 30) // len(line)):
         raw(line)
 elif MODE == "not-json":
@@ -183,12 +186,16 @@ def _tree(directory: Path) -> dict[str, tuple[int, int, str]]:
 
 @pytest.fixture
 def victim(tmp_path: Path) -> Path:
-    """A host 'secret' with a random token the guest must never see."""
+    """A host 'secret' holding a random canary the guest must never see."""
     directory = tmp_path / "victim"
     directory.mkdir()
-    secret = directory / f"secret-{secrets.token_hex(8)}"
-    secret.write_text(f"token {secret.name}\n")
+    secret = directory / "secret"
+    secret.write_text(f"kvmtest-canary {secrets.token_hex(16)}\n")
     return secret
+
+
+def _reversed_token(victim: Path) -> str:
+    return victim.read_text().split()[1][::-1]
 
 
 def _assert_clean_artifacts(directory: Path) -> None:
@@ -202,8 +209,9 @@ def test_the_guest_sees_nothing_of_the_host(tmp_path: Path, victim: Path) -> Non
     shadow = os.stat("/etc/shadow") if os.path.exists("/etc/shadow") else None
     before = _tree(victim.parent)
     out = tmp_path / "out"
-    result = boot(KERNEL, [GUEST_PYTHON, "-S", "-I", SCRIPT, "probe", str(victim)], outdir=out,
-                  files={SCRIPT: HOSTILE.encode()}, timeout=240)
+    result = boot(KERNEL, [GUEST_PYTHON, "-S", "-I", SCRIPT, "probe", str(victim),
+                           _reversed_token(victim)], outdir=out,
+                  files={SCRIPT: HOSTILE.encode()}, timeout=120)
     assert result.returncode == 0, (result.failure(), result.stderr, result.console_tail())
     found = json.loads(result.stdout)
     for path in ("/etc/shadow", "/root/.ssh", "/home", "/work", "/proc/1/root/etc/shadow",
