@@ -3,7 +3,6 @@ host uses on what a guest sends."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 

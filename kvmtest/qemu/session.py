@@ -60,20 +60,16 @@ from kvmtest.qemu.machine import (
     DEFAULT_KVM_AMD_PARAMS,
     GUEST_ENV,
     MACHINES,
-    Limits,
-    Machine,
     ModuleLoad,
-    _open_output,
     choose_accel,
     choose_machine,
     initrd_memfd,
     kernel_image,
     kvm_error,
     module_from_frame,
-    printable,
     qemu_argv,
-    qemu_identity,
 )
+from kvmtest.qemu.process import Limits, QemuProcess, open_output, printable, qemu_identity
 from kvmtest.qemu.runtime import GUEST_AGENT
 
 AGENT = GUEST_AGENT
@@ -186,13 +182,14 @@ class QemuSession:
         self.facts: Facts | None = None
         self.modules: list[ModuleLoad] = []
         self.dev_kvm: bool | None = None
-        self.marks: dict[str, float] = {}
+        self.marks: dict[str, float] = {}  # guest uptime at each /init and agent stage
+        self.host_marks: dict[str, float] = {}  # host clock (since QEMU started) on arrival
         self.output: dict[str, bytes] = {"stdout": b"", "stderr": b""}
         self.timings: dict[str, float | None] = {}
         self.failed = False
         self.closed = False
         self.run_as = ""
-        self._vm: Machine | None = None
+        self._vm: QemuProcess | None = None
         self._paths: dict[str, Path | None] = {}
         self._transcript: int | None = None
         self._transcript_size = 0
@@ -240,7 +237,7 @@ class QemuSession:
         initrd, plan = initrd_memfd(self.kernel, boot_config)
         self._paths = {planned.name: planned.path for planned in plan}
         self.outdir = self._prepare_outdir()
-        self._transcript = _open_output(self.outdir / "session.jsonl")
+        self._transcript = open_output(self.outdir / "session.jsonl")
         run_as = qemu_identity(self.accel)
         self.run_as = run_as.user + (f" ({run_as.note})" if run_as.note else "")
         append = f"{machine_append} {self.append}".strip()
@@ -249,7 +246,7 @@ class QemuSession:
             return qemu_argv(**fds, accel=self.accel, cpu=self.cpu, memory=self.memory,
                              smp=1, append=append, machine=machine)
 
-        self._vm = Machine(argv, outdir=self.outdir, kernel_image=image, initrd_fd=initrd,
+        self._vm = QemuProcess(argv, outdir=self.outdir, kernel_image=image, initrd_fd=initrd,
                            run_as=run_as, limits=self.limits)
         self._vm.start()
         self.timings["host_prep_s"] = round(self._vm.started - self._host_start, 3)
@@ -321,6 +318,7 @@ class QemuSession:
         if kind == "mark" and len(self.marks) < 32:
             stage = printable(frame["stage"], 40)
             self.marks[stage] = float(frame["uptime"])
+            self.host_marks[stage] = round(self._vm.elapsed, 3)
             if phase in ("boot", "modules"):
                 self._phase({"channel": "modules", "modules": "agent"}.get(stage, phase))
         elif kind == "module" and phase == "modules":

@@ -23,7 +23,7 @@ import pytest
 
 from kvmtest.cases import catalogue
 from kvmtest.qemu import GUEST_PYTHON, GuestFault
-from kvmtest.qemu.machine import STOPPED_GRACE
+from kvmtest.qemu.process import STOPPED_GRACE
 from kvmtest.qemu.session import QemuSession
 
 pytestmark = [
@@ -194,3 +194,15 @@ def test_cli_exits_4_with_the_fault(sig: int, when: str, pattern: str, tmp_path:
     if when != "cases":
         assert Path(kept.group(1)).name.startswith("kvmtest-qemu-")
         shutil.rmtree(kept.group(1))
+
+
+def test_qemu_that_refuses_to_start_says_so() -> None:
+    from kvmtest.config import Config
+
+    with pytest.raises(GuestFault) as info, QemuSession(KERNEL, config=Config(cpu="NoSuchCpu")):
+        pass
+    fault = info.value
+    assert fault.phase == "boot"
+    assert re.match(r"QEMU failed to start: .*NoSuchCpu", fault.what), str(fault)
+    assert fault.qemu_status == "exited with status 1"
+    shutil.rmtree(fault.artifacts or "/nonexistent", ignore_errors=True)

@@ -25,7 +25,7 @@ import pytest
 
 from kvmtest.cases import catalogue
 from kvmtest.qemu import GUEST_PYTHON, GuestFault, QemuError, boot
-from kvmtest.qemu.machine import Limits
+from kvmtest.qemu.process import Limits
 from kvmtest.qemu.session import QemuSession
 
 pytestmark = [
