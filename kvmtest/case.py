@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from . import layout, params
+from . import cpuid_features, layout, params
 
 # GIF modes for VMRUN cases: GIF=1 at VMRUN (as after reset) or CLGI first.
 GIF1 = "gif1"
@@ -32,14 +32,19 @@ NEED_NPT = "npt"  # kvm_amd npt=1: L1 may set NP_ENABLE
 NEED_NO_NPT = "no_npt"  # kvm_amd npt=0: L1 runs on shadow paging
 NEED_VGIF = "vgif"  # vGIF on: STGI/CLGI not intercepted
 NEED_NO_VGIF = "no_vgif"  # vGIF off
-CONFIG_NEEDS = (NEED_NPT, NEED_NO_NPT, NEED_VGIF, NEED_NO_VGIF)
+NEED_VLS = "vls"  # virtual VMLOAD/VMSAVE on: VMLOAD/VMSAVE not intercepted
+NEED_NO_VLS = "no_vls"  # vls off
+# The CPU model (--cpu) is part of the configuration too.
+NEED_CPU_PCID = "cpu_pcid"  # the CPU has PCID (CR4.PCIDE can reach hardware)
+CONFIG_NEEDS = (NEED_NPT, NEED_NO_NPT, NEED_VGIF, NEED_NO_VGIF, NEED_VLS, NEED_NO_VLS,
+                NEED_CPU_PCID)
 
 
 @dataclass(frozen=True)
 class Expect:
     """What a correct kernel does.
 
-    kind: "vmexit_invalid"  failed VMRUN: the contract of DESIGN.md section 1
+    kind: "vmexit_invalid"  failed VMRUN: the contract (README.md, items 1 to 3)
           "vmexit"          VMRUN succeeds and L2 exits with exit_code
           "exception"       L1 takes `vector` at symbol `at` (error_code if set)
           "no_fault"        the instruction completes (with exit_code: a VMRUN that
@@ -48,6 +53,10 @@ class Expect:
           "accepted"        KVM_SET_NESTED_STATE succeeds and the vCPU is in guest mode
           "shutdown"        the vCPU shuts down (KVM_EXIT_SHUTDOWN), e.g. RSM refusing
                             to re-enter L2 with an invalid VMCB12
+          "internal_error"  KVM_RUN ends in KVM_EXIT_INTERNAL_ERROR with `suberror`
+                            (and, with exit_code set, while handling that SVM exit)
+          "fail_entry"      KVM_RUN ends in KVM_EXIT_FAIL_ENTRY: the CPU refused the
+                            state KVM tried to enter (hardware_entry_failure_reason)
     """
 
     kind: str
@@ -55,9 +64,14 @@ class Expect:
     vector: int | None = None
     at: str | None = None
     error_code: int | None = None
+    suberror: int | None = None  # internal_error: KVM_INTERNAL_ERROR_*
     # After the #VMEXIT: True = EVENTINJ must read 0, False = must be kept,
     # None = not part of this expectation.
     event_inj_cleared: bool | None = None
+    # After a #VMEXIT from an L2 that took the injected event: EVENTINJ.V
+    # must read 0 (the CPU clears it once the event is delivered, APM 15.20;
+    # the other bits are then meaningless: 6.1 leaves ERRORCODE there).
+    event_inj_taken: bool = False
     # The failure is detected by the CPU's own VMRUN checks and reflected to
     # L1 by KVM (kernels without the software check).  KVM copies the CPU's
     # exit code, and QEMU's TCG writes VMEXIT_INVALID as 32 bits
@@ -69,27 +83,52 @@ class Expect:
     known_bug: str | None = None
     # GIF after the #VMEXIT: architecturally 0; a legacy kernel leaves it set.
     gif_after: bool = False
-    # CR4 bits L1 finds set after the #VMEXIT that it did not set (a bug's
-    # signature; 0 = L1's CR4 intact, as the contract says).
-    l1_cr4_gained: int = 0
+    # L1 register bits that come back flipped after the #VMEXIT, as
+    # (register, mask) pairs over params.RESULT's pre_* registers: a bug's
+    # signature (KVM's hardware bits leaking into L1), or what an SMM
+    # handler wrote into L1's saved state.  () = L1's state intact, as the
+    # contract says.
+    l1_flipped: tuple[tuple[str, int], ...] = ()
+    # The event L2 takes through its own IDT (cases with PF_L2_IDT):
+    # (vector, error code pushed or None for none, or ANY_ERROR_CODE when
+    # the CPU model decides); None: no event may reach L2.
+    l2_event: tuple[int, int | None] | None = None
+    # EXITINTINFO[31:0] a successful #VMEXIT must write (None: V=0, no event
+    # was being delivered).
+    exit_int_info: int | None = None
+    # Other outcomes this kernel generation shows now and then, each judged
+    # as a whole (a known bug among them still fails): for a race in the
+    # kernel that no case can steer (cases/eventinj.py, reserved TYPEs).
+    alternatives: tuple[Expect, ...] = ()
 
     def describe(self) -> str:
-        if self.kind == "vmexit":
+        if self.kind == "vmexit" and self.l2_event is None:
             return f"vmexit {self.exit_code:#x}"
         if self.kind == "exception":
             ec = "" if self.error_code is None else f" ec={self.error_code:#x}"
             return f"{_VECTOR_NAMES.get(self.vector or 0, self.vector)}{ec} at {self.at}"
         text = self.kind.replace("_", " ")
+        if self.kind == "vmexit":
+            text = f"vmexit {self.exit_code:#x}"
+        if self.kind == "internal_error" and self.suberror is not None:
+            text += f" (suberror {self.suberror})"
         if self.kind == "no_fault" and self.exit_code is not None:
             text += f", then vmexit {self.exit_code:#x}"
         if self.known_bug:
             text += f" (bug: {self.known_bug})"
         if self.event_inj_cleared is not None:
             text += ", EVENTINJ " + ("cleared" if self.event_inj_cleared else "kept")
+        if self.l2_event is not None:
+            vec, err = self.l2_event
+            text += f", L2 takes vector {vec:#x}" + (
+                "" if err == ANY_ERROR_CODE else " without error code" if err is None
+                else f" ec={err:#x}")
         return text
 
 
 _VECTOR_NAMES = {0: "#DE", 6: "#UD", 13: "#GP", 14: "#PF", 8: "#DF"}
+# l2_event error code: pushed or not is the CPU's choice (see cases/eventinj.py).
+ANY_ERROR_CODE = -1
 
 VMEXIT_INVALID = Expect("vmexit_invalid")
 VMEXIT_INVALID_HW = Expect("vmexit_invalid", hw_checked=True)
@@ -126,7 +165,8 @@ class Case:
     vmcb: Mapping[str, int] = field(default_factory=dict)  # VMCB12 field -> value
     l2_entry: str = "l2_vmmcall"
     memory: Mapping[int, bytes] = field(default_factory=dict)  # extra guest memory
-    # SMM scenario: VMCB12 fields the SMM handler writes (VMCB12 at VMRUN is valid).
+    # SMM scenario: what the SMM handler writes (VMCB12 at VMRUN is valid):
+    # VMCB12 fields, or "hsave."/"smram."/"msr." targets (kvmtest.smm.write_target).
     smm_vmcb: Mapping[str, int] = field(default_factory=dict)
     needs: frozenset[str] = frozenset({NEED_SVM})
     # Kernel generations that legitimately differ: profile -> expectation.
@@ -135,13 +175,18 @@ class Case:
     profiles: Mapping[str, Expect] = field(default_factory=dict)
     # The case it is the negative control of (same VMCB minus the defect).
     control_of: str | None = None
+    # Guest CPUID feature bits forced on (True) or off (False) on top of the
+    # backend's guest CPUID (names: kvmtest.cpuid_features), for checks
+    # whose legality follows the guest CPUID.
+    cpuid: Mapping[str, bool] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("params", "vmcb", "memory", "profiles", "smm_vmcb"):
+        for name in ("params", "vmcb", "memory", "profiles", "smm_vmcb", "cpuid"):
             object.__setattr__(self, name, _frozen(getattr(self, name)))
         unknown = set(self.params) - set(params.PARAMS)
         if unknown:
             raise ValueError(f"{self.id}: unknown params {sorted(unknown)}")
+        cpuid_features.check(self.cpuid)
 
     @property
     def configs(self) -> list[str]:

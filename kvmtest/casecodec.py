@@ -80,13 +80,30 @@ def _encode_key(key: Any) -> str:
     raise CodecError(f"cannot encode dict key {key!r}")
 
 
+def _check_types(cls: type, seen: set[type]) -> None:
+    """A CodecError now for a field type the codec cannot carry (nested too)."""
+    if cls in seen:
+        return
+    seen.add(cls)
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        _converter(hints[f.name], f"{cls.__name__}.{f.name}", True)
+        for inner in _nested_dataclasses(hints[f.name]):
+            _check_types(inner, seen)
+
+
+def _nested_dataclasses(tp: Any) -> list[type]:
+    if dataclasses.is_dataclass(tp):
+        return [tp]
+    return [d for arg in typing.get_args(tp) for d in _nested_dataclasses(arg)]
+
+
 @functools.cache
 def _encoders(cls: type) -> tuple[tuple[str, bool, Any], ...]:
     """(name, has a default, the default) per field; an unknown type fails here."""
-    hints = _hints(cls)
+    _check_types(cls, set())
     out = []
     for f in dataclasses.fields(cls):
-        _converter(hints[f.name], f"{cls.__name__}.{f.name}", True)
         if f.default is not dataclasses.MISSING:
             out.append((f.name, True, f.default))
         elif f.default_factory is not dataclasses.MISSING:
@@ -122,6 +139,7 @@ def _hints(cls: type) -> dict[str, Any]:
 
 @functools.cache
 def _dataclass_converter(cls: type, strict: bool) -> Convert:
+    _check_types(cls, set())
     hints = _hints(cls)
     fields = {f.name: (f, _converter(hints[f.name], f"{cls.__name__}.{f.name}", strict))
               for f in dataclasses.fields(cls) if f.init}
@@ -169,11 +187,14 @@ def _converter(tp: Any, where: str, strict: bool) -> Convert:
     if tp is Any:
         return _any(strict)
     if dataclasses.is_dataclass(tp):
-        return _dataclass_converter(tp, strict)
+        # Looked up when used: a dataclass may contain itself (Expect.alternatives).
+        return lambda v, w: _dataclass_converter(tp, strict)(v, w)
     if tp in _SCALARS:
         return _SCALARS[tp] if strict else _LOOSE.get(tp, _identity)
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        return _fixed_tuple([_converter(a, where, strict) for a in args], strict)
     if origin in (list, tuple, frozenset, set) and args:
-        if origin is tuple and (len(args) != 2 or args[1] is not Ellipsis):
+        if origin is tuple and len(args) != 2:
             raise CodecError(f"{where}: unsupported tuple type {tp}")
         return _sequence(origin, _converter(args[0], where, strict), strict)
     if origin in (dict, Mapping) and len(args) == 2:
@@ -234,6 +255,21 @@ def _sequence(kind: type, item: Convert, strict: bool) -> Convert:
 
     def loose(value: Any, where: str) -> Any:
         return kind(item(v, where) for v in value)
+
+    return convert if strict else loose
+
+
+def _fixed_tuple(items: list[Convert], strict: bool) -> Convert:
+    """tuple[A, B]: a list of exactly that many values, each of its own type."""
+
+    def convert(value: Any, where: str) -> tuple:
+        if type(value) is not list or len(value) != len(items):
+            raise CodecError(f"{where}: expected a list of {len(items)}, got {_kind(value)}")
+        pairs = enumerate(zip(items, value, strict=True))
+        return tuple(item(v, f"{where}[{i}]") for i, (item, v) in pairs)
+
+    def loose(value: Any, where: str) -> tuple:
+        return tuple(item(v, where) for item, v in zip(items, value, strict=True))
 
     return convert if strict else loose
 

@@ -7,13 +7,23 @@ import errno
 from . import layout, params, ucall, vmcb12
 from .backends.base import Backend, Machine
 from .case import INSN, NEED_SVM, SET_NESTED_STATE, SMM, VMRUN, Case
-from .exits import EmulationError, InterruptedExit, IoExit, ShutdownExit, TimedOut
+from .exits import (
+    EmulationError,
+    FailEntryExit,
+    InternalErrorExit,
+    InterruptedExit,
+    IoExit,
+    ShutdownExit,
+    TimedOut,
+)
 from .observation import (
     ACCEPTED,
     EINVAL,
     EMULATION_ERROR,
     EXCEPTION,
+    FAIL_ENTRY,
     GUEST_ASSERT,
+    INTERNAL_ERROR,
     KVM_STATE_NESTED_GUEST_MODE,
     SHUTDOWN,
     SYNC,
@@ -52,6 +62,8 @@ def _read_vmcb12(m: Machine, obs: Observation) -> None:
     obs.exit_info_2 = v["exit_info_2"]
     obs.exit_int_info = v["exit_int_info"]
     obs.event_inj = v["event_inj"]
+    obs.int_ctl = v["int_ctl"]
+    obs.tlb_ctl = v["tlb_ctl"]
 
 
 def _on_sync(m: Machine, case: Case, obs: Observation) -> None:
@@ -97,6 +109,12 @@ def drive(m: Machine, case: Case, payload: Payload, timeout: float) -> Observati
             obs.outcome, obs.detail = TIMEOUT, f"no report within {ex.seconds:g} s"
         elif isinstance(ex, ShutdownExit):
             obs.outcome, obs.detail = SHUTDOWN, "L1 triple fault (KVM_EXIT_SHUTDOWN)"
+        elif isinstance(ex, InternalErrorExit):
+            obs.outcome, obs.exit_data = INTERNAL_ERROR, [ex.suberror, *ex.data]
+            obs.detail = f"KVM_EXIT_INTERNAL_ERROR suberror {ex.suberror} data {list(ex.data)}"
+        elif isinstance(ex, FailEntryExit):
+            obs.outcome, obs.exit_data = FAIL_ENTRY, [ex.reason]
+            obs.detail = f"KVM_EXIT_FAIL_ENTRY reason {ex.reason:#x} (cpu {ex.cpu})"
         elif isinstance(ex, EmulationError):
             obs.outcome = EMULATION_ERROR
             obs.detail = f"{ex.message} at RIP {ex.rip:#x} ({symbolize(payload, ex.rip)})"
@@ -137,7 +155,10 @@ def set_nested_state(m: Machine, case: Case, payload: Payload, timeout: float) -
 def run_case(backend: Backend, case: Case, timeout: float = DEFAULT_TIMEOUT) -> Observation:
     payload = load_payload(case.payload)
     svm = NEED_SVM in case.needs
-    with backend.kernel_log() as warnings, backend.machine(payload, svm=svm) as m:
+    # Only a case that changes the guest CPUID passes cpuid= (other backends
+    # need not know the keyword).
+    extra = {"cpuid": case.cpuid} if case.cpuid else {}
+    with backend.kernel_log() as warnings, backend.machine(payload, svm=svm, **extra) as m:
         prepare_memory(m, case, payload)
         if case.scenario == SET_NESTED_STATE:
             obs = set_nested_state(m, case, payload, timeout)

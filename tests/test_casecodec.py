@@ -105,3 +105,14 @@ def test_a_new_case_field_is_carried_without_codec_changes() -> None:
     assert from_json(Extended, data) == case
     minimal = Extended(id="e", family="f", scenario=INSN, expect=Expect("no_fault"), source="s")
     assert set(to_json(minimal)) == {"id", "family", "scenario", "expect", "source"}
+
+
+def test_recursive_and_fixed_tuple_fields_round_trip() -> None:
+    """Expect.alternatives holds Expects; l1_flipped and l2_event are fixed tuples."""
+    inner = Expect("vmexit", exit_code=0x81, l2_event=(14, None))
+    outer = Expect("vmexit_invalid", l1_flipped=(("pre_cr4", 1 << 6),), alternatives=(inner,))
+    data = json.loads(json.dumps(to_json(outer)))
+    assert data["alternatives"][0]["l2_event"] == [14, None]
+    assert from_json(Expect, data) == outer
+    with pytest.raises(CodecError, match=r"l2_event: expected a list of 2"):
+        from_json(Expect, {**data, "l2_event": [14]})

@@ -2,7 +2,7 @@
 
 import pytest
 
-from kvmtest import layout
+from kvmtest import layout, smm
 from kvmtest.case import GIF0, GIF1, SMM, VMRUN
 from kvmtest.cases import catalogue
 from kvmtest.judge import PROFILES
@@ -31,7 +31,9 @@ def test_case_is_well_formed(case):
         assert case.gif_mode in (GIF0, GIF1)
     if case.scenario == SMM:
         payload.sym(case.l2_entry)
-        assert set(case.smm_vmcb) <= set(FIELDS) and not case.vmcb, "VMCB12 is valid at VMRUN"
+        assert not case.vmcb, "VMCB12 is valid at VMRUN"
+        for name in case.smm_vmcb:
+            smm.write_target(name)  # every handler write names a real target
 
 
 def failing(c):
@@ -63,15 +65,22 @@ def test_smm_case_has_negative_control_differing_only_by_the_defect(case):
     if case.smm_vmcb:  # the handler's defect, written legally in the control
         assert set(ctl.smm_vmcb) == set(case.smm_vmcb) and ctl.smm_vmcb != case.smm_vmcb
         assert ctl.params == case.params
-    else:  # L1's own setup is the difference (smm/l1-cr4-kept)
+    else:  # L1's own setup is the difference (the smm/l1-* leak family)
         assert ctl.smm_vmcb == case.smm_vmcb and ctl.params != case.params
+    assert (ctl.needs, ctl.memory) == (case.needs, case.memory)
 
 
 def test_both_gif_modes_for_every_vmrun_row():
-    ids = {c.id for c in CASES if c.scenario == VMRUN}
-    for i in ids:
-        if i.endswith(f"[{GIF1}]"):
-            assert i.replace(GIF1, GIF0) in ids
+    """gif1 <-> gif0 in both directions, with the same VMCB12 and expectations."""
+    by = {c.id: c for c in CASES if c.scenario == VMRUN}
+    for i, c in by.items():
+        for mine, other in ((GIF1, GIF0), (GIF0, GIF1)):
+            if i.endswith(f"[{mine}]"):
+                twin = by.get(i[: -len(mine) - 2] + f"[{other}]")
+                assert twin is not None, f"{i} has no [{other}] twin"
+                assert c.gif_mode == mine and twin.gif_mode == other
+                assert (twin.vmcb, twin.memory, twin.l2_entry) == (c.vmcb, c.memory, c.l2_entry)
+    assert all(c.gif_mode in (GIF1, GIF0) for c in by.values() if not c.id.startswith("insn/"))
 
 
 def test_catalogue_tracks_maxphyaddr_but_not_ids():

@@ -33,7 +33,10 @@ def make(name: str, profile: str | None = None, **options: Any) -> tuple[Any, st
         from .model import ModelBackend
 
         profile = profile or "7.x"
-        return ModelBackend(profile), f"backend model: profile {profile}"
+        params = options.get("kvm_amd_params") or {}
+        b = ModelBackend(profile, kvm_amd_params=params)
+        where = " ".join(f"{k}={v}" for k, v in sorted(params.items()))
+        return b, f"backend model: profile {profile}" + (f", kvm_amd {where}" if where else "")
     if name == "qemu":
         from .qemu import QemuBackend
 

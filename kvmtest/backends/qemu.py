@@ -4,25 +4,31 @@ One boot runs the whole selection through a kvmtest.qemu.session.QemuSession:
 the guest agent (kvmtest.agent) uses the kvm backend against the guest
 kernel's /dev/kvm and streams observations back over the channel; they are
 judged on the host.  The guest sees nothing of the host's filesystem.
-Console, QEMU log and the session transcript stay in the artifacts
-directory (--artifacts DIR, or a temporary one kept with --keep or after a
-failure).
+Console, QEMU log, the session transcript and result.json (facts and
+results as decoded here) stay in the artifacts directory (--artifacts DIR,
+or a temporary one kept with --keep or after a failure).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..case import Case
+from ..case import CONFIG_NEEDS, Case
+from ..casecodec import to_json
 from ..cases import DEFAULT_MAXPHYADDR, by_id
 from ..config import Config
 from ..kmod import KmodError, check_vermagic
 from ..observation import Observation
+from ..qemu.cache import NoSpaceError
 from ..qemu.errors import GuestFault, QemuError
 from ..qemu.kernels import resolve_kernel
 from ..qemu.machine import kvm_error
+from ..qemu.process import open_output
 from ..qemu.session import CaseError, QemuSession
 from . import BackendError, KernelError
 
@@ -52,7 +58,7 @@ class QemuBackend:
         self.kvm_modules = kvm_modules
         self.artifacts = Path(artifacts) if artifacts else None
         self.keep = keep
-        self.kernel_desc = f"{self.kernel.release} ({kernel})"
+        self.kernel_desc = self.kernel.describe()  # names the concrete package
         self.guest_facts: dict = {}
         self.unattributed_warnings: list[str] = []
         self.timings: dict = {}
@@ -60,8 +66,10 @@ class QemuBackend:
         self.run_as = ""
 
     def capabilities(self) -> dict[str, str | None]:
-        # Known only once the guest said hello: run_batch decides per case.
-        return {"svm": None, "no_svm": None, "nested_state": None, "smm": None}
+        # Known only once the guest said hello (facts, kvm_amd's effective
+        # parameters): run_batch decides per case.
+        return {"svm": None, "no_svm": None, "nested_state": None, "smm": None,
+                **dict.fromkeys(CONFIG_NEEDS)}
 
     def describe(self) -> dict[str, str]:
         return {"backend": self.name, "kernel": self.guest_facts.get("kernel", self.kernel.release),
@@ -75,10 +83,14 @@ class QemuBackend:
             with session:
                 self._record(session)
                 out = self._run(session, cases, timeout)
+                self._write_results(session, out)
                 session.close()  # power-off: a panic or WARN at teardown still counts
         except GuestFault as e:
             self._record(session)
             raise KernelError(str(e)) from None
+        except NoSpaceError as e:  # a full disk is this machine's problem, not the kernel's
+            self._record(session)
+            raise BackendError(str(e)) from None
         except QemuError as e:
             self._record(session)
             raise KernelError(str(e)) from None
@@ -90,6 +102,20 @@ class QemuBackend:
         self.unattributed_warnings = [w for w in session.console_warnings()
                                       if HEADLINE.match(w) and w not in seen]
         return out
+
+    def _write_results(self, session: QemuSession, out: dict[str, Observation | str]) -> None:
+        """result.json in a kept artifacts directory: the facts and every case's
+        checked observation or skip, as the host decoded them."""
+        if session.outdir is None or session.facts is None or not (self.artifacts or self.keep):
+            return
+        results = {cid: {"observation": to_json(o)} if isinstance(o, Observation) else {"skip": o}
+                   for cid, o in out.items()}
+        data = json.dumps({"facts": dataclasses.asdict(session.facts), "results": results})
+        fd = open_output(session.outdir / "result.json")
+        try:
+            os.write(fd, data.encode())
+        finally:
+            os.close(fd)
 
     def _record(self, session: QemuSession) -> None:
         self.outdir = session.outdir
@@ -119,7 +145,7 @@ class QemuBackend:
         out: dict[str, Observation | str] = {}
         runnable = []
         for case in _for_maxphyaddr(cases, facts.maxphyaddr):
-            reason = next((caps[n] for n in sorted(case.needs, key=_need_order)
+            reason = next((caps[n] for n in sorted(case.needs, key=lambda n: (_need_order(n), n))
                            if caps.get(n, f"unknown need {n!r}")), None)
             if reason:
                 out[case.id] = reason

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from unicorn import x86_const as x86
 
 from .. import layout
-from ..exits import Exit, ShutdownExit
+from ..exits import Exit, FailEntryExit, InternalErrorExit, ShutdownExit
 from ..observation import (
     KVM_STATE_NESTED_GIF_SET,
     KVM_STATE_NESTED_GUEST_MODE,
@@ -35,8 +35,9 @@ from ..observation import (
     NestedView,
 )
 from ..vmcb import (
+    EVTINJ_TYPE_EXEPT,
+    EVTINJ_TYPE_NMI,
     EVTINJ_VALID,
-    EVTINJ_VALID_ERR,
     INTERCEPT_HLT,
     INTERCEPT_IOIO_PROT,
     INTERCEPT_MSR_PROT,
@@ -52,7 +53,9 @@ from ..vmcb import (
     SVM_EXIT_VMRUN,
     Vmcb,
 )
-from . import checks, cpuid, paging
+from . import checks, cpuid, hwstate, paging
+from .cpuid import GuestCpu
+from .hwstate import KvmAmd
 from .profiles import NCR3_NPF, Profile
 
 if TYPE_CHECKING:
@@ -69,9 +72,9 @@ SVM_VM_CR_SVM_LOCK = 1 << 3
 SVM_VM_CR_SVM_DIS = 1 << 4
 
 KVM_ENOSYS = 1000
+KVM_INTERNAL_ERROR_EMULATION = 1
 KVM_EPERM = 1
 
-CR4_MCE = 1 << 6
 DR6_ACTIVE_LOW = 0xFFFF0FF0
 DR7_FIXED_1 = 0x400
 RFLAGS_VM = 1 << 17
@@ -79,6 +82,10 @@ M64 = (1 << 64) - 1
 
 UD = 6
 GP = 13
+EVTINJ_TYPE_MASK = 7 << 8
+# Vectors QEMU's exception delivery pushes an error code for
+# (target/i386/tcg seg_helper.c exception_has_error_code).
+CPU_ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17})
 
 # Intercepts of L1 for L2 (VMCB control words 3 and 4) and their exit codes.
 INSN_INTERCEPTS = {  # insn: (control field, bit, exit code)
@@ -99,6 +106,11 @@ DIRECT_ACCESS_MSRS = (0x48, 0x49, 0x174, 0x175, 0x176, 0x1DB, 0x1DC, 0x1DD, 0x1D
                       0xC000_0081, 0xC000_0082, 0xC000_0083, 0xC000_0084,
                       0xC000_0100, 0xC000_0101, 0xC000_0102, 0xC000_0103)
 MSRPM_RANGES = ((0x0000_0000, 0x0), (0xC000_0000, 0x800), (0xC001_0000, 0x1000))
+# vmcb01 save-area fields svm_copy_vmrun_state() copies besides the
+# registers the model loads into L1 (_load_vmcb01): segment state.
+VMCB01_SEGMENTS = (*(f"{seg}.{part}" for seg in ("es", "cs", "ss", "ds")
+                      for part in ("selector", "attrib", "limit", "base")),
+                   "gdtr.base", "gdtr.limit", "idtr.base", "idtr.limit")
 
 
 @dataclass(frozen=True)
@@ -129,13 +141,22 @@ def msrpm_bit(msr: int) -> int | None:
     return None
 
 
+# L1 instructions KVM may leave to the CPU (vGIF: STGI/CLGI, vls:
+# VMLOAD/VMSAVE); the rest are always intercepted in vmcb01 (init_vmcb).
+VGIF_INSNS = ("stgi", "clgi")
+VLS_INSNS = ("vmload", "vmsave")
+
+
 class NestedSvm:
     """Per-vCPU nested state: KVM's struct svm_nested_state and friends."""
 
-    def __init__(self, m: ModelMachine, profile: Profile, svm_in_cpuid: bool) -> None:
+    def __init__(self, m: ModelMachine, profile: Profile, cpu: GuestCpu | bool,
+                 host: KvmAmd | None = None) -> None:
         self.m = m
         self.profile = profile
-        self.svm_in_cpuid = svm_in_cpuid
+        self.cpu = cpu if isinstance(cpu, GuestCpu) else GuestCpu.build(svm=cpu)
+        self.host = host or KvmAmd()
+        self.ctx = checks.Context(self.cpu, self.host)
         self.gif = True
         self.svme = False  # EFER.SVME of the current level (vcpu->arch.efer)
         self.hsave_msr = 0
@@ -145,16 +166,54 @@ class NestedSvm:
         self.last_failure: tuple[str, list[str]] | None = None
         # Saved at VMRUN ("vmcb01"), cached from VMCB12 ("nested.ctl/save").
         self._l1_ctx: object | None = None
-        self._l1_cr4_leak = 0  # CR4 bits the next #VMEXIT adds to L1's (SMM in L2)
+        # vmcb01's save area as svm_leave_smm() restored it from HSAVE + 0x400:
+        # what the next #VMEXIT loads into L1 (None: L1's VMRUN-time state).
+        self._vmcb01: dict[str, int] | None = None
         self._l1_svme = False
         self._ctl: Vmcb | None = None
         self._l2_static: dict[str, int] = {}
         self._event_inj = 0
-        # SMM (svm_enter_smm/svm_leave_smm): the vmcb01 save area as written
-        # to HSAVE + 0x400, and VMCB12 as RSM cached it.
-        self._smm_hsave: bytes | None = None
+        # SMM: L1's segment state as svm_enter_smm() saved it (the model
+        # cannot load another), and VMCB12 as RSM cached it.
+        self._smm_l1_segments: dict[str, int] = {}
         self._rsm_vmcb12: Vmcb | None = None
         self.nested_run_pending = False
+        # vmcb01's intercepts of the instructions vGIF/vls can hand to the CPU.
+        self.l0_intercepts: set[str] = {*VGIF_INSNS, *VLS_INSNS}
+        self._init_intercepts()
+
+    @property
+    def svm_in_cpuid(self) -> bool:
+        return self.cpu.svm
+
+    def _init_intercepts(self) -> None:
+        """init_vmcb() and svm_vcpu_after_set_cpuid(): vGIF/vls clear the
+        intercepts; 7.x then re-sets them while EFER.SVME is clear."""
+        if self.host.vgif:
+            self.l0_intercepts -= set(VGIF_INSNS)
+        if self.host.vls:  # the EPYC guest is AMD, never "Intel compatible"
+            self.l0_intercepts -= set(VLS_INSNS)
+        self._recalc_intercepts()
+
+    def _recalc_intercepts(self) -> None:
+        """svm_recalc_instruction_intercepts() (Linux 7.x): on CPUID set and
+        on every EFER.SVME toggle."""
+        if not self.profile.svme0_reintercepts:
+            return
+        if not self.svme:
+            self.l0_intercepts |= {*VGIF_INSNS, *VLS_INSNS}
+            return
+        if self.host.vls:
+            self.l0_intercepts -= set(VLS_INSNS)
+        if self.host.vgif:
+            self.l0_intercepts -= set(VGIF_INSNS)
+
+    def _set_gif(self, value: bool) -> None:
+        """svm_set_gif(): with vGIF, setting GIF also drops the STGI intercept
+        (it is only there to catch the GIF=1 window), whatever EFER.SVME."""
+        if value and self.host.vgif:
+            self.l0_intercepts.discard("stgi")
+        self.gif = value
 
     # ---- KVM_GET/SET_NESTED_STATE ---------------------------------------
 
@@ -177,11 +236,11 @@ class NestedSvm:
             return errno.EINVAL
         if not flags & KVM_STATE_NESTED_GUEST_MODE:
             self._leave_nested()
-            self.gif = bool(flags & KVM_STATE_NESTED_GIF_SET)
+            self._set_gif(bool(flags & KVM_STATE_NESTED_GIF_SET))
             return 0
         if vmcb12_gpa & 0xFFF or not cpuid.legal_gpa(vmcb12_gpa):  # page_address_valid
             return errno.EINVAL
-        if checks.failed_control_checks(checks.Control12.from_vmcb(blob), self.profile):
+        if checks.failed_control_checks(checks.Control12.from_vmcb(blob), self.profile, self.ctx):
             return errno.EINVAL
         cr0 = self.m.cr0
         if not cr0 & layout.CR0_CD and cr0 & layout.CR0_NW:
@@ -189,7 +248,7 @@ class NestedSvm:
         save = checks.Save12.from_vmcb(blob)
         if (not save.cr0 & layout.CR0_PG or not save.cr0 & layout.CR0_PE
                 or blob["rflags"] & RFLAGS_VM
-                or checks.failed_save_checks(save, self.profile, self.svm_in_cpuid)):
+                or checks.failed_save_checks(save, self.profile, self.ctx)):
             return errno.EINVAL
         # Accepted: L1's state comes from the blob, L2 keeps the vCPU's.
         m = self.m
@@ -207,7 +266,7 @@ class NestedSvm:
         self._ctl = Vmcb(blob.to_bytes())
         self._event_inj = blob["event_inj"]
         self._l2_static = self._static_from_current()
-        self.gif = bool(flags & KVM_STATE_NESTED_GIF_SET)
+        self._set_gif(bool(flags & KVM_STATE_NESTED_GIF_SET))
         self.guest_mode = True
         self.vmcb12_gpa = vmcb12_gpa
         return 0
@@ -259,7 +318,25 @@ class NestedSvm:
                 # KVM never lets L2's VMMCALL reach its hypercall handler
                 # (recalc_intercepts clears it); unintercepted it is a #UD.
                 return Raise(UD)
+        elif insn in (*VGIF_INSNS, *VLS_INSNS) and insn not in self.l0_intercepts:
+            return self._on_cpu(insn)
         return getattr(self, f"_{insn}")()
+
+    def _on_cpu(self, insn: str) -> Raise | None:
+        """An L1 instruction KVM does not intercept: the CPU runs it with the
+        hardware VMCB's EFER, whose SVME bit KVM always sets (svm_set_efer),
+        so EFER.SVME=0 in L1 gives no #UD.  STGI/CLGI set V_GIF in vmcb01,
+        which is KVM's GIF under vGIF; VMLOAD/VMSAVE check their operand."""
+        if not self.m.cr0 & layout.CR0_PE:
+            return Raise(UD)
+        if self.m.cpl:
+            return Raise(GP, 0)
+        if insn in VGIF_INSNS:
+            self._set_gif(insn == "stgi")
+        elif fault := self._vmcb_operand_fault(self._rax_operand()):
+            return fault
+        self.m.skip(3)
+        return None
 
     def _vmmcall(self) -> None:
         """L1's VMMCALL is always intercepted by KVM: kvm_emulate_hypercall()."""
@@ -277,14 +354,14 @@ class NestedSvm:
     def _stgi(self) -> Raise | None:
         if fault := self.check_permissions():
             return fault
-        self.gif = True
+        self._set_gif(True)
         self.m.skip(3)
         return None
 
     def _clgi(self) -> Raise | None:
         if fault := self.check_permissions():
             return fault
-        self.gif = False
+        self._set_gif(False)
         self.m.skip(3)
         return None
 
@@ -322,7 +399,7 @@ class NestedSvm:
 
     # ---- VMRUN ----------------------------------------------------------------
 
-    def _vmrun(self) -> Raise | VmExit | ShutdownExit | None:
+    def _vmrun(self) -> Raise | VmExit | Exit | None:
         m = self.m
         if fault := self.check_permissions():
             return fault
@@ -332,15 +409,22 @@ class NestedSvm:
         if not self.hsave_msr:
             return Raise(GP, 0)
         if not cpuid.backed(gpa, 0x1000):
-            return Raise(GP, 0)  # kvm_vcpu_map() fails: #GP (7.1: always)
+            if self.profile.unbacked_vmcb12 == "internal_error":
+                # 7.x: kvm_handle_memory_failure(X86EMUL_IO_NEEDED) ->
+                # kvm_prepare_emulation_failure_exit(): suberror EMULATION,
+                # data = flags, then get_exit_info (VMRUN's exit, no info).
+                m._resume_blocked = "KVM_EXIT_INTERNAL_ERROR: VMCB12 not mappable"
+                return InternalErrorExit(KVM_INTERNAL_ERROR_EMULATION,
+                                         (0, SVM_EXIT_VMRUN, 0, 0, 0, 0))
+            return Raise(GP, 0)  # 6.x: kvm_vcpu_map() fails -> #GP
         m.skip(3)  # kvm_skip_emulated_instruction() before any check
         raw = m.read_phys(gpa, 0x1000)
         assert raw is not None
         vmcb12 = Vmcb(raw)
         ctl = checks.Control12.from_vmcb(vmcb12)
         save = checks.Save12.from_vmcb(vmcb12)
-        failed = (checks.failed_save_checks(save, self.profile, self.svm_in_cpuid)
-                  + checks.failed_control_checks(ctl, self.profile))
+        failed = (checks.failed_save_checks(save, self.profile, self.ctx)
+                  + checks.failed_control_checks(ctl, self.profile, self.ctx))
         if failed:
             self.last_failure = ("consistency", failed)
             vmcb12["exit_code"] = SVM_EXIT_ERR
@@ -349,7 +433,7 @@ class NestedSvm:
             if self.profile.clear_event_inj_on_vmexit:
                 vmcb12["event_inj"] = 0
             if self.profile.clear_gif_on_check_failure:
-                self.gif = False
+                self._set_gif(False)
             m.write_phys(gpa, vmcb12.to_bytes())
             return None
         # enter_svm_guest_mode(): L1's state goes to vmcb01 first.
@@ -369,7 +453,7 @@ class NestedSvm:
             return None
         self.guest_mode = True
         self.svme = bool(save.efer & layout.EFER_SVME)
-        self.gif = True  # svm_set_gif(svm, true) at the end of enter_svm_guest_mode
+        self._set_gif(True)  # at the end of enter_svm_guest_mode
         hw = self._hardware_vmrun_failure(vmcb12, save)
         if hw is not None:
             self.last_failure = ("hardware", [hw])
@@ -389,7 +473,9 @@ class NestedSvm:
             return "cr3 beyond MAXPHYADDR"
         pae_paging = (save.cr0 & layout.CR0_PG and save.cr4 & layout.CR4_PAE
                       and not save.efer & layout.EFER_LMA)
-        if pae_paging and not ctl.np_enabled and not paging.load_pdptrs(
+        # 7.x with npt=0 dropped NP_ENABLE from its cache: L2 runs without NP.
+        np = ctl.np_enabled and self.host.npt
+        if pae_paging and not np and not paging.load_pdptrs(
                 self.m.read_phys, save.cr3):
             return "PDPTRs not loadable"
         if v["intercept_misc1"] & INTERCEPT_MSR_PROT:
@@ -402,7 +488,7 @@ class NestedSvm:
         # The shadow NPT root must be a visible GFN (mmu_check_root()); KVM
         # otherwise requests a triple fault, which in guest mode is
         # nested_svm_triple_fault(): #VMEXIT(SHUTDOWN).
-        if ctl.np_enabled and not cpuid.backed(ctl.nested_cr3 & ~0xFFF, 0x1000):
+        if np and not cpuid.backed(ctl.nested_cr3 & ~0xFFF, 0x1000):
             return "nested CR3 not mappable"
         return None
 
@@ -447,29 +533,39 @@ class NestedSvm:
         if (save.long_mode_paging and save.cr4 & layout.CR4_PAE
                 and save.cs_attrib & checks.ATTR_L and save.cs_attrib & checks.ATTR_DB):
             return "CS.L && CS.D with long mode"
-        if checks.event_inj_invalid(self._event_inj & 0xFFFF_FFFF):
+        if checks.cpu_refuses_event(self._event_inj & 0xFFFF_FFFF):
             return "invalid EVENTINJ"
         return None
 
     def _inject_event(self) -> None:
-        """EVENTINJ delivered into L2 on VMRUN; the CPU then clears it."""
+        """EVENTINJ delivered into L2 on VMRUN as the CPU the kernels are
+        measured on does it (QEMU TCG helper_vmrun): NMI takes vector 2
+        whatever VECTOR says; an exception pushes ERRORCODE when its vector
+        has one (8, 10-14, 17), whatever EV says; INTR and software
+        interrupts push none.  The CPU then clears EVENTINJ."""
         ev = self._event_inj
-        vector = ev & 0xFF
-        err = (ev >> 32) & 0xFFFF_FFFF if ev & EVTINJ_VALID_ERR else None
-        self._event_inj = 0
+        kind = ev & EVTINJ_TYPE_MASK
+        vector = 2 if kind == EVTINJ_TYPE_NMI else ev & 0xFF
+        err = None
+        if kind == EVTINJ_TYPE_EXEPT and vector in CPU_ERROR_CODE_VECTORS:
+            err = (ev >> 32) & 0xFFFF_FFFF
+        # The CPU clears EVENTINJ (the u32 at 0xA8) and leaves EVENTINJ_ERR;
+        # kernels that copy vmcb02's pair back hand L1 the error code.
+        self._event_inj = ev & ~0xFFFF_FFFF
         if self.m._deliver(vector, err) is not None:
             self.m.raise_exception(8, 0)
 
     # ---- #VMEXIT --------------------------------------------------------------
 
-    def vmexit(self, ex: VmExit) -> None:
+    def vmexit(self, ex: VmExit) -> Exit | None:
         """nested_svm_vmexit(): VMCB12 gets L2's state and the exit fields,
-        L1 gets its VMRUN-time state back, GIF is cleared."""
+        L1 gets its vmcb01 state back, GIF is cleared.  Returns the exit
+        KVM_RUN ends with if the CPU then refuses to run L1 (else None)."""
         state = self._current_l2_state()
         if ex.rip is not None:
             state["rip"] = ex.rip
         self._write_vmexit(ex, state)
-        self._back_to_l1(restore=True)
+        return self._back_to_l1(restore=True)
 
     def _current_l2_state(self) -> dict[str, int]:
         m = self.m
@@ -489,20 +585,69 @@ class NestedSvm:
         v["exit_info_1"] = ex.exit_info_1
         v["exit_info_2"] = ex.exit_info_2
         if ex.exit_code not in (SVM_EXIT_ERR, SVM_EXIT_ERR & 0xFFFF_FFFF):
-            v["exit_int_info"] = 0  # nested_save_pending_event_to_vmcb12: none pending
+            # nested_save_pending_event_to_vmcb12(): no event pending; KVM
+            # writes the u32 exit_int_info only, exit_int_info_err (the upper
+            # half of the 64-bit field) keeps whatever VMCB12 held.
+            v["exit_int_info"] = v["exit_int_info"] & ~0xFFFF_FFFF
         v["event_inj"] = 0 if self.profile.clear_event_inj_on_vmexit else self._event_inj
         self.m.write_phys(self.vmcb12_gpa, v.to_bytes())
 
-    def _back_to_l1(self, restore: bool) -> None:
+    def _back_to_l1(self, restore: bool) -> Exit | None:
+        vmcb01, self._vmcb01 = self._vmcb01, None
+        svme_before = self.svme  # L2's EFER.SVME: vcpu->arch.efer until svm_set_efer
         if restore and self._l1_ctx is not None:
             self.m.restore_context(self._l1_ctx, keep_gprs=True)
-            if self._l1_cr4_leak:
-                self.m.set_reg(x86.UC_X86_REG_CR4, self.m.cr4 | self._l1_cr4_leak)
-        self._l1_cr4_leak = 0
         self.svme = self._l1_svme
         self.guest_mode = False
         self.vmcb12_gpa = 0
         self.gif = False
+        if restore and vmcb01 is not None:
+            return self._load_vmcb01(vmcb01, svme_before)
+        return None
+
+    def _load_vmcb01(self, v: dict[str, int], svme_before: bool) -> Exit | None:
+        """The end of nested_svm_vmexit() when vmcb01's save area came back
+        from HSAVE + 0x400 (an SMI in L2): L1's state is whatever is there --
+        KVM's hardware CR0/CR4/EFER as svm_enter_smm() saved them (the leak
+        of docs/findings.md), or what an SMM handler wrote.  KVM loads it
+        without checks: kvm_set_rflags, svm_set_efer, svm_set_cr0(| PE),
+        svm_set_cr4, RAX/RSP/RIP, then nested_svm_load_cr3()."""
+        m = self.m
+        efer, cr0, cr4 = v["efer"], v["cr0"] | layout.CR0_PE, v["cr4"]
+        new_svme = bool(efer & layout.EFER_SVME)
+        if svme_before and not new_svme:
+            self.svme_cleared(in_guest_mode=False)
+        self.svme = self._l1_svme = new_svme
+        hw = hwstate.save_area(cr0, cr4, efer, m.kvm_amd)
+        refused = hwstate.vmrun_refuses(hw)
+        if refused is not None:
+            # svm_handle_exit(): SVM_EXIT_ERR for vmcb01 -> KVM_EXIT_FAIL_ENTRY
+            # with the CPU's exit code (QEMU TCG writes it as 32 bits).
+            self.last_failure = ("hardware", [f"L1 state from HSAVE: {refused}"])
+            m._resume_blocked = f"KVM_RUN failed to enter L1: {refused}"
+            return FailEntryExit(SVM_EXIT_ERR & 0xFFFF_FFFF, 0)
+        if not cpuid.legal_gpa(v["cr3"]) or not cpuid.backed(v["cr3"] & ~0xFFF, 0x1000):
+            from .smm import NotModelled
+
+            raise NotModelled(f"L1 CR3 {v['cr3']:#x} from HSAVE (nested_svm_load_cr3)")
+        uc = m.uc
+        uc.reg_write(x86.UC_X86_REG_RFLAGS, v["rflags"] | 0x2)
+        uc.reg_write(x86.UC_X86_REG_CR3, v["cr3"])
+        uc.reg_write(x86.UC_X86_REG_CR4, cr4)
+        uc.reg_write(x86.UC_X86_REG_CR0, cr0)
+        m.set_hw_efer(efer)
+        uc.reg_write(x86.UC_X86_REG_RAX, v["rax"])
+        uc.reg_write(x86.UC_X86_REG_RSP, v["rsp"])
+        uc.reg_write(x86.UC_X86_REG_RIP, v["rip"])
+        m._flush_tlb()
+        return None
+
+    def svme_cleared(self, in_guest_mode: bool) -> None:
+        """svm_set_efer() taking EFER.SVME from 1 to 0: 6.x sets GIF
+        (svm_set_gif(svm, true)); 7.x only through svm_leave_nested() of a
+        vCPU that was in guest mode."""
+        if in_guest_mode or self.profile.svme_clear_sets_gif:
+            self._set_gif(True)
 
     # ---- L2 events ---------------------------------------------------------------
 
@@ -576,14 +721,19 @@ class NestedSvm:
             v[f"{name}.selector"], v[f"{name}.attrib"] = seg.selector, seg.vmcb_attrib
             v[f"{name}.limit"], v[f"{name}.base"] = seg.limit, seg.base
         l1_state = m.guest_state()
-        for name in ("gdtr.base", "gdtr.limit", "idtr.base", "idtr.limit", "cr0", "cr3",
-                     "cr4", "rax", "rsp", "rip"):
+        for name in ("gdtr.base", "gdtr.limit", "idtr.base", "idtr.limit", "cr3",
+                     "rax", "rsp", "rip"):
             v[name] = l1_state[name]
         v["rflags"] = l1_state["rflags"] | 0x2
-        v["efer"] = m.hw_efer | layout.EFER_SVME  # vmcb01: svm_set_efer() always sets SVME
+        # The synthetic #VMEXIT reloaded L1's CR0/CR4/EFER through
+        # svm_set_cr0/cr4/efer, which leave the *hardware* values in
+        # vmcb01->save: those are what svm_copy_vmrun_state() saves.
+        hw = hwstate.save_area(m.cr0, m.cr4, m.hw_efer | layout.EFER_SVME, m.kvm_amd)
+        for name, value in hw.items():
+            v[name] = value
         v["cpl"] = 0
         m.write_phys(self.hsave_msr, v.to_bytes())
-        self._smm_hsave = _vmrun_state(v)
+        self._smm_l1_segments = {n: v[n] for n in VMCB01_SEGMENTS}
 
     def leave_smm(self, s: SmramState) -> bool:
         """svm_leave_smm(): True if RSM must fail (-> emulate_shutdown).
@@ -614,17 +764,24 @@ class NestedSvm:
         if hsave is None:
             self.last_failure = ("rsm", ["HSAVE not mappable"])
             return True
-        if self._l1_ctx is None or self._smm_hsave != _vmrun_state(Vmcb(hsave)):
-            raise smm.NotModelled("L1 state in HSAVE + 0x400 changed in SMM (the model "
-                                  "keeps L1's state itself)")
+        if self._l1_ctx is None:
+            raise smm.NotModelled("RSM into L2 without an L1 state the model saw")
+        saved = Vmcb(hsave)
+        # svm_copy_vmrun_state(&vmcb01->save, HSAVE + 0x400), unchecked.
+        for name, value in self._smm_l1_segments.items():
+            if saved[name] != value:
+                raise smm.NotModelled(f"L1's {name} changed at HSAVE + 0x400 (the model "
+                                      "keeps L1's segment state itself)")
+        vmcb01 = {n: saved[n] for n in ("rflags", "efer", "cr0", "cr3", "cr4", "rax", "rsp",
+                                        "rip")}
         raw = m.read_phys(gpa, 0x1000)
         assert raw is not None
         vmcb12 = Vmcb(raw)
         ctl = checks.Control12.from_vmcb(vmcb12)
         save = checks.Save12.from_vmcb(vmcb12)
         if self.profile.rsm_checks_vmcb12:
-            failed = (checks.failed_save_checks(save, self.profile, self.svm_in_cpuid)
-                      + checks.failed_control_checks(ctl, self.profile))
+            failed = (checks.failed_save_checks(save, self.profile, self.ctx)
+                      + checks.failed_control_checks(ctl, self.profile, self.ctx))
             if failed:
                 self.last_failure = ("rsm", failed)
                 return True
@@ -632,17 +789,16 @@ class NestedSvm:
         if late is not None:
             raise smm.NotModelled(f"RSM into L2 with a late VMRUN failure ({late})")
         # enter_svm_guest_mode(): the caches, vmcb02 from VMCB12, GIF=1.
-        self._l1_svme = True  # vmcb01.save.efer (HSAVE, unchanged): SVME set
+        self._vmcb01 = vmcb01
+        self._l1_svme = bool(vmcb01["efer"] & layout.EFER_SVME)
         self._ctl = vmcb12
         self._event_inj = vmcb12["event_inj"]
         self._l2_static = _static_state(vmcb12)
         self._rsm_vmcb12 = vmcb12
-        # vmcb01 came back from HSAVE with KVM's hardware CR4 (MCE set).
-        self._l1_cr4_leak = CR4_MCE if self.profile.smi_leaks_cr4_mce else 0
         self.vmcb12_gpa = gpa
         self.guest_mode = True
         self.svme = bool(save.efer & layout.EFER_SVME)
-        self.gif = True
+        self._set_gif(True)
         self.nested_run_pending = True
         return False
 
@@ -761,7 +917,7 @@ class NestedSvm:
     def _set_efer(self, efer: int) -> Raise | None:
         """kvm_set_efer() + svm_set_efer()."""
         m = self.m
-        if efer & cpuid.efer_reserved(self.svm_in_cpuid):
+        if efer & self.cpu.efer_reserved:
             return Raise(GP, 0)
         old = m.hw_efer | (layout.EFER_SVME if self.svme else 0)
         if m.cr0 & layout.CR0_PG and (old ^ efer) & layout.EFER_LME:
@@ -770,10 +926,15 @@ class NestedSvm:
         m.set_hw_efer(efer)
         new_svme = bool(efer & layout.EFER_SVME)
         if self.svme and not new_svme:
-            # svm_set_efer(): clearing SVME leaves nested mode and sets GIF.
+            # svm_set_efer(): clearing SVME leaves nested mode (and GIF, see
+            # svme_cleared).
+            was_guest = self.guest_mode
             self._leave_nested()
-            self.gif = True
+            self.svme_cleared(in_guest_mode=was_guest)
+        toggled = self.svme != new_svme
         self.svme = new_svme
+        if toggled:
+            self._recalc_intercepts()
         return None
 
     def _set_vm_cr(self, data: int) -> Raise | None:
@@ -810,12 +971,3 @@ def _l2_state_from_vmcb(v: Vmcb) -> dict[str, int]:
         state[name] = v[name]
     state["rflags"] = v["rflags"] | 0x2
     return state
-
-
-def _vmrun_state(v: Vmcb) -> bytes:
-    """The fields svm_copy_vmrun_state() copies, as bytes for comparison."""
-    names = [f"{seg}.{part}" for seg in ("es", "cs", "ss", "ds")
-             for part in ("selector", "attrib", "limit", "base")]
-    names += ["gdtr.base", "gdtr.limit", "idtr.base", "idtr.limit", "rflags", "efer", "cr0",
-              "cr3", "cr4", "rax", "rsp", "rip", "cpl"]
-    return b"".join(v[n].to_bytes(8, "little") for n in names)

@@ -1,5 +1,9 @@
 """`kvmtest bench`: every benchmark, figures side by side in one run.
 
+The package holds one module per benchmark: ``kvm`` (the binding next to
+the C reference ``csrc/bench_ref.c``), ``model`` (Unicorn instance reuse);
+the qemu per-kernel verdict is timed here.
+
 Targets are reported here (and exit 1 when one is missed), never asserted
 with a clock in the unit tests.
 """
@@ -41,7 +45,7 @@ def _mark(ok: bool) -> str:
 
 
 def bench_kvm(args: argparse.Namespace) -> bool:
-    from . import bench
+    from . import kvm as bench
 
     _section("KVM ioctl path: Python vs the C reference (csrc/bench_ref.c), same guest")
     quick = args.quick
@@ -54,7 +58,7 @@ def bench_kvm(args: argparse.Namespace) -> bool:
 
 
 def bench_model_section(args: argparse.Namespace) -> bool:
-    from .model.bench import bench_model
+    from .model import bench_model
 
     _section("model backend: reused Unicorn instance vs instance per case, same cases")
     res = bench_model(100 if args.quick else 1000)
@@ -70,8 +74,8 @@ def bench_model_section(args: argparse.Namespace) -> bool:
 
 def _qemu_kernel(spec: str) -> tuple[str, str | None] | None:
     """(spec, modules dir) that resolves here, or None (reported as unavailable)."""
-    from .qemu.errors import QemuError
-    from .qemu.kernels import resolve_kernel
+    from ..qemu.errors import QemuError
+    from ..qemu.kernels import resolve_kernel
 
     try:
         resolve_kernel(spec)
@@ -86,10 +90,10 @@ def _qemu_kernel(spec: str) -> tuple[str, str | None] | None:
 def _verdict(kernel: str, modules: str | None = None, config: str = "default") -> dict:
     """One per-kernel verdict as `kvmtest run` gives it: boot + the whole
     catalogue, judged, with its parts (host clock, and guest uptime marks)."""
-    from .backends.qemu import QemuBackend
-    from .cases import catalogue
-    from .config import Config
-    from .session import run_cases
+    from ..backends.qemu import QemuBackend
+    from ..cases import catalogue
+    from ..config import Config
+    from ..session import run_cases
 
     cfg = Config.parse(config)
     t0 = time.monotonic()
@@ -111,7 +115,7 @@ def _boot_nothing(kernel: str) -> dict:
     """A boot that loads the modules and runs /bin/true: the floor of a verdict."""
     import tempfile
 
-    from .qemu.machine import boot
+    from ..qemu.machine import boot
 
     with tempfile.TemporaryDirectory(prefix="kvmtest-bench-") as tmp:
         t0 = time.monotonic()
