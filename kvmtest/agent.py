@@ -82,7 +82,8 @@ def facts(backend: KvmBackend | None, error: str | None = None) -> dict:
                  "kvm_amd": module_params()}
     if backend is not None:
         out.update(maxphyaddr=backend.maxphyaddr, svm=backend.svm,
-                   nested_state=int(backend.nested_cap), smm=int(backend.smm_cap))
+                   nested_state=int(backend.nested_cap), smm=int(backend.smm_cap),
+                   pcid=backend.has_pcid())
     if error is not None:
         out["error"] = error
     return out

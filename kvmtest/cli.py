@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 
@@ -390,12 +392,20 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _unexpected(e)
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["agent"]:  # the qemu backend's guest side (not for users)
         from .agent import main as agent_main
 
         return agent_main(argv[1:])
+    # SIGTERM (a CI job cancelled, a matrix stopping its cells) unwinds like
+    # ^C: QEMU stopped, temporary directories removed, exit 130.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
     with pipe_safe():
         try:
             ap = parser()

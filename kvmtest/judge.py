@@ -1,6 +1,6 @@
 """Compare an Observation with the contract and the kernel profiles.
 
-The contract (DESIGN.md section 1) decides pass/fail.  Where kernel
+The contract (README, "The contract") decides pass/fail.  Where kernel
 generations legitimately differ, a case lists per-profile expectations and
 the judge records which profiles the observation agrees with; the run's
 fingerprint is the profile that agrees with every case.

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .case import NEED_NO_NPT, NEED_NO_VGIF, NEED_NO_VLS, NEED_NPT, NEED_VGIF, NEED_VLS
+from .case import (
+    NEED_CPU_PCID,
+    NEED_NO_NPT,
+    NEED_NO_VGIF,
+    NEED_NO_VLS,
+    NEED_NPT,
+    NEED_VGIF,
+    NEED_VLS,
+)
 
 PARAMS_DIR = Path("/sys/module/kvm_amd/parameters")
 # The values a kernel reports for a parameter that is on ("Y" for bool,
@@ -37,6 +45,13 @@ def is_on(params: dict[str, str], name: str) -> bool | None:
     """True/False for a parameter the module reports, None if it has none."""
     value = params.get(name)
     return None if value is None else value in ON
+
+
+def cpu_capabilities(pcid: bool) -> dict[str, str | None]:
+    """need -> None if the (guest's) CPU, as KVM reports it, provides it."""
+    return {NEED_CPU_PCID: None if pcid else (
+        "the CPU has no PCID (KVM's supported CPUID): needs AMD hardware with PCID "
+        "(Zen 2+) or QEMU -enable-kvm on one; QEMU 7.2's TCG has none")}
 
 
 def config_capabilities(params: dict[str, str]) -> dict[str, str | None]:

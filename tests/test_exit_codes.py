@@ -157,8 +157,9 @@ def test_run_nothing_testable(real_kvm):
     assert "SKIP  2 cases: host KVM has no SVM" in p.stdout
 
 
-def _interrupt_when(args: list[str], patch: str, ready: str) -> subprocess.CompletedProcess:
-    """Start kvmtest with PATCH applied, send SIGINT once stderr shows READY."""
+def _interrupt_when(args: list[str], patch: str, ready: str,
+                    sig: int = signal.SIGINT) -> subprocess.CompletedProcess:
+    """Start kvmtest with PATCH applied, send SIG once stderr shows READY."""
     code = ("import sys, time\n" + patch + "\nfrom kvmtest.cli import main\n"
             "sys.exit(main(sys.argv[1:]))\n")
     p = subprocess.Popen([PY, "-c", code, *args], stdout=subprocess.PIPE,
@@ -168,15 +169,17 @@ def _interrupt_when(args: list[str], patch: str, ready: str) -> subprocess.Compl
     deadline = time.monotonic() + 60
     while ready not in seen and time.monotonic() < deadline:
         seen += p.stderr.readline()
-    os.kill(p.pid, signal.SIGINT)
+    os.kill(p.pid, sig)
     out, err = p.communicate(timeout=60)
     return subprocess.CompletedProcess(p.args, p.returncode, out, seen + err)
 
 
-def test_run_interrupted():
-    """A real SIGINT while the cases run (run_cases made slow to leave time)."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_run_interrupted(sig):
+    """A real SIGINT (or a CI job's SIGTERM) while the cases run (run_cases
+    made slow to leave time): the same unwinding, exit 130."""
     slow = "import kvmtest.cli as c\nc.run_cases = lambda *a, **k: time.sleep(60)"
-    p = _interrupt_when(["run", "--backend", "model"], slow, "backend model")
+    p = _interrupt_when(["run", "--backend", "model"], slow, "backend model", sig)
     assert p.returncode == 130
     assert "kvmtest: interrupted" in p.stderr and "Traceback" not in p.stderr
 

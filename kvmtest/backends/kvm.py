@@ -14,7 +14,6 @@ import platform
 from collections.abc import Iterator
 
 from .. import cpuid_features, kmsg, l1, layout, ucall
-from ..case import NEED_CPU_PCID
 from ..exits import DebugExit, Exit, IoExit, IrqWindowExit
 from ..info import host_vendor, kvm_module
 from ..kvm import (
@@ -33,7 +32,7 @@ from ..kvm import (
 from ..kvm.cpuid import pack_cpuid2
 from ..kvm.nested import GIF_SET as KVM_STATE_NESTED_GIF_SET
 from ..kvm.vm import GuestMemory
-from ..kvm_amd import config_capabilities, module_params
+from ..kvm_amd import config_capabilities, cpu_capabilities, module_params
 from ..nested_request import HostPrep, NestedBlob
 from ..observation import NestedView
 from ..payloads import Payload
@@ -435,10 +434,11 @@ class KvmBackend:
             "smm": None if self.smm_cap else (
                 "host KVM lacks KVM_CAP_X86_SMM (KVM_SMI); use --backend qemu"),
             **config_capabilities(self.kvm_amd_params),
-            NEED_CPU_PCID: None if self._has_feature("pcid") else (
-                "the CPU has no PCID (KVM's supported CPUID): needs AMD hardware with PCID "
-                "(Zen 2+) or QEMU -enable-kvm on one; QEMU 7.2's TCG has none"),
+            **cpu_capabilities(pcid=self.has_pcid()),
         }
+
+    def has_pcid(self) -> bool:
+        return self._has_feature("pcid")
 
     def _has_feature(self, name: str) -> bool:
         f = cpuid_features.FEATURES[name]

@@ -145,8 +145,9 @@ class QemuBackend:
         out: dict[str, Observation | str] = {}
         runnable = []
         for case in _for_maxphyaddr(cases, facts.maxphyaddr):
-            reason = next((caps[n] for n in sorted(case.needs, key=lambda n: (_need_order(n), n))
-                           if caps.get(n, f"unknown need {n!r}")), None)
+            order = sorted(case.needs, key=lambda n: (_need_order(n), n))
+            reasons = (caps.get(n, f"the guest cannot provide {n!r}") for n in order)
+            reason = next((r for r in reasons if r), None)
             if reason:
                 out[case.id] = reason
             else:

@@ -98,7 +98,8 @@ def rows(maxphyaddr: int) -> list[Row]:
         # the #VMEXIT, failed (ASID 0) or not (the control): the CPU only
         # updates V_TPR/V_IRQ/V_GIF and leaves TLB_CONTROL (APM 15.21,
         # 15.16.1).  6.1 writes its cached copies back (nested_svm_vmexit),
-        # 7.x masks TLB_CTL in its cache but no longer writes it back.
+        # 7.x keeps TLB_CTL & GENMASK(2,0) in its cache and no longer writes
+        # TLB_CTL back.
         Row("control-write-back", {**WRITE_BACK, "asid": 0}, {**WRITE_BACK, "asid": 1},
             f"{APM_CC}: the ASID is equal to zero; APM vol. 2 15.21 (INT_CTL), 15.16.1 "
             "(TLB_CONTROL): L1's values survive the #VMEXIT"),
@@ -122,12 +123,16 @@ def observation_rows(maxphyaddr: int) -> list[Row]:
                 "7.x": Expect("vmexit_invalid", event_inj_cleared=True),
             }),
     ]
-    # TLB_CONTROL: reserved encodings.  Linux 7.1 masks them (VMRUN goes on);
-    # no kernel we model rejects them.  Control: FLUSH_ALL_ASID.
+    # TLB_CONTROL: reserved encodings.  No kernel measured rejects them: 7.x
+    # caches tlb_ctl & TLB_CONTROL_MASK (GENMASK(2,0), 7.3 nested.c
+    # __nested_copy_vmcb_control_to_cache), so 0x2 and 0x4 pass through
+    # unchanged and 0x80 becomes 0; VMCB02 always gets TLB_CONTROL_DO_NOTHING.
+    # Control: FLUSH_ALL_ASID.
     for value in (2, 4, 0x80):
         out.append(Row(
             f"tlb-ctl-{value:#x}", {"tlb_ctl": value}, {"tlb_ctl": TLB_CONTROL_FLUSH_ALL_ASID},
-            "APM vol. 2 15.16.1 TLB_CONTROL encodings; Linux 7.1 nested.c masks TLB_CTL",
+            "APM vol. 2 15.16.1 TLB_CONTROL encodings; Linux 7.x nested.c keeps "
+            "tlb_ctl & GENMASK(2,0)",
             expect=vmexit(SVM_EXIT_VMMCALL)))
     return out
 

@@ -4,7 +4,7 @@ KVM decides which bits of CR4/EFER are reserved and what MAXPHYADDR is from
 the guest CPUID (kvm_is_valid_cr4(), kvm_valid_efer(), kvm_vcpu_is_legal_gpa()).
 The model fixes one guest CPU so its answers are exact and documented:
 QEMU's ``-cpu EPYC`` (Zen 1, "Naples") as seen by an L1 under KVM, which is
-also what the qemu backend runs on this machine (DESIGN.md section 3).
+also what the qemu backend runs under TCG (docs/qemu.md).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from .. import cpuid_features, layout
 # QEMU TCG's default phys-bits; CPUID 0x80000008 EAX[7:0] of the EPYC model.
 MAXPHYADDR = 40
 
-# No NRIPS in the guest CPUID (TCG has no next-RIP save, DESIGN.md section 3):
+# No NRIPS in the guest CPUID (QEMU 7.2 TCG has no next-RIP save, docs/qemu.md):
 # KVM then does not write VMCB12.next_rip on #VMEXIT.
 GUEST_NRIPS = False
 

@@ -4,7 +4,8 @@ Unicorn executes the payload bytes at the shared layout; everything KVM or
 the CPU does that Unicorn cannot is done here or in svm.py:
 
 - SVM instructions: the CPU model has no SVM, so they raise #UD into
-  UC_HOOK_INSN_INVALID and svm.py emulates them (DESIGN.md section 3).
+  UC_HOOK_INSN_INVALID and svm.py emulates them (Unicorn 2.1.4 offers
+  no CPU model with SVM).
 - RDMSR/WRMSR cannot be hooked as instructions in Unicorn 2.1.4: the payload
   image is scanned once for 0F 30 / 0F 32 and a code hook sits on each hit;
   the SVM MSRs (EFER.SVME, VM_HSAVE_PA, VM_CR) and every MSR access of L2
@@ -159,7 +160,7 @@ class ModelMachine:
         self.timer = timer
         self.kvm_amd = kvm_amd or KvmAmd()  # the kvm_amd parameters modelled
         self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
-        # Haswell has no SVM: SVM opcodes #UD into the hook (DESIGN.md 3).
+        # Haswell has no SVM: SVM opcodes #UD into the hook.
         self.uc.ctl_set_cpu_model(x86.UC_CPU_X86_HASWELL)
         self.uc.mem_map(0, layout.MEM_SIZE)
         self.uc.mem_map(SCRATCH_GDT, SCRATCH_SIZE)

@@ -7,7 +7,7 @@ Python and Unicorn's own alike), and a case needs several emu_start calls
 2 ms/case budget.  One long-lived polling thread per machine gives the same
 guarantee -- a runaway guest is stopped with ``uc.emu_stop()`` -- for the
 cost of two attribute writes per run.  ``TIMER_UNICORN`` keeps the stock
-``timeout=`` path for comparison (see bench.py).
+``timeout=`` path for comparison (kvmtest/bench/).
 """
 
 from __future__ import annotations

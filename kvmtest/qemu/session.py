@@ -50,7 +50,7 @@ from typing import Any
 from kvmtest.case import Case
 from kvmtest.casecodec import CodecError, from_json, to_json
 from kvmtest.config import Config
-from kvmtest.kvm_amd import config_capabilities
+from kvmtest.kvm_amd import config_capabilities, cpu_capabilities
 from kvmtest.observation import Observation
 from kvmtest.qemu import channel
 from kvmtest.qemu.errors import GuestFault, QemuError
@@ -92,6 +92,7 @@ class Facts:
     svm: bool = False
     nested_state: int = 0
     smm: int = 0
+    pcid: bool = False  # PCID in KVM's supported CPUID
     error: str | None = None  # /dev/kvm unusable
 
     def capabilities(self) -> dict[str, str | None]:
@@ -104,6 +105,7 @@ class Facts:
                 "Linux 5.10+)"),
             "smm": None if self.smm else "the guest kernel's KVM lacks KVM_CAP_X86_SMM",
             **config_capabilities(self.kvm_amd),
+            **cpu_capabilities(self.pcid),
         }
 
 
