@@ -132,6 +132,10 @@ def close_watched(backend) -> list[str]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.scenario:  # one generated scenario (kvmtest fuzz): kvmtest/fuzz/cli.py
+        from .fuzz.cli import run_scenario
+
+        return run_scenario(args)
     report = run_report(args)
     print(rep.table(report))
     for line in report.notes[1:]:
@@ -181,6 +185,8 @@ def parser() -> argparse.ArgumentParser:
     add_run_options(p)
     p.add_argument("--json", metavar="FILE", help="write the JSON report here")
     p.add_argument("--ktap", metavar="FILE", help="write a KTAP v1 report here")
+    p.add_argument("--scenario", metavar="SPEC",
+                   help="run one kvmtest fuzz scenario, e.g. 'gif1 vmcb:asid=0'")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("bench", help="benchmarks (Python vs C, model reuse)")
     p.add_argument("--quick", action="store_true", help="fewer iterations")
@@ -190,6 +196,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kernel", action="append", metavar="SPEC",
                    help="qemu: kernel(s) to time (default: Debian 6.1.170 and 6.1.192)")
     p.set_defaults(func=cmd_bench)
+    from .fuzz.cli import add_fuzz_command
+
+    add_fuzz_command(sub)
     _add_qemu_commands(sub)
     return ap
 

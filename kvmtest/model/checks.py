@@ -190,14 +190,25 @@ def _tlb_ctl_rejected(c: Control12, profile: Profile) -> bool:
         TLB_CONTROL_DO_NOTHING, TLB_CONTROL_FLUSH_ALL_ASID)
 
 
+# Coverage feedback for kvmtest fuzz: when set, called with the names of the
+# checks that failed each time a VMCB12 is checked (VMRUN, KVM_SET_NESTED_STATE,
+# RSM).  None: no cost.
+on_checked: Callable[[list[str]], None] | None = None
+
+
 def failed_save_checks(s: Save12, profile: Profile, svm: bool = True) -> list[str]:
-    return [c.name for c in SAVE_CHECKS if c.enabled(profile) and c.fails(s, svm)]
+    failed = [c.name for c in SAVE_CHECKS if c.enabled(profile) and c.fails(s, svm)]
+    if on_checked is not None:
+        on_checked(failed)
+    return failed
 
 
 def failed_control_checks(c: Control12, profile: Profile) -> list[str]:
     failed = [k.name for k in CONTROL_CHECKS if k.enabled(profile) and k.fails(c, True)]
     if _tlb_ctl_rejected(c, profile):
         failed.append("tlb_ctl")
+    if on_checked is not None:
+        on_checked(failed)
     return failed
 
 
