@@ -68,10 +68,16 @@ def test_smm_case_has_negative_control_differing_only_by_the_defect(case):
 
 
 def test_both_gif_modes_for_every_vmrun_row():
-    ids = {c.id for c in CASES if c.scenario == VMRUN}
-    for i in ids:
-        if i.endswith(f"[{GIF1}]"):
-            assert i.replace(GIF1, GIF0) in ids
+    """gif1 <-> gif0 in both directions, with the same VMCB12 and expectations."""
+    by = {c.id: c for c in CASES if c.scenario == VMRUN}
+    for i, c in by.items():
+        for mine, other in ((GIF1, GIF0), (GIF0, GIF1)):
+            if i.endswith(f"[{mine}]"):
+                twin = by.get(i[: -len(mine) - 2] + f"[{other}]")
+                assert twin is not None, f"{i} has no [{other}] twin"
+                assert c.gif_mode == mine and twin.gif_mode == other
+                assert (twin.vmcb, twin.memory, twin.l2_entry) == (c.vmcb, c.memory, c.l2_entry)
+    assert all(c.gif_mode in (GIF1, GIF0) for c in by.values() if not c.id.startswith("insn/"))
 
 
 def test_catalogue_tracks_maxphyaddr_but_not_ids():
