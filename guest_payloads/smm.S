@@ -16,23 +16,30 @@
 
 /* Host side: kvmtest/smm.py (STAGE_L2_SMI there). */
 #define STAGE_L2_SMI 0x534d
-#define CR4_MCE (1 << 6)
 
-/* L1 runs with CR4.MCE set.  KVM sets it in the hardware CR4 whatever L1
- * asks (svm_set_cr4: host_cr4_mce), and an SMI in L2 makes that hardware
- * value L1's own: svm_enter_smm saves VMCB01's save area to HSAVE,
- * svm_leave_smm copies it back, and the #VMEXIT after RSM loads L1's CR4
- * from it.  With MCE already set, L1's CR4 check after the #VMEXIT tests
- * the VMCB12 defect only (the leak itself is not this family's subject). */
+/* Before VMRUN, L1 flips the CR0/CR4/EFER bits the case asks for.  KVM
+ * holds L1's state in the hardware VMCB01 with bits of its own (svm.c
+ * svm_set_cr0/svm_set_cr4/svm_set_efer: CR4.MCE of the host, CR0.CD/NW
+ * cleared, CR0.PG/WP and EFER.NX forced under npt=0), and an SMI in L2
+ * copies that hardware state through HSAVE + 0x400 (svm_enter_smm,
+ * svm_leave_smm), so the #VMEXIT after RSM can hand it to L1.  The VMCB12
+ * cases make L1's state equal to the hardware one (nothing to leak), the
+ * smm/l1-* cases make them differ (kvmtest/cases/smm.py). */
 	.code64
 	.globl l1_main
 l1_main:
-	test qword ptr [P_FLAGS], PF_L1_CR4_AS_IS
-	jnz 1f			/* smm/l1-cr4-kept: the leak is the subject */
+	mov rax, cr0
+	xor rax, [P_L1_CR0_XOR]
+	mov cr0, rax
 	mov rax, cr4
-	or eax, CR4_MCE
+	xor rax, [P_L1_CR4_XOR]
 	mov cr4, rax
-1:	jmp vmrun_l1_main
+	mov ecx, MSR_EFER
+	rdmsr
+	xor eax, [P_L1_EFER_XOR]
+	xor edx, [P_L1_EFER_XOR + 4]
+	wrmsr
+	jmp vmrun_l1_main
 
 	.code64
 	.balign 16
@@ -45,12 +52,16 @@ l2_smi:
 	.globl l2_smi_resume
 l2_smi_resume:
 	VMMCALL
+	.globl l2_smi_ud2
+l2_smi_ud2:
 	ud2
 
 /* The SMM handler, position independent: entered with CS.base = SMBASE,
  * IP = 0x8000, DS.base = 0 with a 4 GiB limit (KVM's enter_smm), CR0.PE=0.
  * smm_patches (filled by the host in its SMRAM copy): entries of
- * { u32 gpa; u32 nbytes; u8 bytes[8] }, ended by gpa = 0. */
+ * { u32 gpa; u32 nbytes; u8 bytes[8] }, ended by gpa = 0; an entry whose
+ * nbytes has bit 31 set is a WRMSR instead: gpa is the MSR index, bytes
+ * the value. */
 	.code16
 	.balign 16
 	.globl smm_handler
@@ -60,13 +71,21 @@ smm_handler:
 1:	mov edx, cs:[bx]
 	test edx, edx
 	jz 3f
-	mov cx, cs:[bx + 4]
+	mov ecx, cs:[bx + 4]
+	test ecx, ecx
+	js 4f
 	xor di, di
 2:	mov al, cs:[bx + di + 8]
 	mov [edx], al
 	inc edx
 	inc di
 	loop 2b
+	add bx, 16
+	jmp 1b
+4:	mov ecx, edx
+	mov eax, cs:[bx + 8]
+	mov edx, cs:[bx + 12]
+	wrmsr
 	add bx, 16
 	jmp 1b
 3:	rsm

@@ -48,6 +48,10 @@ class Expect:
           "accepted"        KVM_SET_NESTED_STATE succeeds and the vCPU is in guest mode
           "shutdown"        the vCPU shuts down (KVM_EXIT_SHUTDOWN), e.g. RSM refusing
                             to re-enter L2 with an invalid VMCB12
+          "internal_error"  KVM_RUN ends in KVM_EXIT_INTERNAL_ERROR with `suberror`
+                            (and, with exit_code set, while handling that SVM exit)
+          "fail_entry"      KVM_RUN ends in KVM_EXIT_FAIL_ENTRY: the CPU refused the
+                            state KVM tried to enter (hardware_entry_failure_reason)
     """
 
     kind: str
@@ -55,6 +59,7 @@ class Expect:
     vector: int | None = None
     at: str | None = None
     error_code: int | None = None
+    suberror: int | None = None  # internal_error: KVM_INTERNAL_ERROR_*
     # After the #VMEXIT: True = EVENTINJ must read 0, False = must be kept,
     # None = not part of this expectation.
     event_inj_cleared: bool | None = None
@@ -69,9 +74,12 @@ class Expect:
     known_bug: str | None = None
     # GIF after the #VMEXIT: architecturally 0; a legacy kernel leaves it set.
     gif_after: bool = False
-    # CR4 bits L1 finds set after the #VMEXIT that it did not set (a bug's
-    # signature; 0 = L1's CR4 intact, as the contract says).
-    l1_cr4_gained: int = 0
+    # L1 register bits that come back flipped after the #VMEXIT, as
+    # (register, mask) pairs over params.RESULT's pre_* registers: a bug's
+    # signature (KVM's hardware bits leaking into L1), or what an SMM
+    # handler wrote into L1's saved state.  () = L1's state intact, as the
+    # contract says.
+    l1_flipped: tuple[tuple[str, int], ...] = ()
 
     def describe(self) -> str:
         if self.kind == "vmexit":
@@ -80,6 +88,8 @@ class Expect:
             ec = "" if self.error_code is None else f" ec={self.error_code:#x}"
             return f"{_VECTOR_NAMES.get(self.vector or 0, self.vector)}{ec} at {self.at}"
         text = self.kind.replace("_", " ")
+        if self.kind == "internal_error" and self.suberror is not None:
+            text += f" (suberror {self.suberror})"
         if self.kind == "no_fault" and self.exit_code is not None:
             text += f", then vmexit {self.exit_code:#x}"
         if self.known_bug:
@@ -126,7 +136,8 @@ class Case:
     vmcb: Mapping[str, int] = field(default_factory=dict)  # VMCB12 field -> value
     l2_entry: str = "l2_vmmcall"
     memory: Mapping[int, bytes] = field(default_factory=dict)  # extra guest memory
-    # SMM scenario: VMCB12 fields the SMM handler writes (VMCB12 at VMRUN is valid).
+    # SMM scenario: what the SMM handler writes (VMCB12 at VMRUN is valid):
+    # VMCB12 fields, or "hsave."/"smram."/"msr." targets (kvmtest.smm.write_target).
     smm_vmcb: Mapping[str, int] = field(default_factory=dict)
     needs: frozenset[str] = frozenset({NEED_SVM})
     # Kernel generations that legitimately differ: profile -> expectation.

@@ -57,21 +57,30 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_PASS
 
 
-def _backend_options(args: argparse.Namespace) -> dict:
-    if args.backend != "qemu":
-        for opt in ("kernel", "modules", "kvm_modules", "cpu", "kvm_amd_param", "artifacts"):
-            if getattr(args, opt, None):
-                raise CliError(f"--{opt.replace('_', '-')} needs --backend qemu", EXIT_USAGE)
-        return {}
-    if not args.kernel:
-        raise CliError("--backend qemu needs --kernel SPEC (e.g. debian:"
-                       "linux-image-6.1.0-56-amd64-unsigned)", EXIT_USAGE)
+def _kvm_amd_params(args: argparse.Namespace) -> dict[str, str]:
     params = {}
-    for p in args.kvm_amd_param or []:
+    for p in getattr(args, "kvm_amd_param", None) or []:
         name, eq, value = p.partition("=")
         if not eq or not name:
             raise CliError(f"--kvm-amd-param wants NAME=VALUE, not {p!r}", EXIT_USAGE)
         params[name] = value
+    return params
+
+
+def _backend_options(args: argparse.Namespace) -> dict:
+    if args.backend != "qemu":
+        for opt in ("kernel", "modules", "kvm_modules", "cpu", "artifacts"):
+            if getattr(args, opt, None):
+                raise CliError(f"--{opt.replace('_', '-')} needs --backend qemu", EXIT_USAGE)
+        if getattr(args, "kvm_amd_param", None):
+            if args.backend != "model":  # the model emulates kvm_amd's parameters
+                raise CliError("--kvm-amd-param needs --backend qemu or model", EXIT_USAGE)
+            return {"kvm_amd_params": _kvm_amd_params(args)}
+        return {}
+    if not args.kernel:
+        raise CliError("--backend qemu needs --kernel SPEC (e.g. debian:"
+                       "linux-image-6.1.0-56-amd64-unsigned)", EXIT_USAGE)
+    params = _kvm_amd_params(args)
     return {"kernel": args.kernel, "modules": args.modules, "kvm_modules": args.kvm_modules,
             "cpu": args.cpu, "kvm_amd_params": params, "artifacts": args.artifacts}
 

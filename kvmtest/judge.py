@@ -18,7 +18,9 @@ from .payloads import load_payload
 from .vmcb import SVM_EXIT_ERR, SVM_EXIT_VMMCALL
 
 PASS, FAIL, ERROR, SKIP = "pass", "fail", "error", "skip"
-# Oldest first.  6.12-stable: measured on Debian 6.12.95 (bookworm-backports).
+# Oldest first; each is a booted kernel (kvmtest.model.profiles: `measured`):
+# legacy = Debian 6.1.170, fixed = 6.1.192, 6.12-stable = 6.12.95 and 6.12.117,
+# 7.x = 7.2.13 and 7.3.4.
 PROFILES = ("legacy", "fixed", "6.12-stable", "7.x")
 # A profile a case does not list behaves there like its base.
 PROFILE_BASE = {"6.12-stable": "fixed"}
@@ -58,8 +60,9 @@ def _check_vmexit(obs: o.Observation, want: Expect, case: Case) -> list[str]:
     if l1.get("stage") != params.STAGE_AFTER_VMRUN:
         bad.append("L1 result block not written after VMRUN")
     else:
+        flipped = dict(want.l1_flipped)
         for reg in L1_REGS:
-            want_value = l1[f"pre_{reg}"] | (want.l1_cr4_gained if reg == "cr4" else 0)
+            want_value = l1[f"pre_{reg}"] ^ flipped.get(reg, 0)
             if l1[reg] != want_value:
                 bad.append(f"L1 {reg.upper()} {l1[reg]:#x} != {want_value:#x} before VMRUN")
     if want.event_inj_cleared is not None:
@@ -102,6 +105,15 @@ def check(case: Case, obs: o.Observation, want: Expect) -> list[str]:
                    _check_vmexit(after, Expect("vmexit", exit_code=SVM_EXIT_VMMCALL), case)]
     elif want.kind == "shutdown":
         bad = [] if obs.outcome == o.SHUTDOWN else [f"no shutdown: {obs.describe()}"]
+    elif want.kind == "internal_error":
+        data = obs.exit_data or []
+        bad = [] if obs.outcome == o.INTERNAL_ERROR else [f"no internal error: {obs.describe()}"]
+        if not bad and want.suberror is not None and data[:1] != [want.suberror]:
+            bad.append(f"internal error suberror {data[:1]} != {want.suberror}")
+        if not bad and want.exit_code is not None and data[2:3] != [want.exit_code]:
+            bad.append(f"internal error while handling exit {data[2:3]} != {want.exit_code:#x}")
+    elif want.kind == "fail_entry":
+        bad = [] if obs.outcome == o.FAIL_ENTRY else [f"no failed entry: {obs.describe()}"]
     elif want.kind == "accepted":
         bad = [] if obs.outcome == o.ACCEPTED else [f"KVM_SET_NESTED_STATE: {obs.detail}"]
         if not bad and not obs.guest_mode:

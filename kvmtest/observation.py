@@ -38,6 +38,8 @@ SHUTDOWN = "shutdown"
 GUEST_ASSERT = "guest_assert"
 UNEXPECTED_EXIT = "unexpected_exit"
 EMULATION_ERROR = "emulation_error"
+INTERNAL_ERROR = "internal_error"  # KVM_EXIT_INTERNAL_ERROR: exit_data = [suberror, *data]
+FAIL_ENTRY = "fail_entry"  # KVM_EXIT_FAIL_ENTRY: exit_data = [hardware_entry_failure_reason]
 
 
 @dataclass
@@ -64,6 +66,8 @@ class Observation:
     # SET_NESTED_STATE refused: the outcome of L1's run afterwards (its VMRUN
     # of the default VMCB12; exit_code, gif, guest_mode, l1 are from it)
     after_outcome: str | None = None
+    # KVM_EXIT_INTERNAL_ERROR / KVM_EXIT_FAIL_ENTRY: what KVM reported
+    exit_data: list[int] | None = None
     # SMM scenario: how often the SMM handler ran (proves the SMI and RSM path)
     smm_handler_runs: int | None = None
     # new kernel-log lines that indicate a kernel bug; None: not checked

@@ -18,13 +18,17 @@ PARAMS = (
     "count",  # ping payload: number of round trips
     "msr_index",  # svm_insn payload, INSN_WRMSR: MSR and value
     "msr_value",
+    # smm payload: L1 flips these bits of its CR0/CR4/EFER before VMRUN (an
+    # L1 state that differs from what KVM holds in the hardware VMCB).
+    "l1_cr0_xor",
+    "l1_cr4_xor",
+    "l1_efer_xor",
 )
 
 PF_SET_SVME = 1 << 0  # set EFER.SVME before the test
 PF_SET_HSAVE = 1 << 1  # write MSR_VM_HSAVE_PA
 PF_CLGI = 1 << 2  # CLGI before VMRUN (gif0 mode)
 PF_STGI = 1 << 3  # STGI before VMRUN (explicit gif1 mode)
-PF_L1_CR4_AS_IS = 1 << 4  # smm payload: L1 keeps its CR4 (no CR4.MCE of its own)
 
 # struct result at RESULT_GPA, written by L1 after VMRUN returns.
 RESULT = (

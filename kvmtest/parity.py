@@ -20,7 +20,7 @@ from .observation import Observation
 # separately).
 FIELDS = ("outcome", "vector", "error_code", "rip", "exit_code", "exit_info_1",
           "exit_info_2", "exit_int_info", "event_inj", "gif", "guest_mode",
-          "after_outcome", "smm_handler_runs")
+          "after_outcome", "smm_handler_runs", "exit_data")
 
 
 @dataclass(frozen=True)

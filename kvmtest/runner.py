@@ -7,13 +7,23 @@ import errno
 from . import layout, params, ucall, vmcb12
 from .backends.base import Backend, Machine
 from .case import INSN, NEED_SVM, SET_NESTED_STATE, SMM, VMRUN, Case
-from .exits import EmulationError, InterruptedExit, IoExit, ShutdownExit, TimedOut
+from .exits import (
+    EmulationError,
+    FailEntryExit,
+    InternalErrorExit,
+    InterruptedExit,
+    IoExit,
+    ShutdownExit,
+    TimedOut,
+)
 from .observation import (
     ACCEPTED,
     EINVAL,
     EMULATION_ERROR,
     EXCEPTION,
+    FAIL_ENTRY,
     GUEST_ASSERT,
+    INTERNAL_ERROR,
     KVM_STATE_NESTED_GUEST_MODE,
     SHUTDOWN,
     SYNC,
@@ -97,6 +107,12 @@ def drive(m: Machine, case: Case, payload: Payload, timeout: float) -> Observati
             obs.outcome, obs.detail = TIMEOUT, f"no report within {ex.seconds:g} s"
         elif isinstance(ex, ShutdownExit):
             obs.outcome, obs.detail = SHUTDOWN, "L1 triple fault (KVM_EXIT_SHUTDOWN)"
+        elif isinstance(ex, InternalErrorExit):
+            obs.outcome, obs.exit_data = INTERNAL_ERROR, [ex.suberror, *ex.data]
+            obs.detail = f"KVM_EXIT_INTERNAL_ERROR suberror {ex.suberror} data {list(ex.data)}"
+        elif isinstance(ex, FailEntryExit):
+            obs.outcome, obs.exit_data = FAIL_ENTRY, [ex.reason]
+            obs.detail = f"KVM_EXIT_FAIL_ENTRY reason {ex.reason:#x} (cpu {ex.cpu})"
         elif isinstance(ex, EmulationError):
             obs.outcome = EMULATION_ERROR
             obs.detail = f"{ex.message} at RIP {ex.rip:#x} ({symbolize(payload, ex.rip)})"

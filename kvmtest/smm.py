@@ -1,9 +1,11 @@
-"""The SMM scenario: SMI while L2 runs, the SMM handler patches VMCB12, RSM.
+"""The SMM scenario: SMI while L2 runs, the SMM handler writes state, RSM.
 
 KVM enters SMM from guest mode by a synthetic #VMEXIT of L2 that L1 never
 sees (svm_enter_smm): the state-save area records "SVM guest" (SMBASE +
-0xFED8) and the VMCB12 GPA (+0xFEE0).  RSM re-enters L2 from the VMCB12 in
-guest memory (svm_leave_smm), which the SMM handler could have changed.
+0xFED8) and the VMCB12 GPA (+0xFEE0), and L1's state goes to HSAVE + 0x400.
+RSM re-enters L2 from the VMCB12 in guest memory (svm_leave_smm) after
+restoring L1's state from HSAVE + 0x400 -- all of which the SMM handler
+could have changed (write_target below names what it may write).
 Since be5fa8737d42 "KVM: SVM: check validity of VMCB controls when returning
 from SMM" KVM runs the VMRUN consistency checks there and refuses the RSM
 (triple fault: KVM_EXIT_SHUTDOWN); before, it entered L2 with whatever the
@@ -12,7 +14,7 @@ handler left.
 The host side: the payload's L2 (l2_smi, guest_payloads/smm.S) reports
 SYNC(STAGE_L2_SMI) from guest mode; the host queues KVM_SMI and resumes.
 The handler (smm_handler .. smm_handler_end) is copied to SMBASE + 0x8000
-with the case's patch list; then the ordinary host loop (runner.drive) takes
+with the case's patch list (stores and WRMSRs); then the ordinary host loop (runner.drive) takes
 L1's report after the #VMEXIT, or the shutdown.
 """
 
@@ -27,7 +29,7 @@ from .exits import IoExit, TimedOut
 from .observation import SHUTDOWN, SYNC, TIMEOUT, UNEXPECTED_EXIT, Observation
 from .payloads import Payload, PayloadError
 from .runner import drive
-from .vmcb import FIELDS
+from .vmcb import FIELDS, SAVE_AREA
 
 STAGE_L2_SMI = 0x534D  # guest_payloads/smm.S: L2 asks for the SMI
 SMBASE = layout.SMRAM_GPA  # the reset value; the handler never moves it
@@ -37,18 +39,52 @@ SMRAM_SVM_GUEST = SMBASE + 0xFED8  # non-zero: the SMI arrived in guest mode
 SMRAM_SVM_VMCB12 = SMBASE + 0xFEE0
 PATCH_SIZE = 16  # { u32 gpa; u32 nbytes; u8 bytes[8] }
 PATCH_SLOTS = 8  # the last one stays zero: the end marker
+PATCH_MSR = 1 << 31  # nbytes flag: a WRMSR (gpa = MSR index), not a store
 MAX_EXITS = 8  # before the SMI: the L2 report, nothing else
 
+# What an SMM handler may write, by name (Case.smm_vmcb):
+#   "<field>"         a VMCB12 field (kvmtest.vmcb.FIELDS)
+#   "hsave.<field>"   L1's state as svm_enter_smm() saved it: a save-area
+#                     field of the VMCB-shaped copy at HSAVE + 0x400
+#   "smram.<name>"    a state-save-area field svm_leave_smm() reads
+#   "msr.<name>"      an MSR the handler writes with WRMSR
+SMRAM_FIELDS = {"efer": (SMBASE + 0xFED0, 8), "svm_guest": (SMRAM_SVM_GUEST, 8),
+                "svm_vmcb12": (SMRAM_SVM_VMCB12, 8)}
+MSRS = {"vm_hsave_pa": 0xC001_0117}
 
-def patch_table(gpa: int, fields: Mapping[str, int]) -> bytes:
-    """The handler's patch list: write each VMCB field of the VMCB at gpa."""
+
+def write_target(name: str) -> tuple[int, int, bool]:
+    """(GPA or MSR index, size in bytes, is an MSR) for a handler write."""
+    where, dot, field = name.partition(".")
+    if dot and where == "hsave":
+        f = FIELDS.get(field)
+        if f is None or f.offset < SAVE_AREA:
+            raise ValueError(f"hsave.{field}: not a VMCB save-area field")
+        return layout.HSAVE_GPA + f.offset, f.size, False
+    if dot and where == "smram":
+        if field not in SMRAM_FIELDS:
+            raise ValueError(f"smram.{field}: not one of {sorted(SMRAM_FIELDS)}")
+        return (*SMRAM_FIELDS[field], False)
+    if dot and where == "msr":
+        if field not in MSRS:
+            raise ValueError(f"msr.{field}: not one of {sorted(MSRS)}")
+        return MSRS[field], 8, True
+    if name not in FIELDS:
+        raise ValueError(f"{name}: not a VMCB12 field")
+    f = FIELDS[name]
+    return layout.VMCB12_GPA + f.offset, f.size, False
+
+
+def patch_table(fields: Mapping[str, int]) -> bytes:
+    """The handler's patch list, in the order given."""
     if len(fields) >= PATCH_SLOTS:
         raise ValueError(f"at most {PATCH_SLOTS - 1} SMM patches, not {len(fields)}")
     out = b""
     for name, value in fields.items():
-        f = FIELDS[name]
-        out += ((gpa + f.offset).to_bytes(4, "little") + f.size.to_bytes(4, "little")
-                + (value & (2 ** (8 * f.size) - 1)).to_bytes(8, "little"))
+        where, size, msr = write_target(name)
+        flags = size | (PATCH_MSR if msr else 0)
+        out += (where.to_bytes(4, "little") + flags.to_bytes(4, "little")
+                + (value & (2 ** (8 * size) - 1)).to_bytes(8, "little"))
     return out.ljust(PATCH_SIZE * PATCH_SLOTS, b"\0")
 
 
@@ -57,8 +93,7 @@ def install_handler(m: Machine, payload: Payload, fields: Mapping[str, int]) -> 
     start, end = payload.sym("smm_handler"), payload.sym("smm_handler_end")
     code = payload.image[start - layout.CODE_GPA:end - layout.CODE_GPA]
     m.write(HANDLER_GPA, code)
-    m.write(HANDLER_GPA + payload.sym("smm_patches") - start,
-            patch_table(layout.VMCB12_GPA, fields))
+    m.write(HANDLER_GPA + payload.sym("smm_patches") - start, patch_table(fields))
 
 
 def handler_runs(m: Machine, payload: Payload) -> int:
@@ -77,7 +112,7 @@ def drive_smm(m: Machine, case: Case, payload: Payload, timeout: float) -> Obser
     """Run L1 into L2, inject the SMI L2 asks for, then the ordinary host loop."""
     try:
         install_handler(m, payload, case.smm_vmcb)
-    except PayloadError as e:
+    except (PayloadError, ValueError) as e:
         return Observation(outcome=UNEXPECTED_EXIT, detail=f"{case.id}: {e}")
     exits: list[str] = []
     for _ in range(MAX_EXITS):

@@ -19,7 +19,8 @@ def test_each_field_alone_is_reported():
     changes = {"exit_code": 0xFFFFFFFF, "exit_info_1": 1, "exit_info_2": 2,
                "exit_int_info": 0xDEADBEEF00000000, "event_inj": 0x80000306, "gif": True,
                "guest_mode": True, "vector": 13, "error_code": 0, "rip": 0x4000,
-               "outcome": "exception", "after_outcome": SYNC, "smm_handler_runs": 1}
+               "outcome": "exception", "after_outcome": SYNC, "smm_handler_runs": 1,
+               "exit_data": [1, 0, 0x80, 0, 0, 0, 0]}
     for name, value in changes.items():
         d = parity.diff(_obs(), _obs(**{name: value}))
         assert [x.field for x in d] == [name], name

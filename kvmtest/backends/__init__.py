@@ -33,7 +33,11 @@ def make(name: str, profile: str | None = None, **options: Any) -> tuple[Any, st
         from .model import ModelBackend
 
         profile = profile or "7.x"
-        return ModelBackend(profile), f"backend model: profile {profile}"
+        params = options.get("kvm_amd_params")
+        note = f"backend model: profile {profile}"
+        if params:
+            note += " (kvm_amd " + " ".join(f"{k}={v}" for k, v in params.items()) + ")"
+        return ModelBackend(profile, kvm_amd_params=params), note
     if name == "qemu":
         from .qemu import QemuBackend
 

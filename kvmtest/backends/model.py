@@ -16,6 +16,7 @@ import unicorn
 
 from ..kvm_amd import MODEL_DEFAULTS, config_capabilities
 from ..model.cpuid import MAXPHYADDR
+from ..model.hwstate import KvmAmd
 from ..model.machine import ModelMachine
 from ..model.profiles import DEFAULT_PROFILE, get_profile
 from ..model.watchdog import TIMER_WATCHDOG
@@ -54,7 +55,8 @@ class ModelBackend:
         if m is None or m.payload is not payload:
             if m is not None:
                 m.close()
-            m = ModelMachine(payload, self.profile, timer=self.timer)
+            m = ModelMachine(payload, self.profile, timer=self.timer,
+                             kvm_amd=KvmAmd.from_params(self.kvm_amd_params))
             self._machines[payload.name] = m
         m.reset(self.profile, svm_in_cpuid=svm)
         yield m

@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..case import Case
+from ..case import CONFIG_NEEDS, Case
 from ..kmod import KmodError, check_vermagic
 from ..observation import Observation
 from ..payloads import PREBUILT_ENV, load_payload
@@ -70,8 +70,10 @@ class QemuBackend:
         self.outdir: Path | None = None
 
     def capabilities(self) -> dict[str, str | None]:
-        # Known only inside the guest: the agent reports skips per case.
-        return {"svm": None, "no_svm": None, "nested_state": None, "smm": None}
+        # Known only inside the guest: the agent reports skips per case
+        # (configuration needs too: kvm_amd's effective parameters there).
+        return {"svm": None, "no_svm": None, "nested_state": None, "smm": None,
+                **dict.fromkeys(CONFIG_NEEDS)}
 
     def describe(self) -> dict[str, str]:
         return {"backend": self.name, "kernel": self.guest_facts.get("kernel", self.kernel.release),

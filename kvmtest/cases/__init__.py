@@ -25,8 +25,7 @@ def catalogue(maxphyaddr: int = DEFAULT_MAXPHYADDR) -> tuple[Case, ...]:
     # Late failures take KVM's full #VMEXIT path on every kernel: GIF cleared.
     cases += vmrun_cases("late", late.rows(maxphyaddr), software_checked=False)
     cases += nested_state.cases()
-    cases += smm.cases()
-    cases += smm.cr4_cases()
+    cases += smm.all_cases()
     seen: set[str] = set()
     for c in cases:
         if c.id in seen:

@@ -66,6 +66,7 @@ from ..observation import NestedView
 from ..payloads import Payload
 from ..vmcb import Vmcb
 from . import paging, smm
+from .hwstate import KvmAmd
 from .profiles import Profile
 from .svm import NestedSvm, Raise, VmExit
 from .unicorn_fixups import OldExceptionReset
@@ -147,11 +148,13 @@ def _descriptor(attrib: int, base: int, limit: int) -> int:
 class ModelMachine:
     """Implements backends.base.Machine for one payload; reused across cases."""
 
-    def __init__(self, payload: Payload, profile: Profile, timer: str = TIMER_WATCHDOG) -> None:
+    def __init__(self, payload: Payload, profile: Profile, timer: str = TIMER_WATCHDOG,
+                 kvm_amd: KvmAmd | None = None) -> None:
         if timer not in (TIMER_WATCHDOG, TIMER_UNICORN):
             raise ValueError(f"timer must be {TIMER_WATCHDOG!r} or {TIMER_UNICORN!r}")
         self.payload = payload
         self.timer = timer
+        self.kvm_amd = kvm_amd or KvmAmd()  # the kvm_amd parameters modelled
         self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
         # Haswell has no SVM: SVM opcodes #UD into the hook (DESIGN.md 3).
         self.uc.ctl_set_cpu_model(x86.UC_CPU_X86_HASWELL)
@@ -160,7 +163,7 @@ class ModelMachine:
         self._low_image = self._build_low_image()
         self._code_end = layout.CODE_GPA + len(payload.image)
         self._dirty: set[int] = set()  # page numbers above LOW_REGION
-        self._msr_sites = msr_sites(payload.image)
+        self._msr_sites = msr_sites(payload.image) + smm.handler_msr_sites(payload)
         self._event: tuple | None = None
         self._loading_l2 = False
         self._msr_passthrough: int | None = None
@@ -364,8 +367,7 @@ class ModelMachine:
         if action is None:
             return None
         if isinstance(action, VmExit):
-            self.svm.vmexit(action)
-            return None
+            return self.svm.vmexit(action)
         if isinstance(action, Raise):
             return self.raise_exception(action.vector, action.error_code, action.cr2)
         return action
@@ -719,8 +721,7 @@ class ModelMachine:
         if self.svm.guest_mode:
             action = self.svm.on_l2_exception(vector, error_code, cr2)
             if action is not None:
-                self.svm.vmexit(action)
-                return None
+                return self.svm.vmexit(action)
         problem = self._deliver(vector, error_code)
         if problem is None:
             return None
@@ -739,8 +740,7 @@ class ModelMachine:
         if self.svm.guest_mode:
             action = self.svm.on_l2_shutdown()
             if action is not None:
-                self.svm.vmexit(action)
-                return None
+                return self.svm.vmexit(action)
         self._resume_blocked = "the vCPU is in shutdown state"
         return ShutdownExit()
 

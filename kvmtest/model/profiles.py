@@ -4,6 +4,12 @@ A profile is a frozen set of switches; the model consults them at the few
 places where kernels legitimately differ, so a profile difference is one
 field here, never an ``if kernel == ...`` elsewhere.
 
+Every profile is a kernel that was booted: ``measured`` names the Debian
+packages whose observations it reproduces field by field
+(tests/qemu/test_kernels.py compares them in CI).  A switch no measurement
+can see is set from that kernel's source (Debian linux-source-6.1 6.1.192,
+linux-source-6.12 6.12.117, linux-source-7.3 7.3.4).
+
 Sources (public):
 - KVM ``arch/x86/kvm/svm/nested.c``: ``nested_svm_vmrun()``,
   ``__nested_vmcb_check_controls()``, ``__nested_vmcb_check_save()``,
@@ -28,13 +34,15 @@ Sources (public):
   `fixed` case by case (tests/qemu/test_kernels.py).
 - a484755ab252 "KVM: nSVM: Revert KVM's made-up consistency check on SVM's
   TLB control" (Linux 6.7, backported to 6.6/6.1 stable).
-- The "nSVM: unify VMRUN failures" series (reference/nsvm-unify-vmrun-
-  failures-v4-13.txt; v7 merged for Linux 7.1): nCR3, EVENTINJ and CS.L&&CS.D
-  checks, #GP when VMCB12 cannot be mapped, EVENTINJ cleared on every
-  #VMEXIT (``__nested_svm_vmexit``: ``vmcb12->control.event_inj = 0``),
-  TLB_CTL masked instead of rejected, late failures (CR3/PDPTR load, MSRPM
-  merge) handled before switching to VMCB02, consistency checks added to
-  ``svm_leave_smm()`` (be5fa8737d42).
+- The "nSVM: unify VMRUN failures" series (v7 merged for Linux 7.1): nCR3,
+  EVENTINJ and CS.L&&CS.D checks, EVENTINJ cleared on every #VMEXIT
+  (``nested_svm_vmexit_update_vmcb12``: ``vmcb12->control.event_inj = 0``),
+  TLB_CTL masked instead of rejected, consistency checks added to
+  ``svm_leave_smm()`` (be5fa8737d42).  What 7.2.13/7.3.4 do where that
+  series' description and their source differ is the source's (7.3.4
+  nested.c): a VMCB12 that cannot be mapped is KVM_EXIT_INTERNAL_ERROR, not
+  #GP; late failures (CR3 load, MSRPM merge) still come after vmcb02 is
+  prepared, so the #VMEXIT writes L2's state into VMCB12.
 """
 
 from __future__ import annotations
@@ -65,6 +73,9 @@ class Profile:
     name: str
     kernels: str
     summary: str
+    # The kernels booted and measured for this profile, as kvmtest kernel
+    # specs (debian:PACKAGE[@SUITE]).
+    measured: tuple[str, ...]
     # Early consistency-check failure (nested_svm_vmrun's "goto out" path)
     # clears GIF, as every #VMEXIT does architecturally (f85a6ce06e4a).
     clear_gif_on_check_failure: bool
@@ -84,20 +95,26 @@ class Profile:
     clear_event_inj_on_vmexit: bool
     # Late failures (L2 CR3/PDPTR load, MSRPM merge) go through the
     # complete nested_svm_vmexit(), which also writes L2's state into the
-    # VMCB12 save area.  Upstream fails before loading L2 state and only
-    # writes the exit fields.
+    # VMCB12 save area: every kernel measured (7.3.4 nested.c
+    # enter_svm_guest_mode() prepares vmcb02 before nested_svm_load_cr3()).
+    # False models the unify-VMRUN-failures proposal that failed before
+    # loading L2 state; no measured kernel does that.
     late_failure_writes_save_area: bool
     # svm_leave_smm() runs nested_vmcb_check_save()/nested_vmcb_check_controls()
     # on the VMCB12 it re-enters L2 from, and a failure makes RSM shut the
     # vCPU down (be5fa8737d42 "KVM: SVM: check validity of VMCB controls when
     # returning from SMM"; measured: in Debian 6.12.95, not in 6.1.170/6.1.192).
     rsm_checks_vmcb12: bool
-    # An SMI taken in L2 hands L1 KVM's hardware CR4 (CR4.MCE always set):
-    # svm_enter_smm() saves VMCB01's save area to HSAVE, svm_leave_smm()
-    # copies it back and the next #VMEXIT loads L1's CR4 from it.  Measured
-    # on Debian 6.1.170, 6.1.192 and 6.12.95; Linux 7.1 not measured, so the
-    # upstream profile keeps the contract (L1's CR4 intact).
-    smi_leaks_cr4_mce: bool = True
+    # svm_set_efer() taking EFER.SVME from 1 to 0 outside guest mode sets GIF
+    # (6.1.192 and 6.12.117 svm.c: "svm_leave_nested(vcpu); svm_set_gif(svm,
+    # true);"); 7.3.4 only sets it through svm_leave_nested() of a vCPU in
+    # guest mode.  Seen when an SMM handler clears EFER.SVME in L1's saved
+    # state (smm/hsave-l1-efer-svme0).
+    svme_clear_sets_gif: bool = True
+    # VMRUN on a legal GPA no memslot backs: "gp" (kvm_vcpu_map() fails ->
+    # #GP, 6.x) or "internal_error" (7.x: kvm_handle_memory_failure() ->
+    # KVM_EXIT_INTERNAL_ERROR, emulation; kvmtest/cases/insn.py).
+    unbacked_vmcb12: str = "gp"
 
     def describe(self) -> dict[str, str]:
         return {f.name: str(getattr(self, f.name)) for f in fields(self)}
@@ -105,9 +122,9 @@ class Profile:
 
 LEGACY = Profile(
     name="legacy",
-    kernels="Linux 6.1 stable before 6.1.175 (Debian 6.1.170 = linux-image-6.1.0-47), "
-    "6.12 before 6.12.86, mainline before 7.1",
+    kernels="Debian 6.1.170 (bookworm; 6.1 stable before the 2026 nSVM fixes of 6.1.176)",
     summary="consistency-check failure writes VMEXIT_INVALID but leaves GIF unchanged",
+    measured=("debian:linux-image-6.1.0-47-amd64-unsigned",),
     clear_gif_on_check_failure=False,
     check_ncr3=False,
     check_event_inj=False,
@@ -125,39 +142,46 @@ LEGACY = Profile(
 FIXED = replace(
     LEGACY,
     name="fixed",
-    kernels="Linux 6.1.175+ (Debian 6.1.192 = linux-image-6.1.0-56), 6.12.86+, "
-    "other stable trees with f85a6ce06e4a backported",
+    kernels="Debian 6.1.192 (bookworm)",
     summary="legacy + GIF cleared on #VMEXIT(INVALID) from a consistency check, "
     "nCR3 and CS.L&&CS.D checked, INVLPGA gated",
+    measured=("debian:linux-image-6.1.0-56-amd64-unsigned",),
     clear_gif_on_check_failure=True,
     check_ncr3=True,
     check_cs_l_d=True,
     invlpga_checks_permissions=True,
 )
 
-# Measured on Debian 6.12.95 (bookworm-backports) under QEMU TCG: fixed, plus
-# EVENTINJ cleared on every #VMEXIT and be5fa8737d42's RSM checks (stable
-# 6.12.88); EVENTINJ validity is still left to the CPU.
+# Measured on Debian 6.12.95 (bookworm-backports) and 6.12.117 (trixie) under
+# QEMU TCG, observation for observation the same: fixed, plus EVENTINJ
+# cleared on every #VMEXIT and be5fa8737d42's RSM checks (stable 6.12.88);
+# EVENTINJ validity is still left to the CPU.
 STABLE_612 = replace(
     FIXED,
     name="6.12-stable",
-    kernels="Linux 6.12 stable from 6.12.88 (Debian 6.12.95 in bookworm-backports)",
+    kernels="Debian 6.12.95 (bookworm-backports) and 6.12.117 (trixie)",
     summary="fixed + EVENTINJ cleared on #VMEXIT, consistency checks on RSM into L2",
+    measured=("debian:linux-image-6.12.95+deb12-amd64-unsigned@bookworm-backports",
+              "debian:linux-image-6.12.117+deb13-amd64-unsigned@trixie"),
     clear_event_inj_on_vmexit=True,
     rsm_checks_vmcb12=True,
 )
 
+# Measured on Debian 7.2.13 (sid) and 7.3.4 (trixie-backports), observation
+# for observation the same.
 V7 = replace(
     STABLE_612,
     name="7.x",
-    kernels="Linux 7.x (to be measured on Debian 7.3.4; content still from the 7.1 sources)",
-    summary="6.12-stable + EVENTINJ validity checked, TLB_CTL masked, late failures "
-    "before VMCB02 is loaded",
+    kernels="Debian 7.2.13 (sid) and 7.3.4 (trixie-backports)",
+    summary="6.12-stable + EVENTINJ validity checked, TLB_CTL masked, an unbacked "
+    "VMCB12 handed to userspace, GIF kept when EFER.SVME is cleared",
+    measured=("debian:linux-image-7.2.13+deb14-amd64@sid",
+              "debian:linux-image-7.3.4+deb13-amd64@trixie-backports"),
     check_event_inj=True,
     tlb_ctl=TLB_CTL_MASK,
     unbacked_ncr3=NCR3_NPF,
-    late_failure_writes_save_area=False,
-    smi_leaks_cr4_mce=False,  # not measured on 7.1: the contract
+    svme_clear_sets_gif=False,
+    unbacked_vmcb12="internal_error",
 )
 
 PROFILES: dict[str, Profile] = {p.name: p for p in (LEGACY, FIXED, STABLE_612, V7)}

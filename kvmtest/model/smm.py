@@ -31,12 +31,15 @@ as KVM emulates it.  Deliberate differences, none observable by the payloads:
   mode); an SMM handler that changes SMRAM's segments, CR0/CR4/EFER mode
   bits or LDTR is refused as not modelled (EmulationError) -- GPRs, RIP,
   RFLAGS, CR3, GDTR/IDTR, TR and SMBASE changes are applied;
-- L1's state is kept by the model across SMM (the saved Unicorn context of
-  VMRUN) and written to HSAVE + 0x400 as svm_enter_smm() does; a handler
-  that edits that copy is refused as not modelled rather than guessed;
-- the hardware-only values KVM puts there (CR4.MCE, the 6.1 leak into L1's
-  CR4 after RSM) and the nested_run_pending WARN of 6.1 (a kernel-log
-  message) are not reproduced.
+- L1's segment state is kept by the model across SMM (the saved Unicorn
+  context of VMRUN);
+- L1's state at HSAVE + 0x400 is what KVM saves there: the *hardware*
+  CR0/CR4/EFER of vmcb01 (hwstate.py, per kvm_amd's npt), which the #VMEXIT
+  after RSM loads into L1 (svm.py _load_vmcb01: the state-leak family of
+  docs/findings.md); a handler that edits L1's registers there is honoured,
+  one that edits its segment state is refused as not modelled;
+- the nested_run_pending WARN of 6.1 (a kernel-log message) is not
+  reproduced.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from unicorn import x86_const as x86
 
 from .. import l1, layout
 from ..exits import Exit
+from ..payloads import Payload
 from . import cpuid
 
 if TYPE_CHECKING:
@@ -100,6 +104,20 @@ OFF_IDTR = 0x7E84
 OFF_LDTR = 0x7E70
 OFF_GDTR = 0x7E64
 OFF_SEGS = 0x7E00
+
+
+def handler_msr_sites(payload: Payload) -> list[int]:
+    """Where the SMM handler's RDMSR/WRMSR bytes sit once kvmtest.smm copied
+    it to SMBASE + 0x8000 (CS.base + IP: the linear address it runs at), so
+    the model can hook them as it hooks the payload's own."""
+    from ..smm import HANDLER_GPA
+
+    if "smm_handler" not in payload.symbols:
+        return []
+    start, end = payload.sym("smm_handler"), payload.sym("smm_handler_end")
+    code = payload.image[start - layout.CODE_GPA:end - layout.CODE_GPA]
+    return [HANDLER_GPA + i for i in range(len(code) - 1)
+            if code[i:i + 2] in (b"\x0f\x30", b"\x0f\x32")]
 
 
 class NotModelled(Exception):
@@ -257,11 +275,11 @@ def enter_smm(m: ModelMachine) -> None:
     m.write_phys(m.smm.smbase + SAVE_AREA, bytes(s.data))
     _load_smm_state(m)
     # static_call(kvm_x86_set_efer)(vcpu, 0): svm_set_efer() clearing SVME
-    # runs svm_leave_nested() (L1 is not in guest mode any more) and
-    # svm_set_gif(svm, true); the nested state is kept in SMM.
+    # runs svm_leave_nested() (L1 is not in guest mode any more) and, on
+    # 6.x, svm_set_gif(svm, true); the nested state is kept in SMM.
     if m.svm.svme:
         m.svm.svme = False
-        m.svm.gif = True
+        m.svm.svme_cleared(in_guest_mode=False)
 
 
 # The model-private GDT for SMM entry (in the scratch page): KVM's hidden
@@ -347,7 +365,7 @@ def rsm(m: ModelMachine) -> Exit | None:
     cur_efer = 0
     if svm.svme:
         svm.svme = False
-        svm.gif = True  # svm_set_efer(): SVME 1 -> 0
+        svm.svme_cleared(in_guest_mode=False)  # svm_set_efer(): SVME 1 -> 0
     if svm.leave_smm(s):  # ctxt->ops->leave_smm() != 0: emulate_shutdown
         return m.triple_fault()
     if svm.guest_mode:
@@ -499,6 +517,6 @@ def _enter_loaded_state(m: ModelMachine, s: SmramState, state: dict[str, int]) -
     if svm.guest_mode:
         return svm.rsm_entered_l2(state)
     if svm.svme and not new_svme:
-        svm.gif = True
+        svm.svme_cleared(in_guest_mode=False)
     svm.svme = new_svme
     return None

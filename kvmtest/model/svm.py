@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from unicorn import x86_const as x86
 
 from .. import layout
-from ..exits import Exit, ShutdownExit
+from ..exits import Exit, FailEntryExit, InternalErrorExit, ShutdownExit
 from ..observation import (
     KVM_STATE_NESTED_GIF_SET,
     KVM_STATE_NESTED_GUEST_MODE,
@@ -52,7 +52,7 @@ from ..vmcb import (
     SVM_EXIT_VMRUN,
     Vmcb,
 )
-from . import checks, cpuid, paging
+from . import checks, cpuid, hwstate, paging
 from .profiles import NCR3_NPF, Profile
 
 if TYPE_CHECKING:
@@ -69,9 +69,9 @@ SVM_VM_CR_SVM_LOCK = 1 << 3
 SVM_VM_CR_SVM_DIS = 1 << 4
 
 KVM_ENOSYS = 1000
+KVM_INTERNAL_ERROR_EMULATION = 1
 KVM_EPERM = 1
 
-CR4_MCE = 1 << 6
 DR6_ACTIVE_LOW = 0xFFFF0FF0
 DR7_FIXED_1 = 0x400
 RFLAGS_VM = 1 << 17
@@ -99,6 +99,11 @@ DIRECT_ACCESS_MSRS = (0x48, 0x49, 0x174, 0x175, 0x176, 0x1DB, 0x1DC, 0x1DD, 0x1D
                       0xC000_0081, 0xC000_0082, 0xC000_0083, 0xC000_0084,
                       0xC000_0100, 0xC000_0101, 0xC000_0102, 0xC000_0103)
 MSRPM_RANGES = ((0x0000_0000, 0x0), (0xC000_0000, 0x800), (0xC001_0000, 0x1000))
+# vmcb01 save-area fields svm_copy_vmrun_state() copies besides the
+# registers the model loads into L1 (_load_vmcb01): segment state.
+VMCB01_SEGMENTS = (*(f"{seg}.{part}" for seg in ("es", "cs", "ss", "ds")
+                      for part in ("selector", "attrib", "limit", "base")),
+                   "gdtr.base", "gdtr.limit", "idtr.base", "idtr.limit")
 
 
 @dataclass(frozen=True)
@@ -145,14 +150,16 @@ class NestedSvm:
         self.last_failure: tuple[str, list[str]] | None = None
         # Saved at VMRUN ("vmcb01"), cached from VMCB12 ("nested.ctl/save").
         self._l1_ctx: object | None = None
-        self._l1_cr4_leak = 0  # CR4 bits the next #VMEXIT adds to L1's (SMM in L2)
+        # vmcb01's save area as svm_leave_smm() restored it from HSAVE + 0x400:
+        # what the next #VMEXIT loads into L1 (None: L1's VMRUN-time state).
+        self._vmcb01: dict[str, int] | None = None
         self._l1_svme = False
         self._ctl: Vmcb | None = None
         self._l2_static: dict[str, int] = {}
         self._event_inj = 0
-        # SMM (svm_enter_smm/svm_leave_smm): the vmcb01 save area as written
-        # to HSAVE + 0x400, and VMCB12 as RSM cached it.
-        self._smm_hsave: bytes | None = None
+        # SMM: L1's segment state as svm_enter_smm() saved it (the model
+        # cannot load another), and VMCB12 as RSM cached it.
+        self._smm_l1_segments: dict[str, int] = {}
         self._rsm_vmcb12: Vmcb | None = None
         self.nested_run_pending = False
 
@@ -322,7 +329,7 @@ class NestedSvm:
 
     # ---- VMRUN ----------------------------------------------------------------
 
-    def _vmrun(self) -> Raise | VmExit | ShutdownExit | None:
+    def _vmrun(self) -> Raise | VmExit | Exit | None:
         m = self.m
         if fault := self.check_permissions():
             return fault
@@ -332,7 +339,14 @@ class NestedSvm:
         if not self.hsave_msr:
             return Raise(GP, 0)
         if not cpuid.backed(gpa, 0x1000):
-            return Raise(GP, 0)  # kvm_vcpu_map() fails: #GP (7.1: always)
+            if self.profile.unbacked_vmcb12 == "internal_error":
+                # 7.x: kvm_handle_memory_failure(X86EMUL_IO_NEEDED) ->
+                # kvm_prepare_emulation_failure_exit(): suberror EMULATION,
+                # data = flags, then get_exit_info (VMRUN's exit, no info).
+                m._resume_blocked = "KVM_EXIT_INTERNAL_ERROR: VMCB12 not mappable"
+                return InternalErrorExit(KVM_INTERNAL_ERROR_EMULATION,
+                                         (0, SVM_EXIT_VMRUN, 0, 0, 0, 0))
+            return Raise(GP, 0)  # 6.x: kvm_vcpu_map() fails -> #GP
         m.skip(3)  # kvm_skip_emulated_instruction() before any check
         raw = m.read_phys(gpa, 0x1000)
         assert raw is not None
@@ -462,14 +476,15 @@ class NestedSvm:
 
     # ---- #VMEXIT --------------------------------------------------------------
 
-    def vmexit(self, ex: VmExit) -> None:
+    def vmexit(self, ex: VmExit) -> Exit | None:
         """nested_svm_vmexit(): VMCB12 gets L2's state and the exit fields,
-        L1 gets its VMRUN-time state back, GIF is cleared."""
+        L1 gets its vmcb01 state back, GIF is cleared.  Returns the exit
+        KVM_RUN ends with if the CPU then refuses to run L1 (else None)."""
         state = self._current_l2_state()
         if ex.rip is not None:
             state["rip"] = ex.rip
         self._write_vmexit(ex, state)
-        self._back_to_l1(restore=True)
+        return self._back_to_l1(restore=True)
 
     def _current_l2_state(self) -> dict[str, int]:
         m = self.m
@@ -489,20 +504,69 @@ class NestedSvm:
         v["exit_info_1"] = ex.exit_info_1
         v["exit_info_2"] = ex.exit_info_2
         if ex.exit_code not in (SVM_EXIT_ERR, SVM_EXIT_ERR & 0xFFFF_FFFF):
-            v["exit_int_info"] = 0  # nested_save_pending_event_to_vmcb12: none pending
+            # nested_save_pending_event_to_vmcb12(): no event pending; KVM
+            # writes the u32 exit_int_info only, exit_int_info_err (the upper
+            # half of the 64-bit field) keeps whatever VMCB12 held.
+            v["exit_int_info"] = v["exit_int_info"] & ~0xFFFF_FFFF
         v["event_inj"] = 0 if self.profile.clear_event_inj_on_vmexit else self._event_inj
         self.m.write_phys(self.vmcb12_gpa, v.to_bytes())
 
-    def _back_to_l1(self, restore: bool) -> None:
+    def _back_to_l1(self, restore: bool) -> Exit | None:
+        vmcb01, self._vmcb01 = self._vmcb01, None
+        svme_before = self.svme  # L2's EFER.SVME: vcpu->arch.efer until svm_set_efer
         if restore and self._l1_ctx is not None:
             self.m.restore_context(self._l1_ctx, keep_gprs=True)
-            if self._l1_cr4_leak:
-                self.m.set_reg(x86.UC_X86_REG_CR4, self.m.cr4 | self._l1_cr4_leak)
-        self._l1_cr4_leak = 0
         self.svme = self._l1_svme
         self.guest_mode = False
         self.vmcb12_gpa = 0
         self.gif = False
+        if restore and vmcb01 is not None:
+            return self._load_vmcb01(vmcb01, svme_before)
+        return None
+
+    def _load_vmcb01(self, v: dict[str, int], svme_before: bool) -> Exit | None:
+        """The end of nested_svm_vmexit() when vmcb01's save area came back
+        from HSAVE + 0x400 (an SMI in L2): L1's state is whatever is there --
+        KVM's hardware CR0/CR4/EFER as svm_enter_smm() saved them (the leak
+        of docs/findings.md), or what an SMM handler wrote.  KVM loads it
+        without checks: kvm_set_rflags, svm_set_efer, svm_set_cr0(| PE),
+        svm_set_cr4, RAX/RSP/RIP, then nested_svm_load_cr3()."""
+        m = self.m
+        efer, cr0, cr4 = v["efer"], v["cr0"] | layout.CR0_PE, v["cr4"]
+        new_svme = bool(efer & layout.EFER_SVME)
+        if svme_before and not new_svme:
+            self.svme_cleared(in_guest_mode=False)
+        self.svme = self._l1_svme = new_svme
+        hw = hwstate.save_area(cr0, cr4, efer, m.kvm_amd)
+        refused = hwstate.vmrun_refuses(hw)
+        if refused is not None:
+            # svm_handle_exit(): SVM_EXIT_ERR for vmcb01 -> KVM_EXIT_FAIL_ENTRY
+            # with the CPU's exit code (QEMU TCG writes it as 32 bits).
+            self.last_failure = ("hardware", [f"L1 state from HSAVE: {refused}"])
+            m._resume_blocked = f"KVM_RUN failed to enter L1: {refused}"
+            return FailEntryExit(SVM_EXIT_ERR & 0xFFFF_FFFF, 0)
+        if not cpuid.legal_gpa(v["cr3"]) or not cpuid.backed(v["cr3"] & ~0xFFF, 0x1000):
+            from .smm import NotModelled
+
+            raise NotModelled(f"L1 CR3 {v['cr3']:#x} from HSAVE (nested_svm_load_cr3)")
+        uc = m.uc
+        uc.reg_write(x86.UC_X86_REG_RFLAGS, v["rflags"] | 0x2)
+        uc.reg_write(x86.UC_X86_REG_CR3, v["cr3"])
+        uc.reg_write(x86.UC_X86_REG_CR4, cr4)
+        uc.reg_write(x86.UC_X86_REG_CR0, cr0)
+        m.set_hw_efer(efer)
+        uc.reg_write(x86.UC_X86_REG_RAX, v["rax"])
+        uc.reg_write(x86.UC_X86_REG_RSP, v["rsp"])
+        uc.reg_write(x86.UC_X86_REG_RIP, v["rip"])
+        m._flush_tlb()
+        return None
+
+    def svme_cleared(self, in_guest_mode: bool) -> None:
+        """svm_set_efer() taking EFER.SVME from 1 to 0: 6.x sets GIF
+        (svm_set_gif(svm, true)); 7.x only through svm_leave_nested() of a
+        vCPU that was in guest mode."""
+        if in_guest_mode or self.profile.svme_clear_sets_gif:
+            self.gif = True
 
     # ---- L2 events ---------------------------------------------------------------
 
@@ -576,14 +640,19 @@ class NestedSvm:
             v[f"{name}.selector"], v[f"{name}.attrib"] = seg.selector, seg.vmcb_attrib
             v[f"{name}.limit"], v[f"{name}.base"] = seg.limit, seg.base
         l1_state = m.guest_state()
-        for name in ("gdtr.base", "gdtr.limit", "idtr.base", "idtr.limit", "cr0", "cr3",
-                     "cr4", "rax", "rsp", "rip"):
+        for name in ("gdtr.base", "gdtr.limit", "idtr.base", "idtr.limit", "cr3",
+                     "rax", "rsp", "rip"):
             v[name] = l1_state[name]
         v["rflags"] = l1_state["rflags"] | 0x2
-        v["efer"] = m.hw_efer | layout.EFER_SVME  # vmcb01: svm_set_efer() always sets SVME
+        # The synthetic #VMEXIT reloaded L1's CR0/CR4/EFER through
+        # svm_set_cr0/cr4/efer, which leave the *hardware* values in
+        # vmcb01->save: those are what svm_copy_vmrun_state() saves.
+        hw = hwstate.save_area(m.cr0, m.cr4, m.hw_efer | layout.EFER_SVME, m.kvm_amd)
+        for name, value in hw.items():
+            v[name] = value
         v["cpl"] = 0
         m.write_phys(self.hsave_msr, v.to_bytes())
-        self._smm_hsave = _vmrun_state(v)
+        self._smm_l1_segments = {n: v[n] for n in VMCB01_SEGMENTS}
 
     def leave_smm(self, s: SmramState) -> bool:
         """svm_leave_smm(): True if RSM must fail (-> emulate_shutdown).
@@ -614,9 +683,16 @@ class NestedSvm:
         if hsave is None:
             self.last_failure = ("rsm", ["HSAVE not mappable"])
             return True
-        if self._l1_ctx is None or self._smm_hsave != _vmrun_state(Vmcb(hsave)):
-            raise smm.NotModelled("L1 state in HSAVE + 0x400 changed in SMM (the model "
-                                  "keeps L1's state itself)")
+        if self._l1_ctx is None:
+            raise smm.NotModelled("RSM into L2 without an L1 state the model saw")
+        saved = Vmcb(hsave)
+        # svm_copy_vmrun_state(&vmcb01->save, HSAVE + 0x400), unchecked.
+        for name, value in self._smm_l1_segments.items():
+            if saved[name] != value:
+                raise smm.NotModelled(f"L1's {name} changed at HSAVE + 0x400 (the model "
+                                      "keeps L1's segment state itself)")
+        vmcb01 = {n: saved[n] for n in ("rflags", "efer", "cr0", "cr3", "cr4", "rax", "rsp",
+                                        "rip")}
         raw = m.read_phys(gpa, 0x1000)
         assert raw is not None
         vmcb12 = Vmcb(raw)
@@ -632,13 +708,12 @@ class NestedSvm:
         if late is not None:
             raise smm.NotModelled(f"RSM into L2 with a late VMRUN failure ({late})")
         # enter_svm_guest_mode(): the caches, vmcb02 from VMCB12, GIF=1.
-        self._l1_svme = True  # vmcb01.save.efer (HSAVE, unchanged): SVME set
+        self._vmcb01 = vmcb01
+        self._l1_svme = bool(vmcb01["efer"] & layout.EFER_SVME)
         self._ctl = vmcb12
         self._event_inj = vmcb12["event_inj"]
         self._l2_static = _static_state(vmcb12)
         self._rsm_vmcb12 = vmcb12
-        # vmcb01 came back from HSAVE with KVM's hardware CR4 (MCE set).
-        self._l1_cr4_leak = CR4_MCE if self.profile.smi_leaks_cr4_mce else 0
         self.vmcb12_gpa = gpa
         self.guest_mode = True
         self.svme = bool(save.efer & layout.EFER_SVME)
@@ -770,9 +845,11 @@ class NestedSvm:
         m.set_hw_efer(efer)
         new_svme = bool(efer & layout.EFER_SVME)
         if self.svme and not new_svme:
-            # svm_set_efer(): clearing SVME leaves nested mode and sets GIF.
+            # svm_set_efer(): clearing SVME leaves nested mode (and GIF, see
+            # svme_cleared).
+            was_guest = self.guest_mode
             self._leave_nested()
-            self.gif = True
+            self.svme_cleared(in_guest_mode=was_guest)
         self.svme = new_svme
         return None
 
@@ -810,12 +887,3 @@ def _l2_state_from_vmcb(v: Vmcb) -> dict[str, int]:
         state[name] = v[name]
     state["rflags"] = v["rflags"] | 0x2
     return state
-
-
-def _vmrun_state(v: Vmcb) -> bytes:
-    """The fields svm_copy_vmrun_state() copies, as bytes for comparison."""
-    names = [f"{seg}.{part}" for seg in ("es", "cs", "ss", "ds")
-             for part in ("selector", "attrib", "limit", "base")]
-    names += ["gdtr.base", "gdtr.limit", "idtr.base", "idtr.limit", "rflags", "efer", "cr0",
-              "cr3", "cr4", "rax", "rsp", "rip", "cpl"]
-    return b"".join(v[n].to_bytes(8, "little") for n in names)

@@ -1,7 +1,9 @@
-"""SMM on the model: each SMM case per profile against what the measured
-kernels did (Debian 6.1.170 = legacy and 6.1.192 = fixed re-enter L2 with
-the corrupted VMCB12; 6.12.95 = upstream refuses the RSM), plus the SMM
-mechanics the catalogue does not reach."""
+"""SMM on the model: each SMM case per profile and npt setting against what
+the measured kernels did (Debian 6.1.170 = legacy and 6.1.192 = fixed
+re-enter L2 with the corrupted VMCB12; 6.12.95/6.12.117 = 6.12-stable and
+7.2.13/7.3.4 = 7.x refuse the RSM; every kernel leaks its hardware CR0/CR4/
+EFER bits into L1 through HSAVE), plus the SMM mechanics the catalogue does
+not reach.  Field by field against the kernels: tests/qemu/test_kernels.py."""
 
 from __future__ import annotations
 
@@ -11,58 +13,108 @@ from kvmtest import judge as j
 from kvmtest import layout, params, runner, ucall
 from kvmtest import smm as host_smm
 from kvmtest.backends.model import ModelBackend
-from kvmtest.case import NEED_SMM, NEED_SVM, SMM, Case, vmexit
+from kvmtest.case import NEED_NO_NPT, NEED_NPT, NEED_SMM, NEED_SVM, SMM, Case, vmexit
 from kvmtest.cases import catalogue
+from kvmtest.model import hwstate
 from kvmtest.model.machine import ModelMachine
-from kvmtest.observation import SHUTDOWN, SYNC
+from kvmtest.observation import EXCEPTION, FAIL_ENTRY, SHUTDOWN, SYNC
 from kvmtest.payloads import load_payload
 from kvmtest.runner import run_case
-from kvmtest.vmcb import INTERCEPT_SHUTDOWN, INTERCEPT_SMI, SVM_EXIT_VMMCALL
+from kvmtest.vmcb import INTERCEPT_SHUTDOWN, INTERCEPT_SMI, SVM_EXIT_VMMCALL, Vmcb
 
 pytestmark = pytest.mark.model
 
 SMM_CASES = [c for c in catalogue() if c.scenario == SMM]
 SVM_EXIT_SW = 0xF000_0000  # left in VMCB12 by svm_enter_smm's synthetic #VMEXIT
 SVM_EXIT_SMI = 0x62
+CONFIGS = {"npt1": {"npt": "Y"}, "npt0": {"npt": "0"}}
 
 
-@pytest.fixture(scope="module", params=j.PROFILES)
+@pytest.fixture(scope="module", params=[(p, c) for p in j.PROFILES for c in CONFIGS],
+                ids=lambda pc: f"{pc[0]}-{pc[1]}")
 def backend(request: pytest.FixtureRequest) -> ModelBackend:
-    b = ModelBackend(request.param)
+    profile, config = request.param
+    b = ModelBackend(profile, kvm_amd_params=CONFIGS[config])
     yield b
     b.close()
 
 
 def test_model_runs_smm():
     assert ModelBackend("fixed").capabilities()["smm"] is None
-    assert len(SMM_CASES) == 12
+    assert len(SMM_CASES) == 36
 
 
 @pytest.mark.parametrize("case", SMM_CASES, ids=lambda c: c.id)
 def test_smm_case_matches_measured_kernel(backend: ModelBackend, case: Case):
     profile = backend.profile.name
+    npt = backend.kvm_amd_params["npt"] != "0"
+    if (NEED_NPT in case.needs and not npt) or (NEED_NO_NPT in case.needs and npt):
+        pytest.skip("a case of the other npt setting")
     obs = run_case(backend, case)
     # The SMI came from L2 and the handler ran once, as on the kernels
     # (tests/qemu/test_smm.py checks the same detail there).
     assert "SMI in guest mode=1" in obs.detail, obs.detail
     assert "handler ran 1x" in obs.detail, obs.detail
-    assert "svm_guest=1 vmcb12=0x9000" in obs.detail, obs.detail
+    assert "svm_guest=1 vmcb12=0x9000" in obs.detail or case.smm_vmcb, obs.detail
     want = j.expectation(case, profile)
-    if want.kind == "shutdown":  # upstream: RSM refused
+    if want.kind == "shutdown":  # RSM refused, or svm_leave_smm could not map
         assert obs.outcome == SHUTDOWN, obs.detail
-        assert obs.exit_code == SVM_EXIT_SW  # measured on 6.12.95
+        assert obs.exit_code == SVM_EXIT_SW  # measured on every kernel
         assert obs.detail.startswith("RSM refused (KVM_EXIT_SHUTDOWN)")
+    elif want.kind == "fail_entry":  # L1's state from HSAVE refused by the CPU
+        assert (obs.outcome, obs.exit_data) == (FAIL_ENTRY, [0xFFFF_FFFF]), obs.detail
+    elif want.kind == "exception":  # "SVM guest" cleared: L2's state in L1
+        assert (obs.outcome, obs.vector, obs.rip_symbol) == (EXCEPTION, 6, "l2_smi_ud2")
     else:  # L2 re-entered; L1 sees its VMMCALL (or SHUTDOWN for CR0[63:32])
         assert obs.outcome == SYNC, obs.detail
         assert obs.exit_code == want.exit_code
-        assert (obs.gif, obs.guest_mode) == (False, False)
+        assert (obs.gif, obs.guest_mode) == (want.gif_after, False)
         assert obs.l1["stage"] == params.STAGE_AFTER_VMRUN
-        for reg in j.L1_REGS:  # (CR4: plus the MCE leak where it is the subject)
-            gained = want.l1_cr4_gained if reg == "cr4" else 0
-            assert obs.l1[reg] == obs.l1[f"pre_{reg}"] | gained, reg
+        flipped = dict(want.l1_flipped)
+        for reg in j.L1_REGS:  # the leaks (and the handler's edits) only
+            assert obs.l1[reg] == obs.l1[f"pre_{reg}"] ^ flipped.get(reg, 0), reg
     assert j.check(case, obs, want) == []
     verdict = j.judge(case, obs, profile)
     assert verdict.verdict == (j.FAIL if want.known_bug else j.PASS), verdict.reason
+
+
+@pytest.mark.parametrize("npt", [True, False])
+def test_hsave_holds_the_hardware_state_under_smm(npt: bool):
+    """What svm_enter_smm() saves: vmcb01's hardware CR0/CR4/EFER, per npt
+    (hwstate.py), read back by an SMM handler that copies HSAVE + 0x400."""
+    kvm = hwstate.KvmAmd(npt=npt)
+    b = ModelBackend("7.x", kvm_amd_params={"npt": "Y" if npt else "0"})
+    case = next(c for c in SMM_CASES if c.id == "smm/l1-cr0-wp-kept-shadow")
+    with b.machine(load_payload("smm"), svm=True) as m:
+        runner.prepare_memory(m, case, m.payload)
+        host_smm.install_handler(m, m.payload, {})
+        obs = host_smm.drive_smm(m, case, m.payload, 5.0)
+        saved = Vmcb(m.read(layout.HSAVE_GPA, 0x1000))
+        l1 = obs.l1
+    assert (saved["cr0"], saved["cr4"], saved["efer"]) == (
+        hwstate.cr0(l1["pre_cr0"], kvm), hwstate.cr4(l1["pre_cr4"], kvm),
+        hwstate.efer(l1["pre_efer"], kvm))
+    assert not l1["pre_cr0"] & layout.CR0_WP  # L1 runs without WP ...
+    assert bool(saved["cr0"] & layout.CR0_WP) is (not npt)  # ... shadow paging forces it
+    assert saved["cr4"] & hwstate.CR4_MCE
+    b.close()
+
+
+def test_hwstate_is_what_kvm_writes():
+    """svm_set_cr0/cr4/efer of Linux 6.1.192, 6.12.117 and 7.3.4."""
+    npt, shadow = hwstate.KvmAmd(npt=True), hwstate.KvmAmd(npt=False)
+    cd_nw = layout.CR0_CD | layout.CR0_NW
+    assert hwstate.cr0(layout.L1_CR0 | cd_nw, npt) == layout.L1_CR0
+    assert hwstate.cr0(layout.L1_CR0 & ~layout.CR0_WP, npt) == layout.L1_CR0 & ~layout.CR0_WP
+    assert hwstate.cr0(layout.CR0_PE, shadow) == layout.CR0_PE | layout.CR0_PG | layout.CR0_WP
+    assert hwstate.cr4(layout.L1_CR4, npt) == layout.L1_CR4 | hwstate.CR4_MCE
+    assert hwstate.cr4(0, shadow) == layout.CR4_PAE | hwstate.CR4_MCE
+    assert hwstate.efer(layout.L1_EFER, npt) == layout.L1_EFER | layout.EFER_SVME
+    assert hwstate.efer(layout.L1_EFER, shadow) == (layout.L1_EFER | layout.EFER_SVME
+                                                    | layout.EFER_NXE)
+    assert hwstate.efer(layout.EFER_LME, shadow) == layout.EFER_SVME | layout.EFER_NXE
+    assert hwstate.KvmAmd.from_params({"npt": "0"}) == shadow
+    assert hwstate.KvmAmd.from_params({}) == npt
 
 
 def test_smm_observations_repeat_on_a_reused_machine():
@@ -93,7 +145,7 @@ def test_smm_data_segment_reaches_above_64k(monkeypatch: pytest.MonkeyPatch):
     GPA above 64 KiB in the model too."""
     target = layout.CODE_GPA - 0x10  # 1 MiB - 16: backed, below the payload
 
-    def table(gpa: int, fields: dict) -> bytes:
+    def table(fields: dict) -> bytes:
         entry = target.to_bytes(4, "little") + (1).to_bytes(4, "little") + b"\x5a".ljust(8, b"\0")
         return entry.ljust(host_smm.PATCH_SIZE * host_smm.PATCH_SLOTS, b"\0")
 
