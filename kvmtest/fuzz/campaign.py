@@ -17,7 +17,9 @@ often it reproduces, and written to OUT/findings/ (findings.py).
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,9 +85,10 @@ def _answered(role: str, r: RunResult, models: frozenset[str]) -> Observation | 
 
 
 def judge(s: Scenario, results: dict[str, RunResult],
-          models: frozenset[str] = frozenset()) -> list[Signal]:
+          models: frozenset[str] = frozenset(),
+          known_out: Counter[str] | None = None) -> list[Signal]:
     """Every oracle's signals for one scenario; `models`: the roles that are
-    the model."""
+    the model; known_out counts the known differences (known.py) seen."""
     out: list[Signal] = []
     k = results["kernel"]
     kobs = _answered("kernel", k, models)
@@ -100,7 +103,7 @@ def judge(s: Scenario, results: dict[str, RunResult],
                 continue
             other = _answered(role, r, models)
             if other is not None:
-                sig = oracles.differential(role, kobs, other)
+                sig = oracles.differential(role, kobs, other, s, known_out)
                 if sig is not None:
                     out.append(sig)
     a = results.get("against")
@@ -155,6 +158,7 @@ class Campaign:
         self.rounds_per_batch = rounds_per_batch
         self.on_progress = on_progress
         self.behaviours: dict[tuple[str, str], Behaviour] = {}
+        self.known: Counter[str] = Counter()  # known differences (known.py) seen
         self._models = frozenset(r for r, t in targets.roles().items()
                                  if isinstance(t, ModelRunner))
         self.scenarios = 0
@@ -171,13 +175,24 @@ class Campaign:
                  early: dict[str, list[RunResult]] | None = None) -> list[Evaluation]:
         """Run every target on the batch (reusing `early` results) and judge."""
         early = dict(early or {})
-        for role, target in self.targets.roles().items():
-            if role not in early:
+        todo = {r: t for r, t in self.targets.roles().items() if r not in early}
+        slow = {r: t for r, t in todo.items() if not isinstance(t, ModelRunner)}
+        for role, target in todo.items():
+            if role not in slow:
+                early[role] = target.run(scenarios)
+        if len(slow) > 1:
+            # Two kernels under QEMU: two processes, run side by side.
+            with ThreadPoolExecutor(len(slow)) as pool:
+                futures = {r: pool.submit(t.run, scenarios) for r, t in slow.items()}
+                for role, fut in futures.items():
+                    early[role] = fut.result()
+        else:
+            for role, target in slow.items():
                 early[role] = target.run(scenarios)
         out = []
         for i, s in enumerate(scenarios):
             results = {role: rs[i] for role, rs in early.items()}
-            out.append(Evaluation(s, results, judge(s, results, self._models)))
+            out.append(Evaluation(s, results, judge(s, results, self._models, self.known)))
         return out
 
     def _progress(self) -> Progress:
@@ -320,6 +335,8 @@ class Campaign:
             if len(members) > 1:
                 f.examples = [specs[j] for j in members] + f.examples
                 f.examples = list(dict.fromkeys(f.examples))[:EXAMPLES + len(members)]
+            f.history = {role: r.history for e in [ev, *(b.first for b in bs)]
+                         for role, r in e.results.items() if r.history}
             f.explained = explain(f, self.targets)
             out.append(f)
         return out
@@ -337,6 +354,7 @@ class Campaign:
                             "minimal": (b.minimal or b.first.scenario).format()}
                            for b in sorted(self.behaviours.values(), key=lambda b: b.order)],
             "coverage": {c: list(v) for c, v in p.coverage.items()},
+            "known_differences": dict(self.known.most_common()),
             "unreached_checks": self.gen.unreached(),
             "findings": [{"id": f.id, "spec": f.spec, "signatures": f.signatures,
                           "reproduced": f.reproduced, "explained": f.explained}

@@ -232,6 +232,9 @@ def render(summary: dict) -> str:
     lines.append("checks reached: " + ", ".join(f"{c} {r}/{t}" for c, (r, t) in cov.items()))
     if summary["unreached_checks"]:
         lines.append("unreached: " + ", ".join(summary["unreached_checks"]))
+    if summary.get("known_differences"):
+        lines.append("known differences (kvmtest/fuzz/known.py): " + ", ".join(
+            f"{k} x{n}" for k, n in summary["known_differences"].items()))
     return "\n".join(lines)
 
 

@@ -55,7 +55,8 @@ def explain_signal(sig: oracles.Signal, spec: str, targets: Targets) -> str | No
         if kernel_profile and theirs and kernel_profile != theirs:
             left = _model(kernel_profile).run_one(s).observation
             right = _model(theirs).run_one(s).observation
-            again = oracles.differential("against", left, right) if left and right else None
+            again = (oracles.differential("against", left, right, s)
+                     if left and right else None)
             if again is not None and again.signature == sig.signature:
                 return f"profile difference {kernel_profile} vs {theirs} (kvmtest.model.profiles)"
     if family == "contract" and kernel_profile:

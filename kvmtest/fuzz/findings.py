@@ -18,6 +18,8 @@ Fields:
                   docs/findings.md entry)
     campaign      {"kernel", "against", "profile", "seed", "config"}
     replay        the command line that replays it on the kernel under test
+    history       target -> the specs that ran before a WARN or crash in the
+                  same boot (replay them first)
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ class Finding:
     explained: str | None = None
     campaign: dict[str, Any] = field(default_factory=dict)
     replay: str = ""
+    # A WARN or crash: the scenarios that ran before it in the same boot.
+    history: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def signatures(self) -> list[str]:

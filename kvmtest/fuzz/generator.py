@@ -51,6 +51,9 @@ from .spec import (
 CLASSES = {"vmrun/single": 30, "vmrun/multi": 25, "vmrun/mode": 15, "vmrun/l1": 8,
            "smm": 12, "nstate": 10}
 ROUND = 64  # scenarios between two coverage updates
+# Where L2's code is: outside 64-bit mode CS.base and RIP form the fetch
+# address, and moving it runs whatever bytes lie there (not a scenario, noise).
+FIXED_CODE = frozenset({"rip", "cs.base"})
 # L1 knobs that mean something to the vmrun payload (cr4_mce: smm only).
 L1_VMRUN = tuple(m for m in L1_MUTATORS if m.field != "cr4_mce")
 
@@ -102,8 +105,8 @@ class Generator:
         return self.rng.choice(cands)
 
     def _apply(self, group: list[tuple[str, int]], pool: tuple[Mutator, ...], base: Vmcb | dict,
-               used: list[str], n: int) -> None:
-        taken = {k for k, _ in group}
+               used: list[str], n: int, exclude: frozenset[str] = frozenset()) -> None:
+        taken = {k for k, _ in group} | exclude
         for _ in range(n):
             m = self._pick(pool, taken)
             current = dict(group).get(m.field, base[m.field])
@@ -149,7 +152,8 @@ class Generator:
             base[name] = value
         n = {"vmrun/single": 1, "vmrun/multi": rng.choice((2, 2, 3, 4)),
              "vmrun/mode": rng.choice((0, 1, 1, 2)), "vmrun/l1": rng.choice((0, 1))}[cls]
-        self._apply(vmcb, VMCB_MUTATORS, base, used, n)
+        self._apply(vmcb, VMCB_MUTATORS, base, used, n, FIXED_CODE if mode != DEFAULT_MODE
+                    else frozenset())
         l1: list[tuple[str, int]] = []
         if cls == "vmrun/l1":
             self._apply(l1, L1_VMRUN, L1_KNOBS, used, 1)

@@ -20,6 +20,7 @@ signal's exact signature while it removes changes.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -32,6 +33,7 @@ from ..model.profiles import TLB_CTL_ACCEPT, V7
 from ..observation import ACCEPTED, EXCEPTION, SHUTDOWN, SYNC, Observation
 from ..parity import Difference, diff
 from ..vmcb import POISON, SVM_EXIT_ERR, Vmcb
+from . import known
 from .spec import KIND_NSTATE, KIND_SMM, KIND_VMRUN, Scenario
 
 ERR32 = SVM_EXIT_ERR & 0xFFFF_FFFF
@@ -210,17 +212,30 @@ def diff_signature(differences: list[Difference]) -> str:
     return " ".join(parts)
 
 
-def differential(oracle: str, left: Observation, right: Observation) -> Signal | None:
+def differential(oracle: str, left: Observation, right: Observation,
+                 scenario: Scenario | None = None,
+                 known_out: Counter[str] | None = None) -> Signal | None:
     """Where two targets' observations of one scenario differ (None: nowhere,
-    or one side could not answer)."""
+    one side could not answer, or known.py explains every difference; the
+    rules that did are counted in known_out)."""
     if left.outcome in HARNESS_OUTCOMES - {"timeout"} or \
             right.outcome in HARNESS_OUTCOMES - {"timeout"}:
         return None
     differences = diff(left, right)
     if not differences:
         return None
-    return Signal(oracle, diff_signature(differences),
-                  tuple(d.describe() for d in differences))
+    explained: dict[str, str] = {}
+    if scenario is not None:
+        rest, explained = known.split(oracle, scenario, left, right,
+                                      [d.field for d in differences])
+        if known_out is not None:
+            known_out.update(set(explained.values()))
+        differences = [d for d in differences if d.field in rest]
+        if not differences:
+            return None
+    details = tuple(d.describe() for d in differences) + tuple(
+        f"{f}: explained ({why})" for f, why in explained.items())
+    return Signal(oracle, diff_signature(differences), details)
 
 
 # ---- kernel log ---------------------------------------------------------------------

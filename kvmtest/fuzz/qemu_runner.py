@@ -14,10 +14,14 @@ boot.  QEMU is always reaped (kvmtest.qemu.machine).
 from __future__ import annotations
 
 import json
+import re
 import sys
 import tempfile
+import types
+import typing
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from ..backends import BackendError, KernelError
 from ..backends.qemu import HEADLINE, agent_env
@@ -31,6 +35,7 @@ from .spec import Scenario
 
 BOOT_BUDGET = 90.0  # boot + module load under TCG, with a margin
 PER_SCENARIO = 1.0  # s on top of the scenario timeout
+HISTORY = 16  # specs that ran before a WARN or a crash in the same boot, kept
 
 
 class BootRunner:
@@ -92,17 +97,20 @@ class BootRunner:
             raise KernelError(str(e)) from None
         self.boots += 1
         self.boot_seconds += g.wall_s
+        console = _keep_console(g.console_log, self.boots)
         records = _records(results)
         where = f"(console: {g.console_log})"
-        facts = next((r["facts"] for r in records if "facts" in r), None)
+        facts = next((r["facts"] for r in records if isinstance(r, dict) and "facts" in r
+                      and isinstance(r["facts"], dict)), None)
         if facts is None:
             bad = [m for m in g.modules if m.status not in ("ok", "builtin")]
             what = "; ".join(f"{m.name}: {m.status} {m.detail}".strip() for m in bad)
             raise KernelError(f"{self.label}: the fuzz agent never started "
                               f"({what or g.failure() or 'no answer'}) {where}\n"
                               f"{g.console_tail()}")
-        if "error" in records[0]:
-            raise KernelError(f"{self.label}: guest: {records[0]['error']} {where}")
+        first = records[0] if isinstance(records[0], dict) else {}
+        if "error" in first:
+            raise KernelError(f"{self.label}: guest: {str(first['error'])[:500]} {where}")
         if not facts.get("svm") or not facts.get("nested_state"):
             raise KernelError(f"{self.label}: the guest kernel's KVM has no nested SVM "
                               f"(facts: {facts}) {where}")
@@ -110,27 +118,129 @@ class BootRunner:
         done: dict[int, RunResult] = {}
         in_flight = None
         seen: set[str] = set()
+        ran: list[str] = []  # the specs this boot ran, in order
         for r in records:
-            i = r.get("i")
+            i = r.get("i") if isinstance(r, dict) else None
             if i is None:
                 continue
+            if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(scenarios):
+                raise GuestDataError(f"{self.label}: the guest named scenario {i!r} of "
+                                     f"{len(scenarios)}")
             if r.get("begin"):
                 in_flight = i
+                ran.append(scenarios[i].format())
             elif "observation" in r:
-                obs = Observation(**r["observation"])
+                obs = decode_observation(r["observation"])
                 seen.update(obs.kernel_warnings or [])
                 done[i] = RunResult(observation=obs)
+                if obs.kernel_warnings:
+                    done[i].console = _excerpt(console, obs.kernel_warnings)
+                    done[i].history = ran[-1 - HISTORY:-1]
                 in_flight = None
             elif "skip" in r or "error" in r:
-                done[i] = RunResult(skipped=r.get("skip") or r.get("error"))
-        finished = any(r.get("done") for r in records)
+                done[i] = RunResult(skipped=str(r.get("skip") or r.get("error"))[:500])
+        finished = any(isinstance(r, dict) and r.get("done") is True for r in records)
         if not finished and in_flight is not None:
-            done[in_flight] = RunResult(crash=_crash_text(g), console=g.oopses)
+            done[in_flight] = RunResult(crash=_crash_text(g), console=g.oopses,
+                                        history=ran[-1 - HISTORY:-1])
         self.unattributed += [w for w in g.oopses if HEADLINE.match(w) and w not in seen]
         return done
 
     def close(self) -> None:
         pass
+
+
+class GuestDataError(KernelError):
+    """The guest sent an observation that does not decode."""
+
+
+_TYPES = {int: int, str: str, bool: bool}
+
+
+def _check(value: Any, hint: Any, where: str) -> None:
+    """value against a type hint of Observation (None, int, bool, str, and
+    lists/dicts of those): the guest is untrusted, nothing is taken loosely."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        for h in args:
+            try:
+                _check(value, h, where)
+                return
+            except GuestDataError:
+                continue
+        raise GuestDataError(f"guest observation: {where} has type {type(value).__name__}")
+    if hint is type(None):
+        if value is not None:
+            raise GuestDataError(f"guest observation: {where} is not null")
+        return
+    if origin is list:
+        if not isinstance(value, list) or len(value) > 4096:
+            raise GuestDataError(f"guest observation: {where} is not a list")
+        for i, v in enumerate(value):
+            _check(v, args[0], f"{where}[{i}]")
+        return
+    if origin is dict:
+        if not isinstance(value, dict) or len(value) > 64:
+            raise GuestDataError(f"guest observation: {where} is not a small object")
+        for k, v in value.items():
+            _check(k, args[0], f"{where} key")
+            _check(v, args[1], f"{where}.{k}")
+        return
+    want = _TYPES.get(hint)
+    ok = isinstance(value, want) if want is not None else False
+    if want is int:
+        ok = ok and not isinstance(value, bool) and -(1 << 63) <= value < 1 << 64
+    if want is str:
+        ok = ok and len(value) <= 4096
+    if not ok:
+        raise GuestDataError(f"guest observation: {where} is not {getattr(hint, '__name__', hint)}")
+
+
+def decode_observation(data: Any) -> Observation:
+    """An Observation from the guest's JSON, checked field by field."""
+    hints = typing.get_type_hints(Observation)
+    if not isinstance(data, dict):
+        raise GuestDataError("guest observation is not an object")
+    if not isinstance(data.get("outcome"), str):
+        raise GuestDataError("guest observation has no outcome")
+    unknown = set(data) - set(hints)
+    if unknown:
+        raise GuestDataError(f"guest observation has unknown fields {sorted(unknown)[:5]}")
+    for name, value in data.items():
+        _check(value, hints[name], name)
+    return Observation(**data)
+
+
+def _keep_console(path: Path, boot: int) -> str:
+    """The boot's console, kept as console-NNN.log (the next boot rewrites
+    console.log); returns its text."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    (path.parent / f"console-{boot:03d}.log").write_text(text)
+    return text
+
+
+_CUT = "------------[ cut here ]------------"
+
+
+def _excerpt(console: str, headlines: list[str], limit: int = 60) -> list[str]:
+    """The console lines of each warning: from its 'cut here' marker (or the
+    headline) to its end marker, at most `limit` lines each."""
+    lines = console.splitlines()
+    out: list[str] = []
+    for head in headlines:
+        if not re.search(r"WARNING|BUG|Oops|UBSAN|KASAN", head):
+            continue
+        at = next((i for i, ln in enumerate(lines) if head in ln), None)
+        if at is None:
+            continue
+        start = at - 1 if at and _CUT in lines[at - 1] else at
+        end = next((j for j in range(at, min(len(lines), at + limit))
+                    if "end trace" in lines[j]), min(len(lines), at + limit) - 1)
+        out += lines[start:end + 1]
+    return out
 
 
 def _env() -> dict[str, str]:

@@ -35,6 +35,9 @@ class RunResult:
     skipped: str | None = None  # the target cannot run this kind of scenario
     fired: frozenset[str] = frozenset()  # model only: checks that failed
     console: list[str] = field(default_factory=list)  # kernel-log excerpt
+    # Kernels: what ran before in the same boot, when a WARN or crash came
+    # (a WARN_ON_ONCE, or state left by earlier scenarios).
+    history: list[str] = field(default_factory=list)
 
 
 class Runner(Protocol):
