@@ -312,7 +312,15 @@ def _l1_mutators() -> list[tuple[str, str, Strategy]]:
             layout.HSAVE_GPA + 0x10, b.top, b.top - 0x1000, layout.UNBACKED_GPA,
             layout.VMCB12_GPA, 0))),
         ("rax", "bounds", _choose(vmcb_gpas)),
-        ("cr4_mce", "off", lambda rng, base, b: 0),
+        # smm payload: L1 flips bits of its own control registers (ones an L1
+        # may hold either way; KVM keeps some of them fixed in the hardware
+        # VMCB01: svm.c svm_set_cr0/svm_set_cr4/svm_set_efer).
+        ("cr0_xor", "flip", _choose(lambda b: (
+            layout.CR0_CD | layout.CR0_NW, layout.CR0_CD, layout.CR0_WP, 1 << 18, 1 << 3,
+            1 << 1))),
+        ("cr4_xor", "flip", lambda rng, base, b: base ^ rng.choice((
+            1 << 6, 1 << 7, 1 << 8, 1 << 2, 1 << 3, 1 << 0, 1 << 1, 1 << 16))),
+        ("efer_xor", "flip", _choose(lambda b: (layout.EFER_NXE, layout.EFER_SCE))),
     ]
 
 

@@ -41,6 +41,7 @@ from .spec import (
     KIND_SMM,
     KIND_VMRUN,
     L1_KNOBS,
+    L1_SMM_ONLY,
     Scenario,
     default_image,
     normalized,
@@ -54,8 +55,9 @@ ROUND = 64  # scenarios between two coverage updates
 # Where L2's code is: outside 64-bit mode CS.base and RIP form the fetch
 # address, and moving it runs whatever bytes lie there (not a scenario, noise).
 FIXED_CODE = frozenset({"rip", "cs.base"})
-# L1 knobs that mean something to the vmrun payload (cr4_mce: smm only).
-L1_VMRUN = tuple(m for m in L1_MUTATORS if m.field != "cr4_mce")
+# L1 knobs of the vmrun payload, and the smm payload's own.
+L1_VMRUN = tuple(m for m in L1_MUTATORS if m.field not in L1_SMM_ONLY)
+L1_SMM = tuple(m for m in L1_MUTATORS if m.field in L1_SMM_ONLY)
 
 
 
@@ -133,7 +135,9 @@ class Generator:
                 self._apply(vmcb, VMCB_MUTATORS, base, used, 1)
             smm: list[tuple[str, int]] = []
             self._apply(smm, SMM_MUTATORS, base, used, rng.choice((1, 1, 2, 3)))
-            l1 = [("cr4_mce", 0)] if rng.random() < 0.2 else []
+            l1: list[tuple[str, int]] = []
+            if rng.random() < 0.3:
+                self._apply(l1, L1_SMM, L1_KNOBS, used, 1)
             return Scenario(kind=KIND_SMM, gif=gif, vmcb=vmcb, smm=smm, l1=l1), used
         if cls == "nstate":
             base = _base_vmcb("vmrun", "l2_vmmcall")
@@ -163,7 +167,7 @@ class Generator:
         """The next `size` scenarios (no repeats within a campaign)."""
         out: list[Scenario] = []
         self._weights = {pool: list(itertools.accumulate(self._weight(m) for m in pool))
-                         for pool in (VMCB_MUTATORS, SMM_MUTATORS, L1_VMRUN, L1_MUTATORS)}
+                         for pool in (VMCB_MUTATORS, SMM_MUTATORS, L1_VMRUN, L1_SMM)}
         names = list(self.classes)
         weights = [self.classes[c] for c in names]
         attempts = 0

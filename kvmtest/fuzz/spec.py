@@ -59,10 +59,16 @@ OUTPUT_FIELDS = frozenset(EXIT_FIELDS)
 #   hsave     L1 writes MSR_VM_HSAVE_PA (with hsave_pa)
 #   hsave_pa  the value it writes
 #   rax       VMRUN's operand (the VMCB12 GPA)
-#   cr4_mce   smm payload: L1 sets CR4.MCE itself (0: L1 keeps its CR4 as is)
+#   cr0_xor, cr4_xor, efer_xor
+#             smm payload: bits L1 flips in its own CR0/CR4/EFER before VMRUN.
+#             By default L1 sets CR4.MCE, as KVM holds it in the hardware
+#             CR4 (svm.c svm_set_cr4): L1's own state is then what the
+#             hardware VMCB01 says, and an SMI in L2 has nothing to leak.
 L1_KNOBS: dict[str, int] = {"svme": 1, "hsave": 1, "hsave_pa": layout.HSAVE_GPA,
-                            "rax": layout.VMCB12_GPA, "cr4_mce": 1}
-L1_BOOLEAN = frozenset({"svme", "hsave", "cr4_mce"})
+                            "rax": layout.VMCB12_GPA, "cr0_xor": 0, "cr4_xor": 1 << 6,
+                            "efer_xor": 0}
+L1_BOOLEAN = frozenset({"svme", "hsave"})
+L1_SMM_ONLY = frozenset({"cr0_xor", "cr4_xor", "efer_xor"})
 FIELD_WIDTH = {name: 8 * f.size for name, f in FIELDS.items()}
 
 
@@ -180,9 +186,10 @@ class Scenario:
             flags |= params.PF_SET_HSAVE
         if self.kind != KIND_NSTATE:
             flags |= params.PF_CLGI if self.gif == GIF0 else params.PF_STGI
-        if self.kind == KIND_SMM and not l1["cr4_mce"]:
-            flags |= params.PF_L1_CR4_AS_IS
         case_params = {"flags": flags, "vmrun_rax": l1["rax"], "hsave_pa": l1["hsave_pa"]}
+        if self.kind == KIND_SMM:
+            case_params |= {"l1_cr0_xor": l1["cr0_xor"], "l1_cr4_xor": l1["cr4_xor"],
+                            "l1_efer_xor": l1["efer_xor"]}
         mode = MODES[self.mode]
         common = dict(id=f"fuzz/{self.format()}", family="fuzz", expect=expect,
                       source="kvmtest fuzz scenario", params=case_params,
@@ -247,6 +254,8 @@ def _validate(s: Scenario) -> None:
             raise SpecError(f"unknown l1 setting {key!r} (known: {', '.join(L1_KNOBS)})")
         if key in L1_BOOLEAN and value not in (0, 1):
             raise SpecError(f"l1:{key} is 0 or 1, not {value}")
+        if key in L1_SMM_ONLY and s.kind != KIND_SMM:
+            raise SpecError(f"l1:{key} needs an smm scenario (the smm payload flips L1's bits)")
         if not 0 <= value < 1 << 64:
             raise SpecError(f"l1:{key}={value:#x} does not fit 64 bits")
     for group, pairs in (("vmcb", s.vmcb), ("smm", s.smm)):

@@ -46,12 +46,13 @@ def test_gif_left_set_rediscovered_minimal_and_explained(findings):
 
 
 def test_missing_ncr3_check_rediscovered_minimal_and_explained(findings):
-    f = one(findings, is_ncr3_accepted)
+    # The same bug may show as more than one behaviour (L2's shutdown
+    # intercepted or not); the plain one has NP_ENABLE and nCR3, nothing else.
+    hits = [f for f in findings if is_ncr3_accepted(f)]
+    f = next(f for f in hits if f.spec.split()[1].count(",") == 1)
     assert "contract: VMRUN accepted a VMCB12 failing ncr3-illegal" in f.signatures
     assert any(s.startswith("against: exit_code=") for s in f.signatures)
-    assert f.spec.split()[1].count(",") == 1  # NP_ENABLE and nCR3, nothing else
-    assert f.reproduced == "3/3"
-    assert f.explained
+    assert all(f.reproduced == "3/3" and f.explained for f in hits)
 
 
 def test_every_finding_of_a_profile_pair_is_explained(findings):

@@ -78,14 +78,16 @@ def test_values_fit_their_fields():
 
 
 def test_coverage_feedback_steers_toward_rare_checks():
-    """Mutators whose scenarios reach a check few others reach are picked
-    more often afterwards: reward asid changes, and they multiply."""
+    """Mutators whose scenarios keep reaching checks nobody reached before
+    are picked more often afterwards: let every asid change reach a new
+    check, and asid changes multiply."""
     def asid_share(reward: bool) -> float:
         g = Generator(4, 40)
+        new = iter(range(10**6))
         for _ in range(6):
             for s in g.round():
-                fired = {"asid=0"} if reward and any(k == "asid" for k, _ in s.vmcb) else set()
-                g.feedback(s, fired)
+                hit = reward and any(k == "asid" for k, _ in s.vmcb)
+                g.feedback(s, {f"check-{next(new)}"} if hit else set())
         later = [s for _ in range(6) for s in g.round() if s.kind == "vmrun"]
         return sum(any(k == "asid" for k, _ in s.vmcb) for s in later) / len(later)
     assert asid_share(True) > 2 * asid_share(False)

@@ -32,7 +32,7 @@ def test_down_to_the_defect_and_its_one_bit():
 
 
 def test_default_scenario_when_nothing_is_needed():
-    sh = shrink(parse("smm gif0 l1:cr4_mce=0 smm:asid=0x0"), lambda c: True)
+    sh = shrink(parse("smm gif0 l1:cr4_xor=0x0 smm:asid=0x0"), lambda c: True)
     assert sh.best == parse("smm gif1")
     assert sh.stats.candidates == 1
 

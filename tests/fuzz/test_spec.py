@@ -41,9 +41,9 @@ def test_to_case_carries_every_part_of_the_scenario():
 
 
 def test_smm_and_nstate_become_their_scenarios():
-    c = parse("smm gif1 l1:cr4_mce=0 smm:asid=0x0").to_case()
+    c = parse("smm gif1 l1:cr4_xor=0x0 smm:asid=0x0").to_case()
     assert c.scenario == SMM and NEED_SMM in c.needs and c.smm_vmcb == {"asid": 0}
-    assert c.guest_params()["flags"] & params.PF_L1_CR4_AS_IS
+    assert c.guest_params()["l1_cr4_xor"] == 0
     c = parse("nstate vmcb:asid=0x0").to_case()
     assert c.scenario == SET_NESTED_STATE and NEED_NESTED_STATE in c.needs
 
