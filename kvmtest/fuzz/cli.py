@@ -71,10 +71,10 @@ def _usage(msg: str) -> FuzzError:
 
 def _qemu_runner(spec: str, args: argparse.Namespace, config: Config, profile: str | None,
                  workdir: Path):
-    from .qemu_runner import BootRunner
+    from .qemu_runner import make_runner
 
     try:
-        return BootRunner(spec, config=config, profile=profile,
+        return make_runner(spec, config=config, profile=profile,
                           kvm_modules=args.kvm_modules if spec == args.kernel else None,
                           modules=args.modules if spec == args.kernel else None,
                           timeout=args.timeout, workdir=str(workdir))
@@ -316,7 +316,7 @@ def _scenario_runner(args: argparse.Namespace):
     if backend == "qemu":
         if not args.kernel:
             raise _usage("--backend qemu needs --kernel SPEC")
-        from .qemu_runner import BootRunner
+        from .qemu_runner import make_runner
 
         params = {}
         for p in args.kvm_amd_param or []:
@@ -325,7 +325,7 @@ def _scenario_runner(args: argparse.Namespace):
                 raise _usage(f"--kvm-amd-param wants NAME=VALUE, not {p!r}")
             params[name] = value
         try:
-            return BootRunner(args.kernel, config=Config.from_options(args.cpu, params),
+            return make_runner(args.kernel, config=Config.from_options(args.cpu, params),
                               profile=args.profile, kvm_modules=args.kvm_modules,
                               modules=args.modules, timeout=timeout, workdir=args.artifacts)
         except BackendError as e:

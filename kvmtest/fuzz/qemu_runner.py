@@ -20,11 +20,11 @@ import tempfile
 import types
 import typing
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ..backends import BackendError, KernelError
-from ..backends.qemu import HEADLINE, agent_env
 from ..config import Config
 from ..kmod import KmodError, check_vermagic
 from ..observation import Observation
@@ -33,6 +33,8 @@ from ..qemu.kernels import resolve_kernel
 from .runners import DEFAULT_TIMEOUT, RunResult
 from .spec import Scenario
 
+# Console lines that are a kernel bug's headline (as kvmtest.backends.qemu).
+HEADLINE = re.compile(r"WARNING:|BUG:|Oops|kernel BUG|general protection fault")
 BOOT_BUDGET = 90.0  # boot + module load under TCG, with a margin
 PER_SCENARIO = 1.0  # s on top of the scenario timeout
 HISTORY = 16  # specs that ran before a WARN or a crash in the same boot, kept
@@ -245,6 +247,7 @@ def _excerpt(console: str, headlines: list[str], limit: int = 60) -> list[str]:
 
 def _env() -> dict[str, str]:
     """The guest's environment, with every payload a scenario can use built."""
+    from ..backends.qemu import agent_env  # the boot-per-batch transport's helper
     from .spec import KIND_SMM
 
     return agent_env([Scenario().to_case(), Scenario(kind=KIND_SMM).to_case()])
@@ -270,3 +273,114 @@ def _crash_text(g) -> str:
             "no answer within the time budget" if g.timed_out else
             f"the agent stopped (rc {g.returncode})")
     return f"{what}\n{g.console_tail(60)}"
+
+
+# ---- one boot for many batches: kvmtest.qemu.session (when available) ------------
+
+
+def session_available() -> bool:
+    try:
+        import kvmtest.qemu.session  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class SessionRunner:
+    """Scenarios as Cases over kvmtest.qemu.session.QemuSession: one boot
+    serves every batch until the kernel dies; the case in flight then gets a
+    ``crash`` result and the next batch boots again."""
+
+    def __init__(self, kernel: str, config: Config | None = None, profile: str | None = None,
+                 kvm_modules: str | None = None, modules: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT, workdir: str | None = None) -> None:
+        try:
+            self.kernel = resolve_kernel(kernel, modules=modules)
+        except QemuError as e:
+            raise BackendError(str(e)) from None
+        if kvm_modules:
+            try:
+                check_vermagic(Path(kvm_modules), self.kernel.release)
+            except KmodError as e:
+                raise BackendError(str(e)) from None
+        self.spec = kernel
+        self.config = config or Config()
+        self.profile = profile
+        self.kvm_modules = kvm_modules
+        self.timeout = timeout
+        self.label = self.kernel.release
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="kvmtest-fuzz-"))
+        self.boots = 0
+        self.facts = None
+        self.unattributed: list[str] = []
+        self._session = None
+        self._ran: list[str] = []  # specs run in the current boot
+
+    def _open(self):
+        from ..qemu.session import QemuSession
+
+        self.boots += 1
+        s = QemuSession(self.kernel, config=self.config, kvm_modules=self.kvm_modules,
+                        artifacts=self.workdir / f"boot-{self.boots:03d}", keep=True)
+        try:
+            s.__enter__()
+        except QemuError as e:
+            raise KernelError(f"{self.label}: {e}") from None
+        facts = s.facts
+        if facts is None or facts.error or not facts.svm or not facts.nested_state:
+            s.__exit__(None, None, None)
+            raise KernelError(f"{self.label}: the guest kernel's KVM has no nested SVM "
+                              f"(facts: {facts})")
+        self.facts, self._session, self._ran = facts, s, []
+        return s
+
+    def run(self, scenarios: Sequence[Scenario]) -> list[RunResult]:
+        from ..qemu.errors import GuestFault
+
+        results: dict[int, RunResult] = {}
+        todo = list(range(len(scenarios)))
+        while todo:
+            session = self._session or self._open()
+            # Case ids must be unique in a batch: the spec, numbered.
+            cases = {f"fuzz/{k}/{scenarios[i].format()}": i for k, i in enumerate(todo)}
+            batch = [replace(scenarios[i].to_case(), id=cid) for cid, i in cases.items()]
+            try:
+                for case_id, result in session.run(batch, timeout=self.timeout):
+                    i = cases[case_id]
+                    self._ran.append(scenarios[i].format())
+                    results[i] = _result(result, self._ran)
+            except GuestFault as fault:
+                self._session = None
+                i = cases.get(fault.case or "")
+                if i is None:
+                    raise KernelError(f"{self.label}: {fault.what} (no scenario in flight; "
+                                      f"artifacts {fault.artifacts})") from None
+                results[i] = RunResult(crash=f"{fault.what}\n{fault.console_tail}",
+                                       history=self._ran[-HISTORY:])
+            todo = [i for i in todo if i not in results]
+        return [results[i] for i in range(len(scenarios))]
+
+    def close(self) -> None:
+        s, self._session = self._session, None
+        if s is not None:
+            try:
+                s.close()
+            except QemuError as e:  # a WARN or panic at teardown: still reported
+                self.unattributed.append(str(e).splitlines()[0])
+            self.unattributed += [w for w in s.console_warnings() if HEADLINE.match(w)]
+
+
+def _result(result, ran: list[str]) -> RunResult:
+    if isinstance(result, Observation):
+        r = RunResult(observation=result)
+        if result.kernel_warnings:
+            r.console = list(result.kernel_warnings)
+            r.history = ran[-1 - HISTORY:-1]
+        return r
+    return RunResult(skipped=str(getattr(result, "message", result))[:500])
+
+
+def make_runner(kernel: str, **options):
+    """The best transport available: one session per kernel, or a boot per
+    batch before kvmtest.qemu.session exists."""
+    return (SessionRunner if session_available() else BootRunner)(kernel, **options)
