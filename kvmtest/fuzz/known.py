@@ -89,6 +89,67 @@ def _pf_fetch_bit(s: Scenario, a: Observation, b: Observation) -> bool:
     return not v["efer"] & layout.EFER_NXE and not v["cr4"] & (1 << 20)
 
 
+def _vmcb_at_run(s: Scenario):
+    """The VMCB12 as the kernel last read it: at VMRUN, or after the SMM
+    handler's writes (RSM re-reads it)."""
+    v = s.vmcb12_image()
+    for k, val in s.smm:
+        v[k] = val
+    return v
+
+
+def _efer_bits_model_allows(s: Scenario, a: Observation, b: Observation) -> bool:
+    """EFER.LMSLE (13) or FFXSR (14) in VMCB12: the model's guest CPU
+    (model/cpuid.py EFER_VALID_SVM) allows both; on QEMU TCG's EPYC the guest
+    CPUID has no FFXSR (KVM rejects it) and TCG's VMRUN rejects LMSLE."""
+    return bool(_vmcb_at_run(s)["efer"] & (0b11 << 13))
+
+
+def _event(s: Scenario) -> int:
+    return _vmcb_at_run(s)["event_inj"]
+
+
+# Exception vectors that push an error code (APM vol. 2 8.2).
+ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
+
+
+def _event_not_plain(s: Scenario, a: Observation, b: Observation) -> bool:
+    """A valid EVENTINJ other than a plain exception (TYPE 3, vector 0-31
+    but NMI, EV exactly when the vector has an error code, error code below
+    2^31): an NMI with a vector other than 2, an INTR/soft INT (L2's IDT has
+    32 gates), reserved types, EV where no error code exists."""
+    ev = _event(s)
+    if not ev & (1 << 31):
+        return False
+    kind, vector, has_err = (ev >> 8) & 7, ev & 0xFF, bool(ev & (1 << 11))
+    plain = (kind == 3 and vector < 32 and vector != 2
+             and has_err == (vector in ERROR_CODE_VECTORS) and ev >> 63 == 0)
+    return not plain
+
+
+def _eventinj_written_back(s: Scenario, a: Observation, b: Observation) -> bool:
+    """After L2 ran, KVM copies VMCB02's EVENTINJ back into VMCB12
+    (nested_sync_control_from_vmcb02): 0 once the event was taken or
+    dropped."""
+    return (a.exit_code == b.exit_code and a.exit_code not in (None, 2**64 - 1, 0xFFFF_FFFF)
+            and 0 in (a.event_inj, b.event_inj))
+
+
+def _shutdown_event(s: Scenario, a: Observation, b: Observation) -> bool:
+    """#VMEXIT(SHUTDOWN) during an event's delivery: KVM reports the event in
+    EXITINTINFO (nested_save_pending_event_to_vmcb12) and its error code in
+    EVENTINJ's upper half (event_inj_err from VMCB02)."""
+    return a.exit_code == b.exit_code == 0x7F or a.outcome == b.outcome == "shutdown"
+
+
+def _rsm_save_area(s: Scenario, a: Observation, b: Observation) -> bool:
+    """The SMM handler changed VMCB12's CR0/CR3/CR4/EFER: svm_leave_smm()
+    loads L2's state from VMCB12 (enter_svm_guest_mode, from_vmrun=false)
+    before the RSM emulation loads SMRAM's (rsm_load_state_64); the model
+    restores L2 from SMRAM alone."""
+    return s.kind == KIND_SMM and any(k in ("cr0", "cr3", "cr4", "efer") for k, _ in s.smm)
+
+
 RULES: tuple[Known, ...] = (
     Known("exitintinfo-err-unwritten", ("model",), ("exit_int_info",),
           _exitintinfo_err_unwritten,
@@ -107,6 +168,21 @@ RULES: tuple[Known, ...] = (
     Known("model-pf-fetch-bit", ("model",), ("error_code",), _pf_fetch_bit,
           "the model sets #PF error-code I/D on a fetch without EFER.NXE or CR4.SMEP "
           "(APM vol. 2 8.4.2: I/D only with NX or SMEP enabled)"),
+    Known("model-efer-bits", ("model",), None, _efer_bits_model_allows,
+          "EFER.FFXSR/LMSLE: the model's guest CPU allows both; under QEMU TCG KVM rejects "
+          "FFXSR (no FFXSR in the guest CPUID) and the CPU's VMRUN rejects LMSLE"),
+    Known("eventinj-delivery", ("model",), None, _event_not_plain,
+          "an EVENTINJ that is not a plain exception: the CPU (QEMU TCG) delivers it, the "
+          "model approximates delivery (NMI vector, INTR/soft INT, error codes)"),
+    Known("eventinj-write-back", ("model",), ("event_inj",), _eventinj_written_back,
+          "after L2 ran KVM writes VMCB02's EVENTINJ back (nested.c "
+          "nested_sync_control_from_vmcb02); the model writes VMCB12's original"),
+    Known("shutdown-event", ("model",), ("exit_int_info", "event_inj"), _shutdown_event,
+          "#VMEXIT(SHUTDOWN) while an event was delivered: KVM reports it in EXITINTINFO and "
+          "EVENTINJ's upper half; the model writes 0"),
+    Known("model-rsm-save-area", ("model",), None, _rsm_save_area,
+          "SMM handler changed VMCB12's CR0/CR3/CR4/EFER: KVM loads them into L2 before the "
+          "SMRAM state (svm_leave_smm, then rsm_load_state_64); the model does not"),
 )
 
 

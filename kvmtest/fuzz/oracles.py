@@ -264,5 +264,6 @@ def warnings(target: str, obs: Observation) -> list[Signal]:
 
 def crash(target: str, console: str) -> Signal:
     head = next((ln for ln in console.splitlines()
-                 if re.search(r"Kernel panic|BUG:|Oops|general protection", ln)), "no answer")
+                 if re.search(r"qemu: fatal|Kernel panic|BUG:|Oops|general protection", ln)),
+                console.splitlines()[0] if console else "no answer")
     return Signal(f"crash:{target}", warn_signature(head), (console[-4000:],))

@@ -268,8 +268,20 @@ def _records(path: Path) -> list[dict]:
     return out
 
 
+def qemu_fatal(log: Path) -> str | None:
+    """QEMU's own abort ('qemu: fatal: ...'): the emulator died, not the kernel."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return None
+    m = re.search(r"^qemu: fatal: .*$", text, re.M)
+    return m.group(0).strip() if m else None
+
+
 def _crash_text(g) -> str:
-    what = ("panic: " + (g.panic_message or "") if g.panicked else
+    fatal = qemu_fatal(g.outdir / "ctl" / "qemu.log")
+    what = (fatal if fatal else
+            "Kernel panic: " + (g.panic_message or "") if g.panicked else
             "no answer within the time budget" if g.timed_out else
             f"the agent stopped (rc {g.returncode})")
     return f"{what}\n{g.console_tail(60)}"
@@ -355,7 +367,8 @@ class SessionRunner:
                 if i is None:
                     raise KernelError(f"{self.label}: {fault.what} (no scenario in flight; "
                                       f"artifacts {fault.artifacts})") from None
-                results[i] = RunResult(crash=f"{fault.what}\n{fault.console_tail}",
+                fatal = qemu_fatal(Path(fault.artifacts) / "qemu.log") if fault.artifacts else None
+                results[i] = RunResult(crash=f"{fatal or fault.what}\n{fault.console_tail}",
                                        history=self._ran[-HISTORY:])
             todo = [i for i in todo if i not in results]
         return [results[i] for i in range(len(scenarios))]
