@@ -195,13 +195,13 @@ class Campaign:
             out.append(Evaluation(s, results, judge(s, results, self._models, self.known)))
         return out
 
-    def _progress(self) -> Progress:
+    def progress(self) -> Progress:
         return Progress(time.monotonic() - self.started, self.scenarios, self.with_signals,
                         len(self.behaviours), self.gen.coverage(), self.phase)
 
     def _report(self) -> None:
         if self.on_progress is not None:
-            self.on_progress(self._progress())
+            self.on_progress(self.progress())
 
     def explore(self, count: int | None = None, seconds: float | None = None) -> None:
         if count is None and seconds is None:
@@ -342,7 +342,7 @@ class Campaign:
         return out
 
     def summary(self, findings: list[Finding], meta: dict[str, Any]) -> dict[str, Any]:
-        p = self._progress()
+        p = self.progress()
         return {
             **meta,
             "scenarios": p.scenarios,

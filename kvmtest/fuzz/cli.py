@@ -199,7 +199,7 @@ def _fuzz(args: argparse.Namespace) -> int:
         targets.close()
     if sys.stderr.isatty():
         print(file=sys.stderr)
-    print(campaign._progress().line(), file=sys.stderr)
+    print(campaign.progress().line(), file=sys.stderr)
     for f in findings:
         f.write(out / "findings")
     summary = campaign.summary(findings, meta)
