@@ -25,8 +25,7 @@ l1_main:
 	/* 0: fill every result slot, then report */
 	mov rax, [P_MSR_VALUE]
 	mov rdi, R_STAGE
-	mov ecx, R_PRE_EFER - R_STAGE + 8
-	shr ecx, 3
+	mov ecx, RESULT_BYTES / 8
 1:	mov [rdi], rax
 	rol rax, 5
 	add rdi, 8

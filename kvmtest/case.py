@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from . import layout, params
+from . import cpuid_features, layout, params
 
 # GIF modes for VMRUN cases: GIF=1 at VMRUN (as after reset) or CLGI first.
 GIF1 = "gif1"
@@ -32,7 +32,12 @@ NEED_NPT = "npt"  # kvm_amd npt=1: L1 may set NP_ENABLE
 NEED_NO_NPT = "no_npt"  # kvm_amd npt=0: L1 runs on shadow paging
 NEED_VGIF = "vgif"  # vGIF on: STGI/CLGI not intercepted
 NEED_NO_VGIF = "no_vgif"  # vGIF off
-CONFIG_NEEDS = (NEED_NPT, NEED_NO_NPT, NEED_VGIF, NEED_NO_VGIF)
+NEED_VLS = "vls"  # virtual VMLOAD/VMSAVE on: VMLOAD/VMSAVE not intercepted
+NEED_NO_VLS = "no_vls"  # vls off
+# The CPU model (--cpu) is part of the configuration too.
+NEED_CPU_PCID = "cpu_pcid"  # the CPU has PCID (CR4.PCIDE can reach hardware)
+CONFIG_NEEDS = (NEED_NPT, NEED_NO_NPT, NEED_VGIF, NEED_NO_VGIF, NEED_VLS, NEED_NO_VLS,
+                NEED_CPU_PCID)
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,10 @@ class Expect:
     # After the #VMEXIT: True = EVENTINJ must read 0, False = must be kept,
     # None = not part of this expectation.
     event_inj_cleared: bool | None = None
+    # After a #VMEXIT from an L2 that took the injected event: EVENTINJ.V
+    # must read 0 (the CPU clears it once the event is delivered, APM 15.20;
+    # the other bits are then meaningless: 6.1 leaves ERRORCODE there).
+    event_inj_taken: bool = False
     # The failure is detected by the CPU's own VMRUN checks and reflected to
     # L1 by KVM (kernels without the software check).  KVM copies the CPU's
     # exit code, and QEMU's TCG writes VMEXIT_INVALID as 32 bits
@@ -80,14 +89,27 @@ class Expect:
     # handler wrote into L1's saved state.  () = L1's state intact, as the
     # contract says.
     l1_flipped: tuple[tuple[str, int], ...] = ()
+    # The event L2 takes through its own IDT (cases with PF_L2_IDT):
+    # (vector, error code pushed or None for none, or ANY_ERROR_CODE when
+    # the CPU model decides); None: no event may reach L2.
+    l2_event: tuple[int, int | None] | None = None
+    # EXITINTINFO[31:0] a successful #VMEXIT must write (None: V=0, no event
+    # was being delivered).
+    exit_int_info: int | None = None
+    # Other outcomes this kernel generation shows now and then, each judged
+    # as a whole (a known bug among them still fails): for a race in the
+    # kernel that no case can steer (cases/eventinj.py, reserved TYPEs).
+    alternatives: tuple[Expect, ...] = ()
 
     def describe(self) -> str:
-        if self.kind == "vmexit":
+        if self.kind == "vmexit" and self.l2_event is None:
             return f"vmexit {self.exit_code:#x}"
         if self.kind == "exception":
             ec = "" if self.error_code is None else f" ec={self.error_code:#x}"
             return f"{_VECTOR_NAMES.get(self.vector or 0, self.vector)}{ec} at {self.at}"
         text = self.kind.replace("_", " ")
+        if self.kind == "vmexit":
+            text = f"vmexit {self.exit_code:#x}"
         if self.kind == "internal_error" and self.suberror is not None:
             text += f" (suberror {self.suberror})"
         if self.kind == "no_fault" and self.exit_code is not None:
@@ -96,10 +118,17 @@ class Expect:
             text += f" (bug: {self.known_bug})"
         if self.event_inj_cleared is not None:
             text += ", EVENTINJ " + ("cleared" if self.event_inj_cleared else "kept")
+        if self.l2_event is not None:
+            vec, err = self.l2_event
+            text += f", L2 takes vector {vec:#x}" + (
+                "" if err == ANY_ERROR_CODE else " without error code" if err is None
+                else f" ec={err:#x}")
         return text
 
 
 _VECTOR_NAMES = {0: "#DE", 6: "#UD", 13: "#GP", 14: "#PF", 8: "#DF"}
+# l2_event error code: pushed or not is the CPU's choice (see cases/eventinj.py).
+ANY_ERROR_CODE = -1
 
 VMEXIT_INVALID = Expect("vmexit_invalid")
 VMEXIT_INVALID_HW = Expect("vmexit_invalid", hw_checked=True)
@@ -146,13 +175,18 @@ class Case:
     profiles: Mapping[str, Expect] = field(default_factory=dict)
     # The case it is the negative control of (same VMCB minus the defect).
     control_of: str | None = None
+    # Guest CPUID feature bits forced on (True) or off (False) on top of the
+    # backend's guest CPUID (names: kvmtest.cpuid_features), for checks
+    # whose legality follows the guest CPUID.
+    cpuid: Mapping[str, bool] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("params", "vmcb", "memory", "profiles", "smm_vmcb"):
+        for name in ("params", "vmcb", "memory", "profiles", "smm_vmcb", "cpuid"):
             object.__setattr__(self, name, _frozen(getattr(self, name)))
         unknown = set(self.params) - set(params.PARAMS)
         if unknown:
             raise ValueError(f"{self.id}: unknown params {sorted(unknown)}")
+        cpuid_features.check(self.cpuid)
 
     @property
     def configs(self) -> list[str]:

@@ -145,6 +145,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         from .fuzz.cli import run_scenario
 
         return run_scenario(args)
+    if getattr(args, "junit", None):
+        from .outputs import check_writable
+
+        try:
+            check_writable(args.junit)
+        except OSError as e:
+            raise CliError(f"cannot write {args.junit}: {e}", EXIT_USAGE) from None
     report = run_report(args)
     print(rep.table(report))
     for line in report.notes[1:]:
@@ -154,6 +161,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         rep.write_json(report, Path(args.json))
     if args.ktap:
         Path(args.ktap).write_text(rep.ktap(report))
+    if getattr(args, "junit", None):
+        from . import junit
+        from .outputs import write_text
+
+        write_text(args.junit, junit.from_run(report.to_json()))
     return report.exit_code()
 
 
@@ -176,7 +188,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu", default=None,
                    help="qemu: CPU model (default: EPYC under TCG, host with -enable-kvm)")
     p.add_argument("--kvm-amd-param", action="append", metavar="NAME=VALUE",
-                   help="qemu: extra kvm_amd parameter (nested=1 is always set)")
+                   help="qemu: extra kvm_amd parameter (nested=1 is always set); "
+                   "model: the parameters to emulate (npt, vgif, vls)")
     p.add_argument("--artifacts", metavar="DIR", help="qemu: keep console and logs here")
 
 
@@ -196,6 +209,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ktap", metavar="FILE", help="write a KTAP v1 report here")
     p.add_argument("--scenario", metavar="SPEC",
                    help="run one kvmtest fuzz scenario, e.g. 'gif1 vmcb:asid=0'")
+    p.add_argument("--junit", metavar="FILE", help="write JUnit XML here")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("bench", help="benchmarks (Python vs C, model reuse)")
     p.add_argument("--quick", action="store_true", help="fewer iterations")
@@ -209,6 +223,12 @@ def parser() -> argparse.ArgumentParser:
 
     add_fuzz_command(sub)
     _add_qemu_commands(sub)
+    from .report_cli import add_commands as add_report_commands  # matrix, report
+
+    add_report_commands(sub)
+    from .cache_cli import add_command as add_cache_command
+
+    add_cache_command(sub)
     return ap
 
 

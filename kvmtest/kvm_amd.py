@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .case import NEED_NO_NPT, NEED_NO_VGIF, NEED_NPT, NEED_VGIF
+from .case import NEED_NO_NPT, NEED_NO_VGIF, NEED_NO_VLS, NEED_NPT, NEED_VGIF, NEED_VLS
 
 PARAMS_DIR = Path("/sys/module/kvm_amd/parameters")
 # The values a kernel reports for a parameter that is on ("Y" for bool,
@@ -41,7 +41,7 @@ def is_on(params: dict[str, str], name: str) -> bool | None:
 
 def config_capabilities(params: dict[str, str]) -> dict[str, str | None]:
     """need -> None if this configuration provides it, else why not and how to get it."""
-    npt, vgif = is_on(params, "npt"), is_on(params, "vgif")
+    npt, vgif, vls = is_on(params, "npt"), is_on(params, "vgif"), is_on(params, "vls")
     where = "kvm_amd" if params else "no kvm_amd module"
     return {
         NEED_NPT: None if npt else (
@@ -53,7 +53,15 @@ def config_capabilities(params: dict[str, str]) -> dict[str, str | None]:
         NEED_VGIF: None if vgif else (
             f"{where}: vgif={params.get('vgif', '?')}: no virtual GIF "
             "(run with --cpu EPYC,+vgif under QEMU, or on a CPU with vGIF)"),
-        NEED_NO_VGIF: None if vgif is False else (
+        # No kvm_amd (another vendor's KVM) means no virtual GIF either.
+        NEED_NO_VGIF: None if not vgif else (
             f"{where}: vgif={params.get('vgif', '?')}: this case needs STGI/CLGI "
             "intercepted (run with --kvm-amd-param vgif=0)"),
+        NEED_VLS: None if vls else (
+            f"{where}: vls={params.get('vls', '?')}: no virtual VMLOAD/VMSAVE (needs npt=1 and "
+            "a CPU with V_VMSAVE_VMLOAD: AMD hardware or QEMU -enable-kvm; QEMU 7.2's TCG "
+            "has none)"),
+        NEED_NO_VLS: None if not vls else (
+            f"{where}: vls={params.get('vls', '?')}: this case needs VMLOAD/VMSAVE "
+            "intercepted (run with --kvm-amd-param vls=0)"),
     }

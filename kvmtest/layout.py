@@ -24,6 +24,7 @@ UCALL_GPA = 0x7000  # struct ucall, written by the guest (see ucall.py)
 PARAMS_GPA = 0x7800  # struct params, written by the host (see params.py)
 HSAVE_GPA = 0x8000  # MSR_VM_HSAVE_PA target
 VMCB12_GPA = 0x9000
+L2_IDT_GPA = 0xA000  # 256 gates for L2's own IDT (event-injection cases)
 L2_PAGING_GPA = 0xB000  # 4 pages for L2's own page tables (PAE / legacy cases)
 MSRPM_GPA = 0x10000  # 8 KiB, 4 KiB aligned
 IOPM_GPA = 0x14000  # 12 KiB, 4 KiB aligned

@@ -57,6 +57,8 @@ class Observation:
     exit_info_2: int | None = None
     exit_int_info: int | None = None
     event_inj: int | None = None
+    int_ctl: int | None = None
+    tlb_ctl: int | None = None
     # nested state at L1's report (None: backend cannot tell)
     gif: bool | None = None
     guest_mode: bool | None = None

@@ -29,6 +29,7 @@ PF_SET_SVME = 1 << 0  # set EFER.SVME before the test
 PF_SET_HSAVE = 1 << 1  # write MSR_VM_HSAVE_PA
 PF_CLGI = 1 << 2  # CLGI before VMRUN (gif0 mode)
 PF_STGI = 1 << 3  # STGI before VMRUN (explicit gif1 mode)
+PF_L2_IDT = 1 << 5  # vmrun payload: build L2's IDT at L2_IDT_GPA (every vector -> l2_evt_stubs)
 
 # struct result at RESULT_GPA, written by L1 after VMRUN returns.
 RESULT = (
@@ -45,7 +46,17 @@ RESULT = (
     "pre_cr3",
     "pre_cr4",
     "pre_efer",
+    "pre_rflags",  # RFLAGS and RAX (the VMRUN operand) as VMRUN saw them
+    "pre_rax",
+    # An event L2 took through its own IDT (PF_L2_IDT): the vector, RSP at
+    # the handler's entry (tells whether the CPU pushed an error code) and
+    # the word at that RSP (the error code if there is one).
+    "l2_event_vector",
+    "l2_event_rsp",
+    "l2_event_word",
 )
+
+RESULT_BYTES = 8 * len(RESULT)  # for payloads that walk the whole block
 
 STAGE_BEFORE_VMRUN = 1
 STAGE_AFTER_VMRUN = 2

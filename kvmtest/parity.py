@@ -19,8 +19,8 @@ from .observation import Observation
 # list (backend-specific exit types) and the kernel-log bookkeeping (judged
 # separately).
 FIELDS = ("outcome", "vector", "error_code", "rip", "exit_code", "exit_info_1",
-          "exit_info_2", "exit_int_info", "event_inj", "gif", "guest_mode",
-          "after_outcome", "smm_handler_runs", "exit_data")
+          "exit_info_2", "exit_int_info", "event_inj", "int_ctl", "tlb_ctl", "gif",
+          "guest_mode", "after_outcome", "smm_handler_runs", "exit_data")
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,8 @@ def _read_vmcb12(m: Machine, obs: Observation) -> None:
     obs.exit_info_2 = v["exit_info_2"]
     obs.exit_int_info = v["exit_int_info"]
     obs.event_inj = v["event_inj"]
+    obs.int_ctl = v["int_ctl"]
+    obs.tlb_ctl = v["tlb_ctl"]
 
 
 def _on_sync(m: Machine, case: Case, obs: Observation) -> None:
@@ -153,7 +155,10 @@ def set_nested_state(m: Machine, case: Case, payload: Payload, timeout: float) -
 def run_case(backend: Backend, case: Case, timeout: float = DEFAULT_TIMEOUT) -> Observation:
     payload = load_payload(case.payload)
     svm = NEED_SVM in case.needs
-    with backend.kernel_log() as warnings, backend.machine(payload, svm=svm) as m:
+    # Only a case that changes the guest CPUID passes cpuid= (other backends
+    # need not know the keyword).
+    extra = {"cpuid": case.cpuid} if case.cpuid else {}
+    with backend.kernel_log() as warnings, backend.machine(payload, svm=svm, **extra) as m:
         prepare_memory(m, case, payload)
         if case.scenario == SET_NESTED_STATE:
             obs = set_nested_state(m, case, payload, timeout)

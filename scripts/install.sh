@@ -11,6 +11,9 @@ APT_PACKAGES=(
   gcc-12 make patch git xz-utils           # kvmtest kmod build, bisect-run
   procps                                   # pgrep in the QEMU reaping tests
 )
+# The HTML report's tests (headless, over WebDriver); KVMTEST_NO_BROWSER=1
+# leaves them out where only kvmtest itself runs (the CI matrix jobs).
+[[ ${KVMTEST_NO_BROWSER:-0} == 1 ]] || APT_PACKAGES+=(chromium chromium-driver)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -14,7 +14,7 @@ CC = CASES["control/asid0[gif1]"]
 OBSERVATION_CASE = CASES["control/eventinj-after-invalid[gif0]"]
 L1 = {"stage": params.STAGE_AFTER_VMRUN, "rsp": 0x1FFF8, "cr0": 0x80050033, "cr3": 0x4000,
       "cr4": 0x620, "efer": 0x1500, "rflags": 2, "rax": 0x9000}
-L1 |= {f"pre_{k}": L1[k] for k in ("rsp", "cr0", "cr3", "cr4", "efer")}
+L1 |= {f"pre_{k}": L1[k] for k in ("rsp", "cr0", "cr3", "cr4", "efer", "rflags", "rax")}
 
 
 def invalid(**kw) -> o.Observation:

@@ -28,7 +28,10 @@ L1 = {"stage": params.STAGE_AFTER_VMRUN, "rsp": 0x1FFF8, "cr0": 0x80050033,
 # The registers the contract says L1 gets back (README, contract clause 3):
 # written out here, not taken from the judge, so dropping one there fails.
 CONTRACT_REGS = ("rsp", "cr0", "cr3", "cr4", "efer")
-L1 |= {f"pre_{k}": L1[k] for k in CONTRACT_REGS}
+# And the host save area's RAX and RFLAGS (APM 15.5.1/15.6, judge
+# _check_host_rax_rflags): RAX is VMRUN's operand, the VMCB12 GPA.
+HOST_SAVE_REGS = ("rax", "rflags")
+L1 |= {f"pre_{k}": L1[k] for k in CONTRACT_REGS + HOST_SAVE_REGS}
 
 
 def good(**kw) -> o.Observation:
@@ -144,3 +147,110 @@ def test_fingerprint_closest_counts_disagreements():
 def test_fingerprint_without_distinguishing_cases():
     assert j.fingerprint([_v(*j.PROFILES)]).startswith("unknown (no case run")
     assert j.fingerprint([j.Verdict(j.ERROR)]).startswith("unknown")
+
+
+# ---- clauses added with the EVENTINJ/kvm-unit-tests families ----------------
+
+def vmexit_ok(**kw) -> o.Observation:
+    """A successful VMRUN whose L2 VMMCALLed: EXITINTINFO[31:0] written as 0,
+    its error-code half left alone (the poison), as KVM does."""
+    return good(**{"exit_code": SVM_EXIT_VMMCALL, "exit_int_info": POISON & ~0xFFFF_FFFF, **kw})
+
+
+@pytest.mark.parametrize("gif", GIFS)
+@pytest.mark.parametrize("reg", HOST_SAVE_REGS)
+def test_host_save_area_rax_rflags(gif, reg):
+    """L1 RAX/RFLAGS after the VMRUN are those VMRUN saw (host save area)."""
+    l1 = dict(L1, **{reg: L1[reg] ^ 0x40})
+    v = verdict(gif, good(l1=l1))
+    assert v.verdict == j.FAIL and f"L1 {reg.upper()}" in v.reason and "host save" in v.reason
+    v = verdict(gif, good(l1=dict(L1, **{f"pre_{reg}": params.RESULT_POISON})))
+    assert v.verdict == j.FAIL and "not recorded" in v.reason
+
+
+@pytest.mark.parametrize("gif", GIFS)
+def test_exit_int_info_after_failed_vmrun(gif):
+    """Unwritten (KVM's failure paths) or V=0 passes; an event L1 did not
+    inject fails; the undelivered EVENTINJ itself is accepted."""
+    assert verdict(gif, good(exit_int_info=POISON)).verdict == j.PASS
+    event = 1 << 31 | 3 << 8 | 13
+    v = verdict(gif, good(exit_int_info=event))
+    assert v.verdict == j.FAIL and "EXITINTINFO" in v.reason
+    case = CASES[f"control/eventinj-after-invalid[{gif}]"]
+    injected = case.vmcb["event_inj"]
+    obs = good(exit_int_info=injected & 0xFFFF_FFFF, event_inj=injected)
+    assert j.check(case, obs, case.profiles["fixed"]) == []
+
+
+@pytest.mark.parametrize("gif", GIFS)
+def test_exit_int_info_after_vmexit(gif):
+    """A #VMEXIT that interrupted no event delivery: EXITINTINFO[31:0] = 0;
+    bits 63:32 (ERRORCODE, defined only with V and EV) are not judged."""
+    case = CASES[f"negative/control-asid0[{gif}]"]
+    want = case.expect
+    assert j.check(case, vmexit_ok(), want) == []
+    assert j.check(case, vmexit_ok(exit_int_info=0xFFFF_FFFF_0000_0000), want) == []
+    bad = j.check(case, vmexit_ok(exit_int_info=1 << 31 | 0x30), want)
+    assert any("EXITINTINFO" in b for b in bad)
+
+
+@pytest.mark.parametrize("gif", GIFS)
+def test_control_write_back(gif):
+    """TLB_CTL and INT_CTL (but V_TPR/V_IRQ/V_GIF) come back as L1 wrote them."""
+    case = CASES[f"control/control-write-back[{gif}]"]
+    want = case.profiles.get("fixed", case.expect)
+    tlb, ctl = case.vmcb["tlb_ctl"], case.vmcb["int_ctl"]
+    ok = good(tlb_ctl=tlb, int_ctl=ctl)
+    assert j.check(case, ok, want) == []
+    assert j.check(case, dataclasses.replace(ok, int_ctl=ctl ^ 0x10F), want) == []  # CPU-owned
+    assert any("TLB_CTL" in b for b in j.check(case, dataclasses.replace(ok, tlb_ctl=tlb & 7),
+                                               want))
+    assert any("INT_CTL" in b for b in j.check(
+        case, dataclasses.replace(ok, int_ctl=ctl & ~(1 << 24)), want))
+
+
+def l2_took(vector: int, error_code: int | None) -> dict[str, int]:
+    frame = 48 if error_code is not None else 40
+    return dict(L1, l2_event_vector=vector, l2_event_rsp=0x28000 - frame,
+                l2_event_word=error_code if error_code is not None else 0x100000)
+
+
+@pytest.mark.parametrize("gif", GIFS)
+def test_l2_event_clause(gif):
+    """The event EVENTINJ delivered, as L2's own IDT saw it."""
+    gp = CASES[f"eventinj/exept-gp-ec[{gif}]"]
+    want = gp.expect
+    assert want.l2_event == (13, 0x1234)
+    ok = vmexit_ok(l1=l2_took(13, 0x1234), event_inj=0x1234 << 32)
+    assert j.check(gp, ok, want) == []
+    for l1, words in ((l2_took(14, 0x1234), "L2 took vector"),
+                      (l2_took(13, None), "no error code pushed"),
+                      (l2_took(13, 0x4321), "error code"),
+                      (dict(L1, l2_event_vector=params.RESULT_POISON), "no event reached L2")):
+        bad = j.check(gp, dataclasses.replace(ok, l1=l1), want)
+        assert any(words in b for b in bad), (words, bad)
+    # Taken means EVENTINJ.V clear afterwards.
+    bad = j.check(gp, dataclasses.replace(ok, event_inj=gp.vmcb["event_inj"]), want)
+    assert any("still valid" in b for b in bad)
+    # No event may reach L2 when VMRUN fails.
+    bad_type = CASES[f"eventinj/type1[{gif}]"]
+    assert j.check(bad_type, good(), bad_type.profiles["7.x"]) == []
+    bad = j.check(bad_type, good(l1=l2_took(0x30, None)), bad_type.profiles["7.x"])
+    assert any("no event was due" in b for b in bad)
+
+
+@pytest.mark.parametrize("gif", GIFS)
+def test_a_racy_alternative_is_accepted_as_a_known_bug(gif):
+    """A reserved EVENTINJ TYPE on 6.x: the CPU refusing it passes; the event
+    dropped on a cancelled entry (L2 ran) matches the alternative, a known
+    bug; anything else matches nothing."""
+    case = CASES[f"eventinj/type5[{gif}]"]
+    refused = good(exit_code=0xFFFF_FFFF)
+    assert j.judge(case, refused, "fixed").verdict == j.PASS
+    dropped = vmexit_ok()
+    v = j.judge(case, dropped, "fixed")
+    assert v.verdict == j.FAIL and "known bug" in v.reason and "dropped" in v.reason
+    assert "fixed" in v.profiles and "7.x" not in v.profiles
+    assert j.judge(case, dropped, "7.x").verdict == j.FAIL
+    other = vmexit_ok(exit_code=0x7F)
+    assert j.judge(case, other, None).verdict == j.FAIL and not j.judge(case, other).profiles

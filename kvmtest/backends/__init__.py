@@ -33,11 +33,10 @@ def make(name: str, profile: str | None = None, **options: Any) -> tuple[Any, st
         from .model import ModelBackend
 
         profile = profile or "7.x"
-        params = options.get("kvm_amd_params")
-        note = f"backend model: profile {profile}"
-        if params:
-            note += " (kvm_amd " + " ".join(f"{k}={v}" for k, v in params.items()) + ")"
-        return ModelBackend(profile, kvm_amd_params=params), note
+        params = options.get("kvm_amd_params") or {}
+        b = ModelBackend(profile, kvm_amd_params=params)
+        where = " ".join(f"{k}={v}" for k, v in sorted(params.items()))
+        return b, f"backend model: profile {profile}" + (f", kvm_amd {where}" if where else "")
     if name == "qemu":
         from .qemu import QemuBackend
 

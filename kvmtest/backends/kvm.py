@@ -13,7 +13,8 @@ import os
 import platform
 from collections.abc import Iterator
 
-from .. import kmsg, l1, layout, ucall
+from .. import cpuid_features, kmsg, l1, layout, ucall
+from ..case import NEED_CPU_PCID
 from ..exits import Exit, IoExit
 from ..info import host_vendor, kvm_module
 from ..kvm import (
@@ -62,9 +63,11 @@ def maxphyaddr(cpuid: list[CpuidEntry]) -> int:
     return 36
 
 
-def guest_cpuid(supported: list[CpuidEntry], svm: bool) -> list[CpuidEntry]:
+def guest_cpuid(supported: list[CpuidEntry], svm: bool,
+                overrides: tuple[tuple[str, bool], ...] = ()) -> list[CpuidEntry]:
     """KVM's supported CPUID, with SVM (leaf 0x8000000A and the feature bit)
-    removed when the case wants a guest without SVM."""
+    removed when the case wants a guest without SVM, then the case's own
+    feature bits (kvmtest.cpuid_features) set or cleared."""
     out = []
     for e in supported:
         e = CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
@@ -72,6 +75,12 @@ def guest_cpuid(supported: list[CpuidEntry], svm: bool) -> list[CpuidEntry]:
             continue
         if not svm and e.function == CPUID_EXT_FEATURES:
             e.ecx &= ~SVM_BIT
+        for name, on in overrides:
+            f = cpuid_features.FEATURES[name]
+            if e.function == f.leaf and (e.index == f.subleaf
+                                         or not e.flags & lib.KVM_CPUID_FLAG_SIGNIFCANT_INDEX):
+                value = getattr(e, f.register)
+                setattr(e, f.register, value | 1 << f.bit if on else value & ~(1 << f.bit))
         out.append(e)
     return out
 
@@ -130,9 +139,13 @@ class KvmMachine:
     def reset(self, payload: Payload) -> None:
         """Back to a fresh vCPU's state for the next case."""
         self._end_deadline()
-        if self.nested_cap:
+        if self.nested_cap and self.vcpu.get_nested_state().flags != KVM_STATE_NESTED_GIF_SET:
             # Leave guest mode first (a case may end at a ucall from L2), so
-            # the register writes below reach L1's state, not VMCB02's.
+            # the register writes below reach L1's state, not VMCB02's; and
+            # GIF=1 as after reset.  Only then: KVM_SET_NESTED_STATE has side
+            # effects a fresh vCPU does not have (with vGIF, svm_set_gif(true)
+            # drops the STGI intercept even while EFER.SVME=0), and a reused
+            # vCPU must behave like a fresh one.
             self.vcpu.set_nested_state(NestedState.svm(KVM_STATE_NESTED_GIF_SET, 0))
         self.mem.view[:LOW_MEMORY] = bytes(LOW_MEMORY)
         self.mem.view[layout.CODE_GPA:layout.CODE_GPA + self._code_len] = bytes(self._code_len)
@@ -217,7 +230,7 @@ class KvmBackend:
         self.profile = profile
         # KVMTEST_FRESH_VM=1: a new VM for every case (slower, for comparison).
         self.reuse = os.environ.get("KVMTEST_FRESH_VM") != "1" if reuse is None else reuse
-        self._pool: dict[bool, KvmMachine] = {}
+        self._pool: dict[tuple, KvmMachine] = {}
         self.kvm = Kvm(dev_kvm())  # raises KvmUnavailable with an actionable message
         try:
             if not self.kvm.check_extension(lib.KVM_CAP_EXT_CPUID):
@@ -235,8 +248,10 @@ class KvmBackend:
         self.smm_cap = self.kvm.check_extension(lib.KVM_CAP_X86_SMM)
         self.maxphyaddr = maxphyaddr(self.supported)
         self.kvm_amd_params = module_params()  # the running module's, effective
-        # Packing ~60 entries costs as much as KVM_SET_CPUID2: do it once.
-        self._cpuid = {svm: pack_cpuid2(guest_cpuid(self.supported, svm)) for svm in (False, True)}
+        # Packing ~60 entries costs as much as KVM_SET_CPUID2: do it once
+        # per guest CPUID (key: svm, the case's sorted feature overrides).
+        self._cpuid = {(svm, ()): pack_cpuid2(guest_cpuid(self.supported, svm))
+                       for svm in (False, True)}
 
     def close(self) -> None:
         for m in self._pool.values():
@@ -259,11 +274,23 @@ class KvmBackend:
             "smm": None if self.smm_cap else (
                 "host KVM lacks KVM_CAP_X86_SMM (KVM_SMI); use --backend qemu"),
             **config_capabilities(self.kvm_amd_params),
+            NEED_CPU_PCID: None if self._has_feature("pcid") else (
+                "the CPU has no PCID (KVM's supported CPUID): needs AMD hardware with PCID "
+                "(Zen 2+) or QEMU -enable-kvm on one; QEMU 7.2's TCG has none"),
         }
 
+    def _has_feature(self, name: str) -> bool:
+        f = cpuid_features.FEATURES[name]
+        return any(e.function == f.leaf and e.index == f.subleaf
+                   and getattr(e, f.register) >> f.bit & 1 for e in self.supported)
+
     @contextlib.contextmanager
-    def machine(self, payload: Payload, svm: bool) -> Iterator[KvmMachine]:
-        m = self._pool.pop(svm, None)
+    def machine(self, payload: Payload, svm: bool,
+                cpuid: dict[str, bool] | None = None) -> Iterator[KvmMachine]:
+        key = (svm, tuple(sorted((cpuid or {}).items())))
+        if key not in self._cpuid:
+            self._cpuid[key] = pack_cpuid2(guest_cpuid(self.supported, svm, key[1]))
+        m = self._pool.pop(key, None)
         if m is not None:
             try:
                 m.reset(payload)
@@ -273,7 +300,7 @@ class KvmBackend:
                     raise
                 m = None  # a vCPU that cannot be reset is replaced
         if m is None:
-            m = KvmMachine(self.kvm, self._cpuid[svm], payload, bool(self.nested_cap))
+            m = KvmMachine(self.kvm, self._cpuid[key], payload, bool(self.nested_cap))
         try:
             yield m
         except BaseException:
@@ -281,7 +308,7 @@ class KvmBackend:
             raise
         if self.reuse and m.reusable:
             m._end_deadline()
-            self._pool[svm] = m
+            self._pool[key] = m
         else:
             m.close()
 

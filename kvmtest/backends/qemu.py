@@ -63,7 +63,7 @@ class QemuBackend:
         self.kvm_modules = kvm_modules
         self.kvm_amd_params = {"nested": "1", **(kvm_amd_params or {})}
         self.artifacts = Path(artifacts) if artifacts else None
-        self.kernel_desc = f"{self.kernel.release} ({kernel})"
+        self.kernel_desc = self.kernel.describe()  # names the concrete package
         self.guest_facts: dict = {}
         self.unattributed_warnings: list[str] = []
         self.timings: dict = {}

@@ -9,8 +9,8 @@ from __future__ import annotations
 import functools
 
 from ..case import Case
-from . import control, insn, late, nested_state, save, smm
-from ._build import vmrun_cases
+from . import control, eventinj, insn, kut, late, nested_state, save, smm
+from ._build import accepted_cases, vmrun_cases
 
 # Used for listing and collection; backends pass their real value.
 DEFAULT_MAXPHYADDR = 40
@@ -24,6 +24,10 @@ def catalogue(maxphyaddr: int = DEFAULT_MAXPHYADDR) -> tuple[Case, ...]:
     cases += vmrun_cases("control", control.observation_rows(maxphyaddr))
     # Late failures take KVM's full #VMEXIT path on every kernel: GIF cleared.
     cases += vmrun_cases("late", late.rows(maxphyaddr), software_checked=False)
+    cases += vmrun_cases(eventinj.FAMILY, eventinj.rows(maxphyaddr))
+    cases += accepted_cases(eventinj.FAMILY, eventinj.accepted(maxphyaddr))
+    cases += vmrun_cases(kut.FAMILY, kut.rows(maxphyaddr))
+    cases += accepted_cases(kut.FAMILY, kut.accepted(maxphyaddr))
     cases += nested_state.cases()
     cases += smm.all_cases()
     seen: set[str] = set()

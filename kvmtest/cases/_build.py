@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
+from .. import params
 from ..case import GIF0, GIF1, NEED_SVM, VMEXIT_INVALID, VMRUN, Case, Expect, vmexit
 from ..vmcb import SVM_EXIT_VMMCALL
 
@@ -29,6 +30,13 @@ class Row:
     l2_entry: str = "l2_vmmcall"
     memory: Mapping[int, bytes] = field(default_factory=dict)
     control_memory: Mapping[int, bytes] | None = None  # None: same as memory
+    # Shared by the case and its control: configuration needs (NEED_NPT ...),
+    # guest CPUID feature overrides, extra params flags (PF_L2_IDT ...).
+    needs: frozenset[str] = frozenset()
+    cpuid: Mapping[str, bool] = field(default_factory=dict)
+    flags: int = 0
+    # What the control must show (default: L2's VMMCALL).
+    control_expect: Expect | None = None
 
 
 # Before "KVM: nSVM: Clear GIF on nested #VMEXIT(INVALID)" (f85a6ce06e4a;
@@ -53,22 +61,46 @@ def vmrun_cases(family: str, rows: list[Row], software_checked: bool = True) -> 
     """software_checked: KVM detects these rows' defects itself before
     running L2 (the early path), so legacy kernels show the GIF bug."""
     for row in rows:
+        needs = frozenset({NEED_SVM, *row.needs})
         for gif in GIF_MODES:
             bad_id = f"{family}/{row.name}[{gif}]"
             profiles = with_legacy_gif(row, gif) if software_checked else row.profiles
+            common = dict(scenario=VMRUN, gif_mode=gif, l2_entry=row.l2_entry, needs=needs,
+                          cpuid=row.cpuid, params=_params(row.flags, gif))
             yield Case(
-                id=bad_id, family=family, scenario=VMRUN, expect=row.expect,
-                profiles=profiles, source=row.source, gif_mode=gif,
-                vmcb=row.defect, l2_entry=row.l2_entry, memory=row.memory,
-                needs=frozenset({NEED_SVM}),
+                id=bad_id, family=family, expect=row.expect, profiles=profiles,
+                source=row.source, vmcb=row.defect, memory=row.memory, **common,
             )
             yield Case(
                 id=f"negative/{family}-{row.name}[{gif}]", family="negative",
-                scenario=VMRUN, expect=vmexit(SVM_EXIT_VMMCALL),
-                source=f"negative control of {bad_id}", gif_mode=gif,
-                vmcb=row.fix, l2_entry=row.l2_entry,
+                expect=row.control_expect or vmexit(SVM_EXIT_VMMCALL),
+                source=f"negative control of {bad_id}", vmcb=row.fix,
                 memory=row.memory if row.control_memory is None else row.control_memory,
-                needs=frozenset({NEED_SVM}), control_of=bad_id,
+                control_of=bad_id, **common,
+            )
+
+
+def _params(flags: int, gif: str) -> dict[str, int]:
+    """Extra params flags on top of the VMRUN defaults ({} when none)."""
+    if not flags:
+        return {}
+    base = params.PF_SET_SVME | params.PF_SET_HSAVE
+    base |= params.PF_CLGI if gif == GIF0 else params.PF_STGI
+    return {"flags": base | flags}
+
+
+def accepted_cases(family: str, rows: list[Row]) -> Iterator[Case]:
+    """Rows whose VMCB12 must be accepted (values a check must not reject,
+    kvm-unit-tests style): one case per GIF mode, expecting L2's VMMCALL
+    (or row.expect), with no failing twin."""
+    for row in rows:
+        for gif in GIF_MODES:
+            yield Case(
+                id=f"{family}/{row.name}[{gif}]", family=family, scenario=VMRUN,
+                expect=row.expect, profiles=row.profiles, source=row.source, gif_mode=gif,
+                vmcb=row.defect, l2_entry=row.l2_entry, memory=row.memory,
+                needs=frozenset({NEED_SVM, *row.needs}), cpuid=row.cpuid,
+                params=_params(row.flags, gif),
             )
 
 

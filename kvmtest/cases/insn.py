@@ -8,7 +8,11 @@ from .. import layout, params
 from ..case import (
     INSN,
     NEED_NO_SVM,
+    NEED_NO_VGIF,
+    NEED_NO_VLS,
     NEED_SVM,
+    NEED_VGIF,
+    NEED_VLS,
     NO_FAULT,
     Case,
     Expect,
@@ -25,11 +29,62 @@ GATED = ("vmrun", "vmload", "vmsave", "stgi", "clgi", "invlpga")
 
 
 def _insn(id_: str, insn: str, expect: Expect, source: str, needs: str, flags: int = 0,
-          profiles: dict[str, Expect] | None = None, **extra: int) -> Case:
+          profiles: dict[str, Expect] | None = None, config: frozenset[str] = frozenset(),
+          cpuid: dict[str, bool] | None = None, **extra: int) -> Case:
     p = {"flags": flags, "insn": params.INSNS.index(insn), "vmrun_rax": layout.VMCB12_GPA,
          "hsave_pa": layout.HSAVE_GPA, **extra}
     return Case(id=id_, family="insn", scenario=INSN, payload="svm_insn", expect=expect,
-                source=source, params=p, needs=frozenset({needs}), profiles=profiles or {})
+                source=source, params=p, needs=frozenset({needs, *config}),
+                profiles=profiles or {}, cpuid=cpuid or {})
+
+
+# What L0's kvm_amd hands to the CPU: vGIF clears the STGI/CLGI intercepts,
+# vls the VMLOAD/VMSAVE ones (svm.c init_vmcb).  The CPU then runs them with
+# the hardware VMCB's EFER, where KVM always sets SVME (svm_set_efer), so
+# L1's EFER.SVME=0 gives no #UD.  Linux 7.x intercepts them again while
+# L1's EFER.SVME is clear ("KVM: SVM: Recalc instructions intercepts when
+# EFER.SVME is toggled"), and then nested_svm_check_permissions() #UDs.
+UNINTERCEPTED = {"stgi": NEED_VGIF, "clgi": NEED_VGIF, "vmload": NEED_VLS, "vmsave": NEED_VLS}
+CONFIG_OFF = {NEED_VGIF: NEED_NO_VGIF, NEED_VLS: NEED_NO_VLS}
+HANDED_TO_CPU = ("KVM leaves {insn} to the CPU under {cfg} (init_vmcb), which sees EFER.SVME=1 "
+                 "(svm_set_efer): no #UD with L1's EFER.SVME=0 (fixed in 7.x by 'KVM: SVM: "
+                 "Recalc instructions intercepts when EFER.SVME is toggled')")
+# With SKINIT in the guest CPUID, STGI at EFER.SVME=0 is legal (APM), but
+# KVM's stgi_interception -> nested_svm_check_permissions #UDs it whatever
+# the CPUID says.  KVM supports no SKINIT at all (never in
+# KVM_GET_SUPPORTED_CPUID; skinit_interception #UDs SKINIT itself), so a VMM
+# that enumerates it runs outside KVM's contract: recorded per kernel, not
+# failed (docs/findings.md, "Measured, and judged not to contradict ...").
+# 7.x under vGIF: a KVM_SET_NESTED_STATE that sets GIF (as a VMM does at
+# reset) drops the STGI intercept again (svm_set_gif); the kvm backend only
+# sets nested state where a case left some, so a case sees a fresh vCPU.
+KVM_PERM = "KVM svm.c stgi/clgi/vmload/vmsave_interception -> nested_svm_check_permissions"
+
+
+def architectural_ud(insn: str, skinit: bool) -> bool:
+    """#UD with EFER.SVME=0 (AMD APM vol. 3): STGI is still legal when the
+    guest CPUID enumerates SKINIT (DEV; SVM-Lock, the other condition, is
+    never in KVM's guest CPUID); the others need EFER.SVME=1."""
+    return not (insn == "stgi" and skinit)
+
+
+def svme0_profiles(insn: str, skinit: bool, config_on: bool) -> dict[str, Expect]:
+    """What each kernel does with insn at EFER.SVME=0 (SVM in CPUID or not):
+    intercepted, KVM #UDs (nested_svm_check_permissions); handed to the
+    CPU, no #UD.  Differences from the APM are known bugs."""
+    ud = architectural_ud(insn, skinit)
+    cfg = "vGIF" if insn in ("stgi", "clgi") else "vls"
+    out = {}
+    for profile, reintercepts in (("legacy", False), ("fixed", False), ("7.x", True)):
+        kvm_ud = reintercepts or not config_on
+        if kvm_ud == ud:
+            out[profile] = exception(UD, f"insn_{insn}") if ud else NO_FAULT
+        elif kvm_ud:  # SKINIT enumerated but not supported by KVM: see above
+            out[profile] = exception(UD, f"insn_{insn}")
+        else:
+            out[profile] = Expect("no_fault", known_bug=HANDED_TO_CPU.format(
+                insn=insn.upper(), cfg=cfg))
+    return out
 
 
 # Before "KVM: SVM: Inject #UD for INVLPGA if EFER.SVME=0" (CVE-2026-46082;
@@ -69,9 +124,39 @@ UNBACKED_VMCB12 = {
 }
 
 
+def _config_variants(prefix: str, insn: str, needs: str, flags: int, why: str,
+                     ) -> Iterator[Case]:
+    """insn at EFER.SVME=0 in every configuration that changes its path:
+    L0 intercepting it or not (vGIF/vls), SKINIT in the guest CPUID or not
+    (STGI, CLGI).  The expectation follows the APM for that guest CPUID."""
+    cfg = UNINTERCEPTED.get(insn)
+    # SKINIT variants with SVM in the guest CPUID only: they need an AMD host
+    # (on an Intel one STGI is no instruction at all, whatever the CPUID).
+    skinits = (False, True) if insn in ("stgi", "clgi") and needs == NEED_SVM else (False,)
+    for skinit in skinits:
+        for on in ((False, True) if cfg else (False,)):
+            name = f"insn/{prefix}-{insn}" + ("-skinit" if skinit else "") + (
+                f"-{cfg}" if on else "")
+            ud = architectural_ud(insn, skinit)
+            expect = exception(UD, f"insn_{insn}") if ud else NO_FAULT
+            config = frozenset({cfg if on else CONFIG_OFF[cfg]}) if cfg else frozenset()
+            profiles = svme0_profiles(insn, skinit, on) if cfg else _gated_profiles(insn)
+            if all(e == expect for e in profiles.values()):
+                profiles = {}  # every kernel keeps the contract here
+            cpuid = {"skinit": True} if skinit else None
+            yield _insn(name, insn, expect,
+                        f"{APM_INSN}: {why}" + (", SKINIT enumerated (STGI stays legal)"
+                                                if skinit else "") + f"; {KVM_PERM}",
+                        needs, flags=flags, profiles=profiles, config=config, cpuid=cpuid)
+
+
 def no_svm_cases() -> Iterator[Case]:
     """Guest CPUID without SVM: these run on any KVM host."""
     for insn in (*GATED, "skinit"):
+        if insn in UNINTERCEPTED:
+            yield from _config_variants("nosvm", insn, NEED_NO_SVM, 0,
+                                        "#UD when SVM is not available")
+            continue
         yield _insn(f"insn/nosvm-{insn}", insn, exception(UD, f"insn_{insn}"),
                     f"{APM_INSN}: #UD when SVM is not available; KVM svm.c / vmx.c",
                     NEED_NO_SVM, profiles=_gated_profiles(insn))
@@ -86,6 +171,10 @@ def no_svm_cases() -> Iterator[Case]:
 
 def svm_cases(maxphyaddr: int) -> Iterator[Case]:
     for insn in GATED:
+        if insn in UNINTERCEPTED:
+            yield from _config_variants("svme0", insn, NEED_SVM, params.PF_SET_HSAVE,
+                                        "#UD when EFER.SVME=0")
+            continue
         yield _insn(f"insn/svme0-{insn}", insn, exception(UD, f"insn_{insn}"),
                     f"{APM_INSN}: #UD when EFER.SVME=0; KVM nested_svm_check_permissions",
                     NEED_SVM, flags=params.PF_SET_HSAVE, profiles=_gated_profiles(insn))

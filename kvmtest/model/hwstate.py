@@ -32,11 +32,28 @@ CR4_PKE = 1 << 22
 ON = ("Y", "y", "1")
 
 
+# kvm_amd parameters the model emulates.  Others (avic, lbrv ...) change
+# nothing the catalogue observes or are not modelled: refused, not ignored.
+EMULATED = ("nested", "npt", "vgif", "vls")
+OFF = ("N", "n", "0")
+
+
+class ConfigError(ValueError):
+    """A kvm_amd parameter the model does not emulate, or a bad value."""
+
+
 @dataclass(frozen=True)
 class KvmAmd:
-    """The kvm_amd parameters (and host facts) the model honours."""
+    """The kvm_amd parameters (and host facts) the model honours.
+
+    npt:  nested paging for L1 (npt=0: shadow paging, NP_ENABLE unavailable)
+    vgif: virtual GIF; KVM stops intercepting STGI/CLGI (svm.c init_vmcb)
+    vls:  virtual VMLOAD/VMSAVE; KVM stops intercepting VMLOAD/VMSAVE
+    """
 
     npt: bool = True
+    vgif: bool = False
+    vls: bool = False
     # The host kernel's CR4.MCE (cr4_read_shadow() & X86_CR4_MCE): set on
     # every host measured (QEMU's EPYC models have MCE, Linux enables it).
     host_cr4_mce: bool = True
@@ -45,7 +62,22 @@ class KvmAmd:
 
     @classmethod
     def from_params(cls, params: Mapping[str, str]) -> KvmAmd:
-        return cls(npt=params.get("npt", "Y") in ON)
+        """The effective configuration for these parameters (missing ones at
+        kvm_amd's defaults on TCG's EPYC: npt on, no vGIF, no vls); a
+        parameter the model cannot emulate is a ConfigError."""
+        values: dict[str, bool] = {}
+        for name, value in params.items():
+            if name not in EMULATED:
+                raise ConfigError(f"the model does not emulate kvm_amd parameter {name!r} "
+                                  f"(it emulates {', '.join(EMULATED)})")
+            if value not in ON + OFF:
+                raise ConfigError(f"kvm_amd parameter {name}={value!r}: want 0/1 or N/Y")
+            values[name] = value in ON
+        if values.get("nested") is False:
+            raise ConfigError("nested=0: kvm_amd then has no nested SVM to test")
+        npt = values.get("npt", True)
+        # svm_hardware_setup(): vls needs NPT (and the CPU feature).
+        return cls(npt=npt, vgif=values.get("vgif", False), vls=values.get("vls", False) and npt)
 
 
 def cr0(arch: int, kvm: KvmAmd) -> int:
@@ -109,3 +141,6 @@ def vmrun_refuses(hw: Mapping[str, int]) -> str | None:
         if not cr0_ & layout.CR0_PE:
             return "EFER.LME and CR0.PG with CR0.PE clear"
     return None
+
+
+DEFAULT_KVM_AMD = KvmAmd()

@@ -66,6 +66,7 @@ from ..observation import NestedView
 from ..payloads import Payload
 from ..vmcb import Vmcb
 from . import paging, smm
+from .cpuid import GuestCpu
 from .hwstate import KvmAmd
 from .profiles import Profile
 from .svm import NestedSvm, Raise, VmExit
@@ -176,7 +177,7 @@ class ModelMachine:
         self._initial = self.uc.context_save()
         self._reset_old_exception = OldExceptionReset(self.uc)
         self._watchdog = Watchdog(self.uc.emu_stop) if timer == TIMER_WATCHDOG else None
-        self.svm = NestedSvm(self, profile, svm_in_cpuid=True)
+        self.svm = NestedSvm(self, profile, GuestCpu.build(svm=True), self.kvm_amd)
 
     # ---- setup -----------------------------------------------------------
 
@@ -237,7 +238,8 @@ class ModelMachine:
 
     # ---- per-case reset --------------------------------------------------
 
-    def reset(self, profile: Profile, svm_in_cpuid: bool) -> None:
+    def reset(self, profile: Profile, svm_in_cpuid: bool,
+              cpuid: dict[str, bool] | None = None) -> None:
         """Back to the state right after construction: the same case then
         gives byte-identical observations (nothing survives but the TB cache)."""
         self.uc.context_restore(self._initial)
@@ -248,7 +250,7 @@ class ModelMachine:
         self._parked = None
         self._resume_blocked = None
         self.smm = smm.SmmState()
-        self.svm = NestedSvm(self, profile, svm_in_cpuid=svm_in_cpuid)
+        self.svm = NestedSvm(self, profile, GuestCpu.build(svm_in_cpuid, cpuid), self.kvm_amd)
 
     def close(self) -> None:
         if self._watchdog is not None:

@@ -105,6 +105,18 @@ class Profile:
     # vCPU down (be5fa8737d42 "KVM: SVM: check validity of VMCB controls when
     # returning from SMM"; measured: in Debian 6.12.95, not in 6.1.170/6.1.192).
     rsm_checks_vmcb12: bool
+    # kvm_amd npt=0 (no NPT in L1's CPUID): NP_ENABLE in VMCB12 fails the
+    # consistency checks up to 6.12 (__nested_vmcb_check_controls:
+    # NP_ENABLE && !npt_enabled); Linux 7.x clears it when copying VMCB12's
+    # controls to its cache instead, and L2 runs without nested paging.
+    np_without_npt_rejected: bool = True
+    # Under vGIF (vls) KVM stops intercepting STGI/CLGI (VMLOAD/VMSAVE) in
+    # init_vmcb(), so the CPU -- which always sees EFER.SVME=1, svm_set_efer()
+    # -- runs them without the #UD EFER.SVME=0 calls for.  Linux 7.x
+    # intercepts them again while L1's EFER.SVME is clear
+    # (svm_recalc_instruction_intercepts, "KVM: SVM: Recalc instructions
+    # intercepts when EFER.SVME is toggled").
+    svme0_reintercepts: bool = False
     # svm_set_efer() taking EFER.SVME from 1 to 0 outside guest mode sets GIF
     # (6.1.192 and 6.12.117 svm.c: "svm_leave_nested(vcpu); svm_set_gif(svm,
     # true);"); 7.3.4 only sets it through svm_leave_nested() of a vCPU in
@@ -180,6 +192,8 @@ V7 = replace(
     check_event_inj=True,
     tlb_ctl=TLB_CTL_MASK,
     unbacked_ncr3=NCR3_NPF,
+    np_without_npt_rejected=False,
+    svme0_reintercepts=True,
     svme_clear_sets_gif=False,
     unbacked_vmcb12="internal_error",
 )

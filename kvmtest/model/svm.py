@@ -35,8 +35,9 @@ from ..observation import (
     NestedView,
 )
 from ..vmcb import (
+    EVTINJ_TYPE_EXEPT,
+    EVTINJ_TYPE_NMI,
     EVTINJ_VALID,
-    EVTINJ_VALID_ERR,
     INTERCEPT_HLT,
     INTERCEPT_IOIO_PROT,
     INTERCEPT_MSR_PROT,
@@ -53,6 +54,8 @@ from ..vmcb import (
     Vmcb,
 )
 from . import checks, cpuid, hwstate, paging
+from .cpuid import GuestCpu
+from .hwstate import KvmAmd
 from .profiles import NCR3_NPF, Profile
 
 if TYPE_CHECKING:
@@ -79,6 +82,10 @@ M64 = (1 << 64) - 1
 
 UD = 6
 GP = 13
+EVTINJ_TYPE_MASK = 7 << 8
+# Vectors QEMU's exception delivery pushes an error code for
+# (target/i386/tcg seg_helper.c exception_has_error_code).
+CPU_ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17})
 
 # Intercepts of L1 for L2 (VMCB control words 3 and 4) and their exit codes.
 INSN_INTERCEPTS = {  # insn: (control field, bit, exit code)
@@ -134,13 +141,22 @@ def msrpm_bit(msr: int) -> int | None:
     return None
 
 
+# L1 instructions KVM may leave to the CPU (vGIF: STGI/CLGI, vls:
+# VMLOAD/VMSAVE); the rest are always intercepted in vmcb01 (init_vmcb).
+VGIF_INSNS = ("stgi", "clgi")
+VLS_INSNS = ("vmload", "vmsave")
+
+
 class NestedSvm:
     """Per-vCPU nested state: KVM's struct svm_nested_state and friends."""
 
-    def __init__(self, m: ModelMachine, profile: Profile, svm_in_cpuid: bool) -> None:
+    def __init__(self, m: ModelMachine, profile: Profile, cpu: GuestCpu | bool,
+                 host: KvmAmd | None = None) -> None:
         self.m = m
         self.profile = profile
-        self.svm_in_cpuid = svm_in_cpuid
+        self.cpu = cpu if isinstance(cpu, GuestCpu) else GuestCpu.build(svm=cpu)
+        self.host = host or KvmAmd()
+        self.ctx = checks.Context(self.cpu, self.host)
         self.gif = True
         self.svme = False  # EFER.SVME of the current level (vcpu->arch.efer)
         self.hsave_msr = 0
@@ -162,6 +178,42 @@ class NestedSvm:
         self._smm_l1_segments: dict[str, int] = {}
         self._rsm_vmcb12: Vmcb | None = None
         self.nested_run_pending = False
+        # vmcb01's intercepts of the instructions vGIF/vls can hand to the CPU.
+        self.l0_intercepts: set[str] = {*VGIF_INSNS, *VLS_INSNS}
+        self._init_intercepts()
+
+    @property
+    def svm_in_cpuid(self) -> bool:
+        return self.cpu.svm
+
+    def _init_intercepts(self) -> None:
+        """init_vmcb() and svm_vcpu_after_set_cpuid(): vGIF/vls clear the
+        intercepts; 7.x then re-sets them while EFER.SVME is clear."""
+        if self.host.vgif:
+            self.l0_intercepts -= set(VGIF_INSNS)
+        if self.host.vls:  # the EPYC guest is AMD, never "Intel compatible"
+            self.l0_intercepts -= set(VLS_INSNS)
+        self._recalc_intercepts()
+
+    def _recalc_intercepts(self) -> None:
+        """svm_recalc_instruction_intercepts() (Linux 7.x): on CPUID set and
+        on every EFER.SVME toggle."""
+        if not self.profile.svme0_reintercepts:
+            return
+        if not self.svme:
+            self.l0_intercepts |= {*VGIF_INSNS, *VLS_INSNS}
+            return
+        if self.host.vls:
+            self.l0_intercepts -= set(VLS_INSNS)
+        if self.host.vgif:
+            self.l0_intercepts -= set(VGIF_INSNS)
+
+    def _set_gif(self, value: bool) -> None:
+        """svm_set_gif(): with vGIF, setting GIF also drops the STGI intercept
+        (it is only there to catch the GIF=1 window), whatever EFER.SVME."""
+        if value and self.host.vgif:
+            self.l0_intercepts.discard("stgi")
+        self.gif = value
 
     # ---- KVM_GET/SET_NESTED_STATE ---------------------------------------
 
@@ -184,11 +236,11 @@ class NestedSvm:
             return errno.EINVAL
         if not flags & KVM_STATE_NESTED_GUEST_MODE:
             self._leave_nested()
-            self.gif = bool(flags & KVM_STATE_NESTED_GIF_SET)
+            self._set_gif(bool(flags & KVM_STATE_NESTED_GIF_SET))
             return 0
         if vmcb12_gpa & 0xFFF or not cpuid.legal_gpa(vmcb12_gpa):  # page_address_valid
             return errno.EINVAL
-        if checks.failed_control_checks(checks.Control12.from_vmcb(blob), self.profile):
+        if checks.failed_control_checks(checks.Control12.from_vmcb(blob), self.profile, self.ctx):
             return errno.EINVAL
         cr0 = self.m.cr0
         if not cr0 & layout.CR0_CD and cr0 & layout.CR0_NW:
@@ -196,7 +248,7 @@ class NestedSvm:
         save = checks.Save12.from_vmcb(blob)
         if (not save.cr0 & layout.CR0_PG or not save.cr0 & layout.CR0_PE
                 or blob["rflags"] & RFLAGS_VM
-                or checks.failed_save_checks(save, self.profile, self.svm_in_cpuid)):
+                or checks.failed_save_checks(save, self.profile, self.ctx)):
             return errno.EINVAL
         # Accepted: L1's state comes from the blob, L2 keeps the vCPU's.
         m = self.m
@@ -214,7 +266,7 @@ class NestedSvm:
         self._ctl = Vmcb(blob.to_bytes())
         self._event_inj = blob["event_inj"]
         self._l2_static = self._static_from_current()
-        self.gif = bool(flags & KVM_STATE_NESTED_GIF_SET)
+        self._set_gif(bool(flags & KVM_STATE_NESTED_GIF_SET))
         self.guest_mode = True
         self.vmcb12_gpa = vmcb12_gpa
         return 0
@@ -266,7 +318,25 @@ class NestedSvm:
                 # KVM never lets L2's VMMCALL reach its hypercall handler
                 # (recalc_intercepts clears it); unintercepted it is a #UD.
                 return Raise(UD)
+        elif insn in (*VGIF_INSNS, *VLS_INSNS) and insn not in self.l0_intercepts:
+            return self._on_cpu(insn)
         return getattr(self, f"_{insn}")()
+
+    def _on_cpu(self, insn: str) -> Raise | None:
+        """An L1 instruction KVM does not intercept: the CPU runs it with the
+        hardware VMCB's EFER, whose SVME bit KVM always sets (svm_set_efer),
+        so EFER.SVME=0 in L1 gives no #UD.  STGI/CLGI set V_GIF in vmcb01,
+        which is KVM's GIF under vGIF; VMLOAD/VMSAVE check their operand."""
+        if not self.m.cr0 & layout.CR0_PE:
+            return Raise(UD)
+        if self.m.cpl:
+            return Raise(GP, 0)
+        if insn in VGIF_INSNS:
+            self._set_gif(insn == "stgi")
+        elif fault := self._vmcb_operand_fault(self._rax_operand()):
+            return fault
+        self.m.skip(3)
+        return None
 
     def _vmmcall(self) -> None:
         """L1's VMMCALL is always intercepted by KVM: kvm_emulate_hypercall()."""
@@ -284,14 +354,14 @@ class NestedSvm:
     def _stgi(self) -> Raise | None:
         if fault := self.check_permissions():
             return fault
-        self.gif = True
+        self._set_gif(True)
         self.m.skip(3)
         return None
 
     def _clgi(self) -> Raise | None:
         if fault := self.check_permissions():
             return fault
-        self.gif = False
+        self._set_gif(False)
         self.m.skip(3)
         return None
 
@@ -353,8 +423,8 @@ class NestedSvm:
         vmcb12 = Vmcb(raw)
         ctl = checks.Control12.from_vmcb(vmcb12)
         save = checks.Save12.from_vmcb(vmcb12)
-        failed = (checks.failed_save_checks(save, self.profile, self.svm_in_cpuid)
-                  + checks.failed_control_checks(ctl, self.profile))
+        failed = (checks.failed_save_checks(save, self.profile, self.ctx)
+                  + checks.failed_control_checks(ctl, self.profile, self.ctx))
         if failed:
             self.last_failure = ("consistency", failed)
             vmcb12["exit_code"] = SVM_EXIT_ERR
@@ -363,7 +433,7 @@ class NestedSvm:
             if self.profile.clear_event_inj_on_vmexit:
                 vmcb12["event_inj"] = 0
             if self.profile.clear_gif_on_check_failure:
-                self.gif = False
+                self._set_gif(False)
             m.write_phys(gpa, vmcb12.to_bytes())
             return None
         # enter_svm_guest_mode(): L1's state goes to vmcb01 first.
@@ -383,7 +453,7 @@ class NestedSvm:
             return None
         self.guest_mode = True
         self.svme = bool(save.efer & layout.EFER_SVME)
-        self.gif = True  # svm_set_gif(svm, true) at the end of enter_svm_guest_mode
+        self._set_gif(True)  # at the end of enter_svm_guest_mode
         hw = self._hardware_vmrun_failure(vmcb12, save)
         if hw is not None:
             self.last_failure = ("hardware", [hw])
@@ -403,7 +473,9 @@ class NestedSvm:
             return "cr3 beyond MAXPHYADDR"
         pae_paging = (save.cr0 & layout.CR0_PG and save.cr4 & layout.CR4_PAE
                       and not save.efer & layout.EFER_LMA)
-        if pae_paging and not ctl.np_enabled and not paging.load_pdptrs(
+        # 7.x with npt=0 dropped NP_ENABLE from its cache: L2 runs without NP.
+        np = ctl.np_enabled and self.host.npt
+        if pae_paging and not np and not paging.load_pdptrs(
                 self.m.read_phys, save.cr3):
             return "PDPTRs not loadable"
         if v["intercept_misc1"] & INTERCEPT_MSR_PROT:
@@ -416,7 +488,7 @@ class NestedSvm:
         # The shadow NPT root must be a visible GFN (mmu_check_root()); KVM
         # otherwise requests a triple fault, which in guest mode is
         # nested_svm_triple_fault(): #VMEXIT(SHUTDOWN).
-        if ctl.np_enabled and not cpuid.backed(ctl.nested_cr3 & ~0xFFF, 0x1000):
+        if np and not cpuid.backed(ctl.nested_cr3 & ~0xFFF, 0x1000):
             return "nested CR3 not mappable"
         return None
 
@@ -461,16 +533,25 @@ class NestedSvm:
         if (save.long_mode_paging and save.cr4 & layout.CR4_PAE
                 and save.cs_attrib & checks.ATTR_L and save.cs_attrib & checks.ATTR_DB):
             return "CS.L && CS.D with long mode"
-        if checks.event_inj_invalid(self._event_inj & 0xFFFF_FFFF):
+        if checks.cpu_refuses_event(self._event_inj & 0xFFFF_FFFF):
             return "invalid EVENTINJ"
         return None
 
     def _inject_event(self) -> None:
-        """EVENTINJ delivered into L2 on VMRUN; the CPU then clears it."""
+        """EVENTINJ delivered into L2 on VMRUN as the CPU the kernels are
+        measured on does it (QEMU TCG helper_vmrun): NMI takes vector 2
+        whatever VECTOR says; an exception pushes ERRORCODE when its vector
+        has one (8, 10-14, 17), whatever EV says; INTR and software
+        interrupts push none.  The CPU then clears EVENTINJ."""
         ev = self._event_inj
-        vector = ev & 0xFF
-        err = (ev >> 32) & 0xFFFF_FFFF if ev & EVTINJ_VALID_ERR else None
-        self._event_inj = 0
+        kind = ev & EVTINJ_TYPE_MASK
+        vector = 2 if kind == EVTINJ_TYPE_NMI else ev & 0xFF
+        err = None
+        if kind == EVTINJ_TYPE_EXEPT and vector in CPU_ERROR_CODE_VECTORS:
+            err = (ev >> 32) & 0xFFFF_FFFF
+        # The CPU clears EVENTINJ (the u32 at 0xA8) and leaves EVENTINJ_ERR;
+        # kernels that copy vmcb02's pair back hand L1 the error code.
+        self._event_inj = ev & ~0xFFFF_FFFF
         if self.m._deliver(vector, err) is not None:
             self.m.raise_exception(8, 0)
 
@@ -566,7 +647,7 @@ class NestedSvm:
         (svm_set_gif(svm, true)); 7.x only through svm_leave_nested() of a
         vCPU that was in guest mode."""
         if in_guest_mode or self.profile.svme_clear_sets_gif:
-            self.gif = True
+            self._set_gif(True)
 
     # ---- L2 events ---------------------------------------------------------------
 
@@ -699,8 +780,8 @@ class NestedSvm:
         ctl = checks.Control12.from_vmcb(vmcb12)
         save = checks.Save12.from_vmcb(vmcb12)
         if self.profile.rsm_checks_vmcb12:
-            failed = (checks.failed_save_checks(save, self.profile, self.svm_in_cpuid)
-                      + checks.failed_control_checks(ctl, self.profile))
+            failed = (checks.failed_save_checks(save, self.profile, self.ctx)
+                      + checks.failed_control_checks(ctl, self.profile, self.ctx))
             if failed:
                 self.last_failure = ("rsm", failed)
                 return True
@@ -717,7 +798,7 @@ class NestedSvm:
         self.vmcb12_gpa = gpa
         self.guest_mode = True
         self.svme = bool(save.efer & layout.EFER_SVME)
-        self.gif = True
+        self._set_gif(True)
         self.nested_run_pending = True
         return False
 
@@ -836,7 +917,7 @@ class NestedSvm:
     def _set_efer(self, efer: int) -> Raise | None:
         """kvm_set_efer() + svm_set_efer()."""
         m = self.m
-        if efer & cpuid.efer_reserved(self.svm_in_cpuid):
+        if efer & self.cpu.efer_reserved:
             return Raise(GP, 0)
         old = m.hw_efer | (layout.EFER_SVME if self.svme else 0)
         if m.cr0 & layout.CR0_PG and (old ^ efer) & layout.EFER_LME:
@@ -850,7 +931,10 @@ class NestedSvm:
             was_guest = self.guest_mode
             self._leave_nested()
             self.svme_cleared(in_guest_mode=was_guest)
+        toggled = self.svme != new_svme
         self.svme = new_svme
+        if toggled:
+            self._recalc_intercepts()
         return None
 
     def _set_vm_cr(self, data: int) -> Raise | None:

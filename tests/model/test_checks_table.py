@@ -108,3 +108,76 @@ def test_every_model_check_has_a_row() -> None:
     assert names == covered
     for c in checks.SAVE_CHECKS + checks.CONTROL_CHECKS:
         assert c.apm and c.kvm, f"{c.name} must cite the APM and KVM"
+
+
+# ---- checks whose answer depends on the configuration or the guest CPUID ----
+
+EV = 1 << 31
+EXEPT = 3 << 8
+
+
+def _ctx(npt: bool = True, **cpuid: bool) -> checks.Context:
+    from kvmtest.model.cpuid import GuestCpu
+    from kvmtest.model.hwstate import KvmAmd
+
+    return checks.Context(GuestCpu.build(svm=True, overrides=cpuid), KvmAmd(npt=npt))
+
+
+CONTEXT_ROWS = [
+    # (name, changes, context, rejected per (legacy, fixed, upstream), source)
+    ("np with npt=0", {"nested_ctl": 1, "nested_cr3": 0x4000}, _ctx(npt=False),
+     (True, True, False),
+     "6.1/6.12 __nested_vmcb_check_controls: NP_ENABLE && !npt_enabled; 7.x clears NP "
+     "in __nested_copy_vmcb_control_to_cache"),
+    ("np with npt=0, illegal ncr3", {"nested_ctl": 1, "nested_cr3": 1 << 40}, _ctx(npt=False),
+     (True, True, False), "7.x: NP dropped before the nCR3 check"),
+    ("np with npt=1, legal ncr3", {"nested_ctl": 1, "nested_cr3": 0x4000}, _ctx(),
+     NONE, "the default configuration"),
+    ("cr4 fsgsbase, cpuid without", {"cr4": L1_CR4 | 1 << 16}, _ctx(fsgsbase=False), ALL,
+     "__kvm_is_valid_cr4: FSGSBASE reserved without the CPUID bit"),
+    ("cr4 pcide, cpuid with pcid", {"cr4": L1_CR4 | 1 << 17}, _ctx(pcid=True), NONE,
+     "__kvm_is_valid_cr4: PCIDE legal with PCID"),
+    ("cr4 osxsave, cpuid without", {"cr4": L1_CR4 | 1 << 18}, _ctx(xsave=False), ALL,
+     "__kvm_is_valid_cr4"),
+    ("efer nxe, cpuid without nx", {"efer": L1_EFER | 1 << 11}, _ctx(nx=False), ALL,
+     "__kvm_valid_efer: NX needs the CPUID bit"),
+    ("efer ffxsr, cpuid with ffxsr", {"efer": L1_EFER | 1 << 14}, _ctx(ffxsr=True), ALL,
+     "efer_reserved_bits: svm_hardware_setup opens FFXSR only with the host's FXSR_OPT "
+     "(TCG's EPYC has none)"),
+]
+for _vec in (9, 15, 20, 21, 22, 27, 29, 31, 32, 0xFF):
+    CONTEXT_ROWS.append((f"eventinj exception vector {_vec}", {"event_inj": EV | EXEPT | _vec},
+                         _ctx(), UPSTREAM_ONLY,
+                         "7.x nested_svm_event_inj_valid_exept: not a defined exception"))
+for _vec in (0, 1, 3, 8, 13, 14, 17, 28, 30):
+    CONTEXT_ROWS.append((f"eventinj exception vector {_vec}", {"event_inj": EV | EXEPT | _vec},
+                         _ctx(), NONE, "a defined exception"))
+for _type in (1, 5, 6, 7):
+    CONTEXT_ROWS.append((f"eventinj type {_type}", {"event_inj": EV | _type << 8 | 0x30},
+                         _ctx(), UPSTREAM_ONLY, "APM 15.20 reserved TYPE"))
+
+
+@pytest.mark.parametrize("name,changes,ctx,rejected,source", CONTEXT_ROWS,
+                         ids=[r[0] for r in CONTEXT_ROWS])
+@pytest.mark.parametrize("index,profile", list(enumerate(PROFILE_ORDER)))
+def test_check_table_in_context(name, changes, ctx, rejected, source, index, profile):
+    v = vmcb12.default_vmcb12(load_payload("vmrun"))
+    for field, value in changes.items():
+        v[field] = value
+    failed = checks.failed_checks(v, profiles.PROFILES[profile], ctx)
+    assert bool(failed) == rejected[index], f"{name} ({source}): model says {failed}"
+
+
+# The CPU's own VMRUN check of EVENTINJ where the older kernels leave it to
+# the CPU: QEMU TCG's helper_vmrun (the CPU the kernels are measured on).
+CPU_EVENT_ROWS = [
+    (EV | 1 << 8 | 0x30, True), (EV | 7 << 8, True), (EV | EXEPT | 2, True),
+    (EV | EXEPT | 31, True), (EV | EXEPT | 32, True), (EV | EXEPT | 15, False),
+    (EV | EXEPT | 30, False), (EV | 2 << 8 | 0x30, False), (EV | 4 << 8 | 0x80, False),
+    (EXEPT | 2, False),
+]
+
+
+@pytest.mark.parametrize("event,refused", CPU_EVENT_ROWS, ids=[hex(e) for e, _ in CPU_EVENT_ROWS])
+def test_cpu_event_check(event, refused):
+    assert checks.cpu_refuses_event(event) == refused

@@ -1,7 +1,7 @@
 """The CI proof on real kernels: five Debian kernels booted under QEMU TCG,
-each in the default configuration (the whole catalogue) and with kvm_amd
-npt=0 (the SMM family, whose state leaks depend on it).  One boot per kernel
-and configuration.  For each:
+each in the default configuration (the whole catalogue; npt=0 and vGIF in
+tests/qemu/test_configs.py).  One boot per kernel and configuration.  For
+each:
 
 - the exit code and fingerprint are the measured profile's
   (kvmtest.model.profiles: each profile names the kernels behind it);
@@ -15,8 +15,8 @@ and configuration.  For each:
   tests/data/parity_differences.toml, and each of those must still occur;
 - the SMM cases really took the SMI in L2 and ran the handler once.
 
-About 10 s per boot under TCG on 2 cores (the npt=0 boots run the SMM
-family only).
+About 10 s per boot under TCG on 2 cores.  The npt=0 and vGIF boots are
+tests/qemu/test_configs.py's, with the same checks (check_tier_run).
 """
 
 from __future__ import annotations
@@ -57,10 +57,13 @@ KERNELS = (
     Kernel("6.12.117", "debian:linux-image-6.12.117+deb13-amd64-unsigned@trixie", "6.12-stable"),
     Kernel("7.3.4", "debian:linux-image-7.3.4+deb13-amd64@trixie-backports", "7.x"),
 )
-# name -> (kvmtest run arguments, the kvm_amd parameters the model takes)
+# name -> (kvmtest run arguments, the kvm_amd parameters the model takes).
+# This file boots the default configuration; tests/qemu/test_configs.py
+# boots the others (the whole catalogue each) through check_tier_run().
 CONFIGS = {
     "default": ((), {}),
-    "npt0": (("--kvm-amd-param", "npt=0", "-k", "smm"), {"npt": "0"}),
+    "npt0": (("--kvm-amd-param", "npt=0"), {"npt": "0"}),
+    "vgif": (("--cpu", "EPYC,+vgif"), {"vgif": "1"}),
 }
 
 
@@ -136,9 +139,14 @@ def unexplained_differences(report: dict, model: dict[str, Observation], kernel:
 
 
 @pytest.mark.qemu
-@pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.name)
-def test_kernel_matches_its_profile(kernel: Kernel, config: str, tmp_path, run_qemu_cli):
+def test_kernel_matches_its_profile(kernel: Kernel, tmp_path, run_qemu_cli):
+    check_tier_run(kernel, "default", tmp_path, run_qemu_cli)
+
+
+def check_tier_run(kernel: Kernel, config: str, tmp_path, run_qemu_cli) -> dict:
+    """Boot kernel in config, run the catalogue and check it (see the module
+    docstring); returns the report."""
     args, kvm_amd = CONFIGS[config]
     rc, report = run_qemu_cli(tmp_path, "--kernel", kernel.spec, *args)
     ran = [c for c in report["cases"] if c["verdict"] != j.SKIP]
@@ -156,18 +164,28 @@ def test_kernel_matches_its_profile(kernel: Kernel, config: str, tmp_path, run_q
     bugs = {c["id"] for c in ran
             if by_id[c["id"]].profiles
             and j.expectation(by_id[c["id"]], kernel.profile).known_bug}
-    assert failed == bugs, [(c["id"], c["reason"]) for c in ran if c["id"] in failed ^ bugs]
+    # A race in the kernel no case can steer: a known-bug alternative that
+    # fails the case only when it shows (cases/eventinj.py, reserved TYPEs).
+    racy = {c["id"] for c in ran if by_id[c["id"]].profiles and any(
+        a.known_bug for a in j.expectation(by_id[c["id"]], kernel.profile).alternatives)}
+    assert bugs <= failed <= bugs | racy, [
+        (c["id"], c["reason"]) for c in ran if c["id"] in failed ^ bugs and c["id"] not in racy]
     patterns = finding_patterns()
     assert [i for i in sorted(failed) if not documented_in_findings(i, patterns)] == []
     assert rc == (1 if failed or report["kernel_warnings_outside_cases"] else 0)
 
     assert smm_mechanics_problems(report) == []
 
-    # The model's profile, observation by observation.
-    model = model_observations(kernel.profile, kvm_amd, [c["id"] for c in ran])
-    left, stale = unexplained_differences(report, model, kernel.name, config)
+    # The model's profile, observation by observation (but where the kernel
+    # lost a race the model does not run).
+    lost = failed & racy
+    compared = {**report, "cases": [c for c in report["cases"] if c["id"] not in lost]}
+    model = model_observations(kernel.profile, kvm_amd,
+                               [c["id"] for c in ran if c["id"] not in lost])
+    left, stale = unexplained_differences(compared, model, kernel.name, config)
     assert left == [], "\n".join(left)
     assert stale == [], f"documented differences that no longer occur: {stale}"
+    return report
 
 
 # The data the tier relies on, checked without booting anything.
@@ -193,5 +211,6 @@ def test_every_profile_is_a_booted_kernel():
 def test_every_known_bug_is_in_the_findings():
     """Each case some profile marks as a known bug is documented."""
     patterns = finding_patterns()
-    bugs = {c.id for c in catalogue() for p in c.profiles.values() if p.known_bug}
+    bugs = {c.id for c in catalogue() for p in c.profiles.values()
+            for e in (p, *p.alternatives) if e.known_bug}
     assert bugs and [i for i in sorted(bugs) if not documented_in_findings(i, patterns)] == []
