@@ -59,17 +59,47 @@ def _exitinfo_undefined(s: Scenario, a: Observation, b: Observation) -> bool:
     return a.exit_code == b.exit_code and a.exit_code in EXITINFO_UNDEFINED
 
 
+IDENTITY_MAP = 1 << 30  # L1's tables map [0, 1 GiB) one to one (kvmtest.layout)
+
+
 def _np_not_identity(s: Scenario, a: Observation, b: Observation) -> bool:
-    """NP enabled with an nCR3 other than L1's own identity tables (which
-    map every GPA to itself, as the model assumes)."""
+    """NP enabled with an nCR3 other than L1's own identity tables, or with
+    L2 reaching GPAs those tables do not map (its CR3, RIP or RSP at 1 GiB
+    or above): the model assumes every GPA maps to itself."""
     if s.kind == KIND_NSTATE:
         return False
     v = s.vmcb12_image()
     if s.kind == KIND_SMM:
         for k, val in s.smm:
             v[k] = val
-    return bool(v["nested_ctl"] & NESTED_CTL_NP_ENABLE) and (
-        v["nested_cr3"] & ~0xFFF & ((1 << 52) - 1)) != layout.PML4_GPA
+    if not v["nested_ctl"] & NESTED_CTL_NP_ENABLE:
+        return False
+    foreign = (v["nested_cr3"] & ~0xFFF & ((1 << 52) - 1)) != layout.PML4_GPA
+    return foreign or any(v[f] >= IDENTITY_MAP for f in ("cr3", "rip", "rsp"))
+
+
+def _int_ctl_cpu_owned(s: Scenario, a: Observation, b: Observation) -> bool:
+    """INT_CTL differing only in V_TPR (3:0), V_IRQ (8), V_GIF (9): the CPU
+    writes those (APM vol. 2 15.21) and KVM copies them back from VMCB02
+    (nested_sync_control_from_vmcb02); the model keeps L1's."""
+    x, y = a.int_ctl, b.int_ctl
+    return x is not None and y is not None and (x ^ y) & ~(0xF | 1 << 8 | 1 << 9) == 0
+
+
+def _rflags_vm_long(s: Scenario, a: Observation, b: Observation) -> bool:
+    """RFLAGS.VM=1 for a long-mode L2: QEMU TCG runs L2 in virtual-8086 mode
+    (it shuts down), the model ignores VM there."""
+    v = _vmcb_at_run(s)
+    return bool(v["rflags"] & (1 << 17)) and bool(v["efer"] & layout.EFER_LME)
+
+
+def _efer_lma_inconsistent(s: Scenario, a: Observation, b: Observation) -> bool:
+    """EFER.LMA other than LME && CR0.PG: KVM does not check it (6.1 nested.c
+    __nested_vmcb_check_save: "EFER.LMA is not checked by SVM against CR0.PG
+    && EFER.LME") and the CPU runs L2 with it; the model derives LMA."""
+    v = _vmcb_at_run(s)
+    lma = bool(v["efer"] & layout.EFER_LMA)
+    return lma != bool(v["efer"] & layout.EFER_LME and v["cr0"] & layout.CR0_PG)
 
 
 def _ioio_address_size(s: Scenario, a: Observation, b: Observation) -> bool:
@@ -143,10 +173,13 @@ def _eventinj_written_back(s: Scenario, a: Observation, b: Observation) -> bool:
 
 
 def _shared_selector(s: Scenario, a: Observation, b: Observation) -> bool:
-    """Two of L2's CS/SS/DS/ES with one selector but different hidden state:
-    the model loads hidden state through a GDT and cannot hold that (on
-    VMRUN it says so; after an SMI in L2 it answers wrongly)."""
+    """Two of L2's CS/SS/DS/ES with one selector but different hidden state,
+    or a null CS selector: the model loads hidden state through a GDT and
+    cannot hold that (on VMRUN it says so; after an SMI in L2 it answers
+    wrongly)."""
     v = s.vmcb12_image()
+    if not v["cs.selector"] & ~7:
+        return True
     seen: dict[int, tuple[int, int, int]] = {}
     for seg in ("cs", "ss", "ds", "es"):
         sel = v[f"{seg}.selector"] & ~7
@@ -198,12 +231,23 @@ RULES: tuple[Known, ...] = (
     Known("eventinj-write-back", ("model",), ("event_inj",), _eventinj_written_back,
           "after L2 ran KVM writes VMCB02's EVENTINJ back (nested.c "
           "nested_sync_control_from_vmcb02); the model writes VMCB12's original"),
-    Known("shutdown-event", ("model",), ("exit_int_info", "event_inj"), _shutdown_event,
+    Known("shutdown-event", ("model",), ("exit_int_info", "event_inj", "int_ctl"),
+          _shutdown_event,
           "#VMEXIT(SHUTDOWN) while an event was delivered: KVM reports it in EXITINTINFO and "
-          "EVENTINJ's upper half; the model writes 0"),
+          "EVENTINJ's upper half and leaves INT_CTL as L1 wrote it; the model writes 0 "
+          "there and a stray INT_CTL"),
     Known("model-shared-selector", ("model",), None, _shared_selector,
-          "L2 segments sharing a selector with different hidden state: the model cannot "
-          "hold them (model/machine.py load_guest_state)"),
+          "L2 segments sharing a selector with different hidden state, or a null CS: the "
+          "model cannot hold them (model/machine.py load_guest_state)"),
+    Known("int-ctl-cpu-owned", ("model",), ("int_ctl",), _int_ctl_cpu_owned,
+          "INT_CTL's V_TPR/V_IRQ/V_GIF are the CPU's to write (APM 15.21); KVM copies them "
+          "back from VMCB02 (nested_sync_control_from_vmcb02), the model keeps L1's"),
+    Known("rflags-vm-long-mode", ("model",), None, _rflags_vm_long,
+          "RFLAGS.VM in a long-mode L2: QEMU TCG enters virtual-8086 mode, the model "
+          "ignores the bit"),
+    Known("efer-lma-unchecked", ("model",), None, _efer_lma_inconsistent,
+          "EFER.LMA other than LME && CR0.PG: KVM passes it to the CPU unchecked (nested.c "
+          "__nested_vmcb_check_save); docs/findings.md, kvmtest fuzz 5"),
     Known("model-rsm-save-area", ("model",), None, _rsm_save_area,
           "SMM handler changed VMCB12's CR0/CR3/CR4/EFER: KVM loads them into L2 before the "
           "SMRAM state (svm_leave_smm, then rsm_load_state_64); the model does not"),
