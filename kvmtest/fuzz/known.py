@@ -86,6 +86,14 @@ def _int_ctl_cpu_owned(s: Scenario, a: Observation, b: Observation) -> bool:
     return x is not None and y is not None and (x ^ y) & ~(0xF | 1 << 8 | 1 << 9) == 0
 
 
+def _smap_in_l2(s: Scenario, a: Observation, b: Observation) -> bool:
+    """CR4.SMAP in L2, whose pages are all user pages (kvmtest.layout: U/S
+    set so the tables serve as nested tables too): an exception's delivery
+    writes the stack as an implicit supervisor access, which SMAP forbids
+    (the kernel: #DF, shutdown); the model's delivery does not check SMAP."""
+    return bool(_vmcb_at_run(s)["cr4"] & (1 << 21))
+
+
 def _rflags_vm_long(s: Scenario, a: Observation, b: Observation) -> bool:
     """RFLAGS.VM=1 for a long-mode L2: QEMU TCG runs L2 in virtual-8086 mode
     (it shuts down), the model ignores VM there."""
@@ -174,12 +182,15 @@ def _eventinj_written_back(s: Scenario, a: Observation, b: Observation) -> bool:
 
 def _shared_selector(s: Scenario, a: Observation, b: Observation) -> bool:
     """Two of L2's CS/SS/DS/ES with one selector but different hidden state,
-    or a null CS selector: the model loads hidden state through a GDT and
+    a null CS selector, or an LDT selector: the model loads hidden state
+    through a GDT and
     cannot hold that (on VMRUN it says so; after an SMI in L2 it answers
     wrongly)."""
     v = s.vmcb12_image()
     if not v["cs.selector"] & ~7:
         return True
+    if any(v[f"{seg}.selector"] & 4 for seg in ("cs", "ss", "ds", "es")):
+        return True  # an LDT selector: the model has no LDT
     seen: dict[int, tuple[int, int, int]] = {}
     for seg in ("cs", "ss", "ds", "es"):
         sel = v[f"{seg}.selector"] & ~7
@@ -242,6 +253,9 @@ RULES: tuple[Known, ...] = (
     Known("int-ctl-cpu-owned", ("model",), ("int_ctl",), _int_ctl_cpu_owned,
           "INT_CTL's V_TPR/V_IRQ/V_GIF are the CPU's to write (APM 15.21); KVM copies them "
           "back from VMCB02 (nested_sync_control_from_vmcb02), the model keeps L1's"),
+    Known("model-smap-delivery", ("model",), None, _smap_in_l2,
+          "CR4.SMAP in L2 (all pages user pages): exception delivery's implicit stack writes "
+          "fault on a kernel (APM vol. 2 5.6.4), the model's delivery does not check SMAP"),
     Known("rflags-vm-long-mode", ("model",), None, _rflags_vm_long,
           "RFLAGS.VM in a long-mode L2: QEMU TCG enters virtual-8086 mode, the model "
           "ignores the bit"),
