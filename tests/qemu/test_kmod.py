@@ -4,7 +4,7 @@ Builds Debian linux-source-6.1 (6.1.192-2) against linux-headers-6.1.0-56-amd64,
 with and without tests/data/revert-gif-fix-6.1.patch.  The first run is a
 full build (~70 s CPU on 2 cores); later runs reuse the cached work dir and
 take a few seconds.  The boot tests additionally need qemu-system-x86_64.
-See kvmtest/KMOD_NOTES.md.
+See docs/kmod.md; the git history fixture is bisect_fixture.py, next to this file.
 """
 
 from __future__ import annotations
@@ -17,15 +17,16 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from kvmtest.bisect_fixture import (
+from bisect_fixture import (
     BAD_INDEX,
     gif_clear_refs,
     has_gif_fix,
     make_nested_c_history,
 )
-from kvmtest.case import NEED_NO_NPT
+
+from kvmtest.case import NEED_NO_NPT, NEED_VGIF, NEED_VLS
 from kvmtest.cases import catalogue
+from kvmtest.cases._build import GIF_BUG
 from kvmtest.kmod import (
     NESTED_C,
     BuiltModules,
@@ -201,12 +202,12 @@ def test_git_bisect_run_names_the_gif_fix_removal(
     verdict.write_text(f"""#!/bin/sh
 {sys.executable} -m kvmtest.kmod build --source . --kernel {headers} \\
     --out {tmp_path}/mods --work-dir {stock.work_dir} >&2 || exit 125
-n=$({sys.executable} -c 'import sys; from kvmtest.bisect_fixture import gif_clear_refs as g
+n=$({sys.executable} -c 'import sys; from bisect_fixture import gif_clear_refs as g
 print(g(sys.argv[1]))' {tmp_path}/mods/kvm-amd.ko) || exit 125
 [ "$n" -eq {baseline} ]
 """)
     verdict.chmod(0o755)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{Path(__file__).resolve().parent}"}
 
     def git(*args: str) -> str:
         return subprocess.run(
@@ -219,6 +220,29 @@ print(g(sys.argv[1]))' {tmp_path}/mods/kvm-amd.ko) || exit 125
     assert f"{shas[BAD_INDEX]} is the first bad commit" in out
 
 
+def _kvmtest(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kvmtest", *args], capture_output=True,
+                          text=True, timeout=1200)
+
+
+def test_kmod_cli_exit_codes(stock: BuiltModules, tree: Path, headers: Path,
+                             tmp_path: Path) -> None:
+    """`kvmtest kmod`: 0 modules match, 3 vermagic mismatch, 1 the build failed."""
+    ok = _kvmtest("kmod", "check", str(stock.out_dir), RELEASE)
+    assert ok.returncode == 0 and f"are for {RELEASE}" in ok.stdout
+    other = _kvmtest("kmod", "check", str(stock.out_dir), "6.1.0-47-amd64")
+    assert other.returncode == 3 and "vermagic mismatch" in other.stderr
+    stale = tmp_path / "stale.patch"
+    stale.write_text(
+        f"--- a/{NESTED_C}\n+++ b/{NESTED_C}\n@@ -1,1 +1,1 @@\n-no such line\n+replacement\n"
+    )
+    failed = _kvmtest("kmod", "build", "--source", str(tree), "--kernel", str(headers),
+                      "--patch", str(stale), "--out", str(tmp_path / "out"),
+                      "--work-dir", str(stock.work_dir))
+    assert failed.returncode == 1 and "does not apply" in failed.stderr
+    assert "Traceback" not in ok.stderr + other.stderr + failed.stderr
+
+
 # --------------------------------------------------------------------------
 # booting the rebuilt modules (the CI proof: GIF=1 cases fail with the revert)
 
@@ -227,11 +251,24 @@ needs_qemu = pytest.mark.skipif(
 )
 
 
+# Cases for npt=0, vGIF or vls do not run in the default configuration:
+# QEMU's default CPU has neither vGIF nor vls and kvm_amd loads with npt=1.
+_NOT_DEFAULT = {NEED_NO_NPT, NEED_VGIF, NEED_VLS}
+
+
 def fixed_bugs() -> set[str]:
     """What stock 6.1.192 fails in the default configuration (from the
-    catalogue's data: the SMM cases; the npt=0 ones do not run)."""
+    catalogue's data)."""
     return {c.id for c in catalogue() if c.profiles.get("fixed") and c.profiles["fixed"].known_bug
-            and NEED_NO_NPT not in c.needs}
+            and not c.needs & _NOT_DEFAULT}
+
+
+def gif_bug_cases() -> set[str]:
+    """What 6.1.170 (legacy) fails for the GIF bug alone, in the default
+    configuration, from the catalogue's data: every family that ends in an
+    early #VMEXIT(INVALID) with GIF=1, consistency checks and GIF-held events."""
+    return {c.id for c in catalogue() if (want := c.profiles.get("legacy")) and want.known_bug
+            and want.known_bug.startswith(GIF_BUG) and not c.needs & _NOT_DEFAULT}
 
 
 def _software_invalid(case) -> bool:
@@ -248,15 +285,16 @@ def test_boot_revert_patched_modules_fail_gif1_cases(
     returncode, report = run_qemu_cli(tmp_path, "--kernel", KERNEL,
                                       "--kvm-modules", str(patched.out_dir))
     failed = {c["id"]: c["reason"] for c in report["cases"] if c["verdict"] in ("fail", "error")}
-    # Every GIF=1 case this kernel (6.1.192) fails in software, early ...
-    gif = {c.id for c in catalogue() if c.gif_mode == "gif1"
-           and c.family in ("save", "control") and _software_invalid(c)}
+    # Every GIF=1 consistency check this kernel (6.1.192) makes in software,
+    # early, and every other case 6.1.170 fails for GIF alone ...
+    gif = {c.id for c in catalogue() if c.gif_mode == "gif1" and not c.needs & _NOT_DEFAULT
+           and c.family in ("save", "control") and _software_invalid(c)} | gif_bug_cases()
     assert returncode == 1
     # ... besides the SMM cases the stock 6.1.192 fails already.
     assert set(failed) == gif | fixed_bugs()
-    # ... on the GIF assertion alone (the legacy profile's known bug, or, for
-    # checks 6.1.170 did not make, the plain "GIF=1 after #VMEXIT").
-    assert all("GIF left set" in failed[i] or failed[i].endswith("GIF=1 after #VMEXIT")
+    # ... on the GIF assertion (the legacy profile's known bug, or, for checks
+    # 6.1.170 did not make, "GIF=1 after #VMEXIT" among the unmatched clauses).
+    assert all("GIF left set" in failed[i] or "GIF=1 after #VMEXIT" in failed[i]
                for i in gif), failed
     assert report["fingerprint"].startswith(("legacy", "unknown (closest: legacy"))
 
@@ -273,6 +311,17 @@ def test_boot_stock_rebuilt_modules_pass(stock: BuiltModules, tmp_path: Path,
 
 
 @needs_qemu
+def test_bisect_run_good_and_bad(stock: BuiltModules, patched: BuiltModules) -> None:
+    """One `git bisect run` step each: the stock rebuild is good (0), the
+    rebuild without the GIF fix is bad (1)."""
+    for mods, code in ((stock, 0), (patched, 1)):
+        p = _kvmtest("bisect-run", "--kernel", KERNEL, "--kvm-modules", str(mods.out_dir),
+                     "-k", "control/asid0[gif1]")
+        assert p.returncode == code, p.stderr[-2000:]
+        assert f"({code})" in p.stderr.splitlines()[-1]
+
+
+@needs_qemu
 def test_git_bisect_run_with_qemu_verdicts(stock: BuiltModules, tree: Path, tmp_path: Path) -> None:
     """`git bisect run kvmtest bisect-run`: each step built with `kvmtest kmod
     build`, booted under QEMU and judged; it names the GIF-fix removal."""
@@ -284,9 +333,12 @@ def test_git_bisect_run_with_qemu_verdicts(stock: BuiltModules, tree: Path, tmp_
         f"--out {mods} --work-dir {stock.work_dir}"
     )
 
+    # kvmtest from this checkout, whether or not it is pip-installed
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
     def git(*args: str) -> str:
         return subprocess.run(
-            ["git", *args], cwd=repo, capture_output=True, text=True, check=True
+            ["git", *args], cwd=repo, env=env, capture_output=True, text=True, check=True
         ).stdout
 
     git("bisect", "start", shas[-1], shas[0])
