@@ -239,6 +239,10 @@ def close_watched(backend) -> list[str]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.scenario:  # one generated scenario (kvmtest fuzz): kvmtest/fuzz/cli.py
+        from .fuzz.cli import run_scenario
+
+        return run_scenario(args)
     check_run_args(args)
     paths = report_paths(args)
     # A report on stdout ('-') keeps stdout clean: people read stderr then.
@@ -304,6 +308,8 @@ def parser() -> Parser:
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("run", help="run cases and judge them")
     add_run_options(p)
+    p.add_argument("--scenario", metavar="SPEC",
+                   help="run one kvmtest fuzz scenario, e.g. 'gif1 vmcb:asid=0'")
     add_report_options(p)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("explain", help="what a case does and expects; with --backend, "
@@ -319,6 +325,9 @@ def parser() -> Parser:
     p.add_argument("--kernel", action="append", metavar="SPEC",
                    help="qemu: kernel(s) to time (default: Debian 6.1.170 and 6.1.192)")
     p.set_defaults(func=cmd_bench)
+    from .fuzz.cli import add_fuzz_command
+
+    add_fuzz_command(sub)
     _add_qemu_commands(sub)
     from .report_cli import add_commands as add_report_commands  # matrix, report
 

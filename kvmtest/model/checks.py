@@ -231,6 +231,12 @@ def _tlb_ctl_rejected(c: Control12, profile: Profile) -> bool:
         TLB_CONTROL_DO_NOTHING, TLB_CONTROL_FLUSH_ALL_ASID)
 
 
+# Coverage feedback for kvmtest fuzz: when set, called with the names of the
+# checks that failed each time a VMCB12 is checked (VMRUN, KVM_SET_NESTED_STATE,
+# RSM).  None: no cost.
+on_checked: Callable[[list[str]], None] | None = None
+
+
 def _context(ctx: Context | bool | None) -> Context:
     if isinstance(ctx, Context):
         return ctx
@@ -241,7 +247,10 @@ def _context(ctx: Context | bool | None) -> Context:
 def failed_save_checks(s: Save12, profile: Profile,
                        ctx: Context | bool | None = None) -> list[str]:
     x = _context(ctx)
-    return [c.name for c in SAVE_CHECKS if c.enabled(profile) and c.fails(s, x)]
+    failed = [c.name for c in SAVE_CHECKS if c.enabled(profile) and c.fails(s, x)]
+    if on_checked is not None:
+        on_checked(failed)
+    return failed
 
 
 def failed_control_checks(c: Control12, profile: Profile,
@@ -250,6 +259,8 @@ def failed_control_checks(c: Control12, profile: Profile,
     failed = [k.name for k in CONTROL_CHECKS if k.enabled(profile) and k.fails(c, x)]
     if _tlb_ctl_rejected(c, profile):
         failed.append("tlb_ctl")
+    if on_checked is not None:
+        on_checked(failed)
     return failed
 
 
