@@ -496,17 +496,11 @@ class NestedSvm:
         self.last_failure = ("late", [reason])
         if reason == "nested CR3 not mappable":
             return self._late_shutdown(v)
-        if self.profile.late_failure_writes_save_area:
-            # 6.1..7.0: VMCB02 already holds L2's state; nested_svm_vmexit()
-            # writes it back together with VMEXIT_INVALID.
-            self.guest_mode = True
-            self._write_vmexit(VmExit(SVM_EXIT_ERR), _l2_state_from_vmcb(v))
-        else:
-            v["exit_code"] = SVM_EXIT_ERR
-            v["exit_info_1"] = 0
-            v["exit_info_2"] = 0
-            v["event_inj"] = 0
-            self.m.write_phys(self.vmcb12_gpa, v.to_bytes())
+        # Every kernel measured (6.1 to 7.3): vmcb02 already holds L2's state
+        # (enter_svm_guest_mode() prepares it before nested_svm_load_cr3()),
+        # and the complete nested_svm_vmexit() writes it back into VMCB12
+        # together with VMEXIT_INVALID.
+        self._write_vmexit(VmExit(SVM_EXIT_ERR), _l2_state_from_vmcb(v))
         self._back_to_l1(restore=False)
         return None
 
