@@ -454,7 +454,7 @@ class NestedSvm:
         self.guest_mode = True
         self.svme = bool(save.efer & layout.EFER_SVME)
         self._set_gif(True)  # at the end of enter_svm_guest_mode
-        hw = self._hardware_vmrun_failure(vmcb12, save)
+        hw = self._hardware_vmrun_failure(save)
         if hw is not None:
             self.last_failure = ("hardware", [hw])
             # The model's CPU is QEMU TCG's VMRUN, the CPU real kernels are
@@ -522,7 +522,7 @@ class NestedSvm:
         self.m._resume_blocked = "the vCPU is in shutdown state"
         return ShutdownExit()
 
-    def _hardware_vmrun_failure(self, v: Vmcb, save: checks.Save12) -> str | None:
+    def _hardware_vmrun_failure(self, save: checks.Save12) -> str | None:
         """The CPU's VMRUN checks on VMCB02 fields KVM copies from VMCB12."""
         if (save.long_mode_paging and save.cr4 & layout.CR4_PAE
                 and save.cs_attrib & checks.ATTR_L and save.cs_attrib & checks.ATTR_DB):
@@ -841,7 +841,7 @@ class NestedSvm:
             raise NotModelled("RSM clearing EFER.SVME of L2")
         self.svme = new_svme
         self.nested_run_pending = False  # the next VMRUN of vmcb02 completes it
-        hw = self._hardware_vmrun_failure(v, checks.Save12.from_vmcb(v))
+        hw = self._hardware_vmrun_failure(checks.Save12.from_vmcb(v))
         if hw is not None:
             self.last_failure = ("hardware", [hw])
             self._event_inj = 0
