@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -65,6 +66,44 @@ MODULES = (
     _module("params", "kvmtest/params.py", False),
     _module("vmcb", "kvmtest/vmcb.py", False),
 )
+
+# mutmut mutates function bodies only.  These bugs go into the tables at
+# module level (uapi values, VMCB offsets, constants the judge and the model
+# work from), one at a time, each against the tests that must catch it:
+# (file, text, replacement, tests).
+TABLE_SEEDS = (
+    ("kvmtest/observation.py", "KVM_STATE_NESTED_GIF_SET = 0x100",
+     "KVM_STATE_NESTED_GIF_SET = 0x200", "tests/test_abi.py"),
+    ("kvmtest/vmcb.py", '("exit_code", 0x070, 8)', '("exit_code", 0x070, 4)', "tests/test_abi.py"),
+    ("kvmtest/vmcb.py", '("exit_info_2", 0x080, 8)', '("exit_info_2", 0x088, 8)',
+     "tests/test_abi.py"),
+    ("kvmtest/vmcb.py", '("event_inj", 0x0A8, 8)', '("event_inj", 0x0A8, 4)', "tests/test_abi.py"),
+    ("kvmtest/vmcb.py", "SVM_EXIT_VMMCALL = 0x81", "SVM_EXIT_VMMCALL = 0x80", "tests/test_abi.py"),
+    ("kvmtest/judge.py", 'L1_REGS = ("rsp", "cr0", "cr3", "cr4", "efer")',
+     'L1_REGS = ("rsp", "cr0", "cr4", "efer")', "tests/test_judge_clauses.py"),
+    ("kvmtest/judge.py", "INT_CTL_CPU_OWNED = 0xF | 1 << 8 | 1 << 9",
+     "INT_CTL_CPU_OWNED = 0xFF | 1 << 8 | 1 << 9", "tests/test_judge_verdicts.py"),
+    ("kvmtest/judge.py", 'PROFILE_BASE = {"6.12-stable": "fixed"}',
+     'PROFILE_BASE = {"6.12-stable": "7.x"}', "tests/test_judge_verdicts.py"),
+    ("kvmtest/judge.py", "HARNESS_OUTCOMES = {o.TIMEOUT, o.GUEST_ASSERT, o.EMULATION_ERROR}",
+     "HARNESS_OUTCOMES = {o.TIMEOUT, o.GUEST_ASSERT}", "tests/test_judge_verdicts.py"),
+    ("kvmtest/model/checks.py", "18, 19, 28, 30})", "18, 19, 28})",
+     "tests/model/test_checks_table.py"),
+    ("kvmtest/model/checks.py", "MSRPM_SIZE = 0x2000", "MSRPM_SIZE = 0x1000",
+     "tests/model/test_checks_table.py"),
+    ("kvmtest/model/checks.py", '"check_cs_l_d", _cs_l_and_d', "None, _cs_l_and_d",
+     "tests/model/test_checks_table.py"),
+    ("kvmtest/model/svm.py", "CPU_ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17})",
+     "CPU_ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 17})",
+     "tests/model/test_catalogue_on_model.py"),
+    ("kvmtest/model/svm.py", "(0xC001_0000, 0x1000))", "(0xC001_0000, 0x1800))",
+     "tests/model/test_vmrun_path.py"),
+    ("kvmtest/ucall.py", "UCALL_NARGS = 7", "UCALL_NARGS = 6", "tests/test_channel_roundtrip.py"),
+    ("kvmtest/params.py", "RESULT_POISON = 0x5A5A_5A5A_5A5A_5A5A", "RESULT_POISON = 0",
+     "tests/model/test_catalogue_on_model.py"),
+    ("kvmtest/params.py", "PF_CLGI = 1 << 2", "PF_CLGI = 1 << 3", "tests/test_case_build.py"),
+)
+
 
 # mutmut's exit-code classes (mutmut.stats.status_by_exit_code): a mutant
 # counts as killed when a test failed, timed out or crashed on it.
@@ -149,6 +188,39 @@ def report(modules: list[Module], show_diffs: bool) -> dict:
     return summary
 
 
+def run_table_seeds() -> tuple[int, int]:
+    """Each TABLE_SEEDS bug in a copy of the tree: (caught, total).  A seed
+    whose text is no longer in the file is reported stale (fix the seed)."""
+    copy = MUTANTS / "tables"
+    if copy.exists():
+        shutil.rmtree(copy)
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+    for f in files + [str(p.relative_to(ROOT)) for p in ROOT.glob("kvmtest/_kvm_cffi*.so")]:
+        (copy / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, copy / f)
+    env = {**os.environ, "PYTHONPATH": str(copy)}
+    caught = 0
+    print(f"\ntable seeds ({len(TABLE_SEEDS)}, module-level values mutmut does not mutate):")
+    for path, old, new, tests in TABLE_SEEDS:
+        src = (copy / path).read_text()
+        if src.count(old) != 1:
+            print(f"  STALE   {path}: {old!r} is not in the file once")
+            continue
+        (copy / path).write_text(src.replace(old, new))
+        try:
+            p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p",
+                                "no:cacheprovider", *tests.split()], cwd=copy, env=env,
+                               capture_output=True, text=True, timeout=600)
+        finally:
+            (copy / path).write_text(src)
+        caught += p.returncode == 1
+        verdict = {0: "MISSED", 1: "caught"}.get(p.returncode, f"ERROR({p.returncode})")
+        print(f"  {verdict:<7} {path}: {new}")
+    print(f"table seeds caught: {caught} of {len(TABLE_SEEDS)}")
+    return caught, len(TABLE_SEEDS)
+
+
 def main() -> int:
     names = [m.name for m in MODULES]
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -159,11 +231,17 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true",
                     help="reuse mutants/ (test-to-function stats) from the last run")
     ap.add_argument("--diffs", action="store_true", help="print each survivor's change")
+    ap.add_argument("--tables-only", action="store_true",
+                    help="run only the table seeds (a minute), not mutmut")
     args = ap.parse_args()
     unknown = sorted(set(args.modules) - set(names))
     if unknown:
         ap.error(f"unknown module(s) {', '.join(unknown)}; choose from {', '.join(names)}")
     chosen = [m for m in MODULES if not args.modules or m.name in args.modules]
+    if args.tables_only:
+        MUTANTS.mkdir(exist_ok=True)
+        caught, total = run_table_seeds()
+        return 0 if caught == total else 1
     if not args.report_only:
         if shutil.which("mutmut") is None:
             print("mutation: mutmut is not installed: pip install 'mutmut==3.8.1' "
@@ -181,6 +259,9 @@ def main() -> int:
             print(f"mutation: mutmut failed (exit {rc}):", *tail, sep="\n", file=sys.stderr)
             return 1
     summary = report(chosen, args.diffs)
+    if not args.modules and not args.report_only:
+        caught, total = run_table_seeds()
+        summary["table_seeds"] = {"caught": caught, "total": total}
     (MUTANTS / "mutation-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 

@@ -81,6 +81,7 @@ def test_unknown_ucall_ends_the_run_and_is_named(backend):
     obs = run_case(backend, echo(4, count=77))
     assert obs.outcome == UNEXPECTED_EXIT, obs.describe()
     assert obs.detail.startswith(f"unknown ucall ucall#77({A:#x}, {B:#x}, 0x0, 0x0, 0x0, ")
+    assert obs.detail.count(", ") == 6  # struct ucall's seven arguments
     assert obs.exits == ["IoExit"]
 
 

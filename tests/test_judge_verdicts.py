@@ -292,3 +292,42 @@ def test_known_bug_of_several_profiles_names_them_and_keeps_one_failure():
     assert bug == case.profiles["legacy"].known_bug
     v = j.judge(case, obs)
     assert v == j.Verdict(j.FAIL, f"known bug (legacy, fixed): {bug}", ("legacy", "fixed"), [bug])
+
+
+# ---- the tables the judge works from, spelled out from the docs ------------------
+
+def test_harness_outcomes_are_errors_and_the_rest_are_verdicts():
+    """The harness or the guest broke (README: errors, not a kernel's
+    answer): a timeout, a guest assert, an instruction the model cannot
+    emulate.  Everything else is judged."""
+    for outcome in (o.TIMEOUT, o.GUEST_ASSERT, o.EMULATION_ERROR):
+        assert j.judge(LATE, good(outcome=outcome)).verdict == j.ERROR, outcome
+    for outcome in (o.UNEXPECTED_EXIT, o.SHUTDOWN, o.INTERNAL_ERROR, o.FAIL_ENTRY, o.EXCEPTION,
+                    o.EINVAL, o.ACCEPTED):
+        assert j.judge(LATE, good(outcome=outcome, vector=6, error_code=0, rip=0)).verdict == \
+            j.FAIL, outcome
+
+
+@pytest.mark.parametrize("bit", range(32))
+def test_int_ctl_write_back_bit_by_bit(bit):
+    """INT_CTL after the #VMEXIT: the CPU updates V_TPR (bits 3:0, CR8),
+    V_IRQ (bit 8) and V_GIF (bit 9) (APM vol. 2 15.21, 15.33); every other
+    bit must read back as L1 wrote it."""
+    case = CASES["control/control-write-back[gif1]"]
+    want = case.profiles.get("fixed", case.expect)
+    wrote = case.vmcb["int_ctl"]
+    obs = good(tlb_ctl=case.vmcb["tlb_ctl"], int_ctl=wrote ^ (1 << bit))
+    cpu_owned = bit in (0, 1, 2, 3, 8, 9)
+    assert (j.check(case, obs, want) == []) is cpu_owned
+
+
+def test_6_12_stable_behaves_like_fixed_where_a_case_does_not_say():
+    """A reserved EVENTINJ TYPE: 6.1 and 6.12 leave it to the CPU (QEMU TCG
+    writes VMEXIT_INVALID as 32 bits), 7.x refuses it in software (64 bits);
+    the case lists no 6.12-stable expectation, so 6.12 kernels are fixed's."""
+    case = CASES["eventinj/type1[gif1]"]
+    assert "6.12-stable" not in case.profiles
+    assert j.expectation(case, "6.12-stable") == case.profiles["fixed"]
+    cpu = j.judge(case, good(exit_code=SVM_EXIT_ERR & 0xFFFF_FFFF))
+    assert cpu.profiles == ("legacy", "fixed", "6.12-stable")
+    assert j.judge(case, good()).profiles == j.PROFILES
