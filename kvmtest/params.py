@@ -68,10 +68,6 @@ RESULT_POISON = 0x5A5A_5A5A_5A5A_5A5A
 INSNS = ("vmrun", "vmmcall", "vmload", "vmsave", "stgi", "clgi", "skinit", "invlpga", "wrmsr")
 
 
-def offset(struct_fields: tuple[str, ...], name: str) -> int:
-    return 8 * struct_fields.index(name)
-
-
 def pack(struct_fields: tuple[str, ...], values: dict[str, int]) -> bytes:
     unknown = set(values) - set(struct_fields)
     if unknown:

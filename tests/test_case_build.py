@@ -156,6 +156,11 @@ def test_accepted_rows_have_no_failing_twin():
         assert c.needs == frozenset({NEED_SVM, NEED_NPT}) and c.control_of is None
         assert c.params == {"flags": BASE | flag | params.PF_L2_IDT}
         assert c.profiles == {}
+    ran = vmexit(SVM_EXIT_VMMCALL)
+    hw = Row("tlb", {"tlb_ctl": 3}, {}, "src", expect=ran, profiles={"legacy": VMEXIT_INVALID_HW,
+                                                                        "7.x": ran})
+    for c in accepted_cases("control", [hw]):
+        assert c.profiles == {"legacy": VMEXIT_INVALID_HW, "7.x": ran}
 
 
 def test_reserved_bit_sweep():

@@ -119,3 +119,11 @@ def test_read_cstring_stays_inside_guest_memory(backend):
         assert ucall.read_cstring(m.read, 1) == "one"
         for bad in (0, end, end + 0x1000, 1 << 63):
             assert ucall.read_cstring(m.read, bad) == f"<bad string pointer {bad:#x}>"
+
+
+def test_ucall_names():
+    from kvmtest import ucall
+
+    assert ucall.UcallExit(1, (2, 0)).describe() == "SYNC(0x2, 0x0)"
+    assert ucall.UcallExit(4, ()).describe() == "EXCEPTION()"
+    assert ucall.UcallExit(99, (1,)).describe() == "ucall#99(0x1)"

@@ -270,6 +270,13 @@ def test_profiled_case_with_a_chosen_profile():
                           ("legacy", "fixed"), bad)
     v = j.judge(EVENTINJ_KEPT, good(event_inj=5), "7.x")
     assert v == j.Verdict(j.FAIL, "profile 7.x: EVENTINJ 0x5 != 0x0", (), ["EVENTINJ 0x5 != 0x0"])
+    two = ["EXITINFO1 0x1 != 0", "EVENTINJ 0x5 != 0x0"]
+    v = j.judge(EVENTINJ_KEPT, good(event_inj=5, exit_info_1=1), "7.x")
+    assert v == j.Verdict(j.FAIL, f"profile 7.x: {two[0]}; {two[1]}", (), two)
+    v = j.judge(EVENTINJ_KEPT, good(event_inj=5, exit_info_1=1))
+    first = ["EXITINFO1 0x1 != 0", f"EVENTINJ 0x5 != {EVENTINJ_KEPT.vmcb['event_inj']:#x}"]
+    assert v == j.Verdict(j.FAIL, f"matches no known profile: {first[0]}; {first[1]}", (),
+                          first)
 
 
 def test_known_bug_verdict():

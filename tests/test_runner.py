@@ -196,3 +196,33 @@ def test_symbolize():
     assert runner.symbolize(p, last + 0x1000) == f"{name}+0x1000"
     assert runner.symbolize(p, last + 0x1001) is None
     assert runner.symbolize(p, first - 1) is None
+
+
+def test_a_stray_signal_does_not_end_the_case(real_kvm):
+    """KVM_RUN interrupted by a signal that is not the deadline's (EINTR):
+    the loop runs the guest again, and the case ends at its own deadline."""
+    import signal
+
+    spin = Case(id="spin", family="test", scenario=INSN, payload="spin",
+                expect=Expect("no_fault"), source="tests", needs=frozenset({NEED_NO_SVM}))
+    fired = []
+    old = signal.signal(signal.SIGALRM, lambda *_: fired.append(1))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.1)
+        obs = runner.run_case(real_kvm["backend"], spin, timeout=0.5)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert fired == [1]
+    assert (obs.outcome, obs.detail, obs.exits) == (TIMEOUT, "no report within 0.5 s",
+                                                    ["TimedOut"])
+
+
+def test_failed_entry_detail():
+    """L1's state from HSAVE that the CPU refuses after an SMI in L2
+    (smm/hsave-l1-cr0-hi): KVM_EXIT_FAIL_ENTRY with the CPU's exit code."""
+    b = ModelBackend("fixed")
+    obs = runner.run_case(b, CASES["smm/hsave-l1-cr0-hi"])
+    b.close()
+    assert (obs.outcome, obs.exit_data) == ("fail_entry", [0xFFFF_FFFF])
+    assert obs.detail.startswith("KVM_EXIT_FAIL_ENTRY reason 0xffffffff (cpu 0); SMI in guest")

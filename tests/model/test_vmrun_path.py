@@ -256,3 +256,151 @@ def test_checks_take_a_bare_svm_flag():
     fixed = profiles.PROFILES["fixed"]
     assert checks.failed_checks(v, fixed, True) == checks.failed_checks(v, fixed) == []
     assert checks.failed_checks(v, fixed, False) == ["efer-reserved"]
+
+
+# ---- what the #VMEXIT writes into VMCB12's save area -----------------------------
+
+def run_reading_vmcb12(profile: str, c: Case):
+    b = ModelBackend(profile)
+    payload = load_payload(c.payload)
+    with b.machine(payload, svm=True) as m:
+        runner.prepare_memory(m, c, payload)
+        obs = runner.drive(m, c, payload, 5.0)
+        v = Vmcb(m.read(layout.VMCB12_GPA, VMCB_SIZE))
+        view = m.nested_state()
+    b.close()
+    return obs, v, view
+
+
+def test_vmexit_saves_l2_s_state_into_vmcb12():
+    """nested_svm_vmexit() copies L2's state into VMCB12's save area (APM
+    15.6): after an L2 that only VMMCALLed, what VMRUN loaded, with DR6/DR7
+    as KVM loaded them (| DR6_ACTIVE_LOW, | DR7_FIXED_1) and RIP at the
+    intercepted VMMCALL.  KVM_GET_NESTED_STATE then reports no VMCB12."""
+    dr6, dr7 = 0xFFFF_0FF1, 0x401  # B0, L0: bits of L2's own
+    obs, v, view = run_reading_vmcb12("7.x", case(dr6=dr6 & ~0xFFFF_0FF0, dr7=1,
+                                                  rflags=0x246, rax=0x1234))
+    assert obs.exit_code == SVM_EXIT_VMMCALL
+    assert (v["dr6"], v["dr7"]) == (dr6, dr7)
+    assert (v["rip"], v["rflags"], v["rax"]) == (load_payload("vmrun").sym("l2_vmmcall"),
+                                                 0x246, 0x1234)
+    assert v["rsp"] == layout.L2_STACK_TOP
+    assert v["efer"] & layout.EFER_SVME
+    assert (view.flags, view.vmcb12_gpa) == (0, 0)
+
+
+def test_intercepted_exception_saves_the_faulting_rip():
+    """L2's unintercepted VMMCALL is #UD at the VMMCALL itself, not after it
+    (KVM never emulates it as a hypercall for L2)."""
+    _, v, _ = run_reading_vmcb12("7.x", case(intercept_misc2=INTERCEPT_VMRUN,
+                                             intercept_exceptions=1 << 6))
+    assert (v["exit_code"], v["rip"]) == (SVM_EXIT_EXCP_BASE + 6,
+                                          load_payload("vmrun").sym("l2_vmmcall"))
+    assert v["rax"] == 0  # VMCB12's RAX, not a hypercall's return value
+
+
+def test_late_failure_writes_l2_s_state_back():
+    """A late failure (PDPTRs not loadable) on every measured kernel: vmcb02
+    already holds L2's state, and the full nested_svm_vmexit() writes it back
+    into VMCB12 with VMEXIT_INVALID (RFLAGS with its fixed bit 1)."""
+    c = CASES["late/pae-pdptrs-unbacked[gif1]"]
+    c = dataclasses.replace(c, vmcb={**c.vmcb, "rflags": 0x244})
+    obs, v, _ = run_reading_vmcb12("fixed", c)
+    assert obs.exit_code == SVM_EXIT_ERR
+    assert (v["rflags"], v["cr3"], v["rip"]) == (0x246, c.vmcb["cr3"],
+                                                 load_payload("vmrun").sym(c.l2_entry))
+
+
+# ---- late failures at their edges ------------------------------------------------
+
+def test_msrpm_merge_reads_only_the_words_kvm_needs():
+    """nested_svm_vmrun_msrpm() reads the MSRPM words of the MSRs L1 may
+    access directly, all in the MSRPM's first page: a map whose second page
+    is outside guest memory still merges; one that starts outside fails."""
+    from kvmtest.vmcb import INTERCEPT_MSR_PROT, INTERCEPT_SHUTDOWN
+
+    misc1 = INTERCEPT_MSR_PROT | INTERCEPT_SHUTDOWN
+    obs, svm = drive("7.x", case(intercept_misc1=misc1, msrpm_base_pa=layout.MEM_SIZE - 0x1000))
+    assert (obs.exit_code, svm.last_failure) == (SVM_EXIT_VMMCALL, None)
+    obs, svm = drive("7.x", case(intercept_misc1=misc1, msrpm_base_pa=layout.MEM_SIZE))
+    assert (obs.exit_code, svm.last_failure) == (SVM_EXIT_ERR, ("late", ["MSRPM not readable"]))
+
+
+def test_pae_without_paging_loads_no_pdptrs():
+    """CR4.PAE with CR0.PG=0 is not PAE paging (is_pae_paging()): KVM loads no
+    PDPTRs, so a CR3 no memslot backs does not fail the VMRUN."""
+    late = CASES["late/pae-pdptrs-unbacked[gif1]"]
+    vmcb = {**late.vmcb, "cr0": late.vmcb["cr0"] & ~layout.CR0_PG}
+    obs, svm = drive("7.x", dataclasses.replace(late, vmcb=vmcb))
+    assert svm.last_failure is None
+    assert obs.exit_code == SVM_EXIT_VMMCALL
+    assert_l1_back(obs)
+
+
+def test_l2_state_the_model_cannot_hold_is_said_not_guessed():
+    """A null CS selector in VMCB12 (legal; the hidden state comes from the
+    VMCB) is beyond the model: the run stops with an emulation error naming
+    it instead of running L2 on made-up state."""
+    obs, svm = drive("7.x", case(**{"cs.selector": 0}))
+    assert obs.outcome == "emulation_error"
+    assert obs.detail.startswith("VMRUN: null CS selector in VMCB12 (not modelled) at RIP ")
+    assert not svm.guest_mode
+
+
+def test_triple_fault_in_l2_leaves_the_vcpu_in_guest_mode_and_stopped():
+    """6.x, nCR3 outside memory and no SHUTDOWN intercept: KVM_EXIT_SHUTDOWN
+    with the vCPU still in guest mode; it cannot run again."""
+    c = case(nested_ctl=1, nested_cr3=layout.MEM_SIZE, intercept_misc1=0)
+    b = ModelBackend("fixed")
+    payload = load_payload("vmrun")
+    with b.machine(payload, svm=True) as m:
+        runner.prepare_memory(m, c, payload)
+        obs = runner.drive(m, c, payload, 5.0)
+        view = m.nested_state()
+        again = m.run(1.0)
+    b.close()
+    assert obs.outcome == "shutdown"
+    assert view.guest_mode and view.vmcb12_gpa == layout.VMCB12_GPA
+    assert isinstance(again, EmulationError) and again.message == "the vCPU is in shutdown state"
+
+
+def test_injected_event_whose_delivery_faults_becomes_a_double_fault():
+    """EVENTINJ #GP into an L2 whose IDT cannot hold vector 13: delivering
+    it faults (#GP on the IDT limit), a contributory exception during a
+    contributory one is #DF (error code 0), which L1 intercepts."""
+    from kvmtest.vmcb import EVTINJ_VALID_ERR
+
+    inj = EVTINJ_VALID | EVTINJ_TYPE_EXEPT | EVTINJ_VALID_ERR | 13
+    obs, _ = drive("7.x", case(event_inj=inj, intercept_exceptions=1 << 8,
+                               **{"idtr.limit": 0}))
+    assert (obs.exit_code, obs.exit_info_1) == (SVM_EXIT_EXCP_BASE + 8, 0)
+    assert_l1_back(obs)
+
+
+# ---- vGIF: GIF restored by KVM_SET_NESTED_STATE -----------------------------------
+
+@pytest.mark.parametrize(("flags", "insn", "runs"), [
+    (None, "stgi", False), (0x100, "stgi", True), (0x100, "clgi", False)])
+def test_vgif_stgi_intercept_follows_gif(flags, insn, runs):
+    """7.x with vGIF keeps STGI/CLGI intercepted while EFER.SVME=0 (#UD);
+    svm_set_gif(true), here from KVM_SET_NESTED_STATE restoring GIF=1, drops
+    the STGI intercept (it only guards the GIF=0 window), so STGI then runs
+    on the CPU, which checks no EFER.SVME.  CLGI stays intercepted."""
+    from kvmtest import params
+    from kvmtest.observation import EXCEPTION
+
+    c = Case(id="t", family="insn", scenario="insn", expect=vmexit(0), source="test",
+             payload="svm_insn", params={"flags": 0, "insn": params.INSNS.index(insn)},
+             needs=frozenset({"svm"}))
+    b = ModelBackend("7.x", kvm_amd_params={"vgif": "1"})
+    payload = load_payload("svm_insn")
+    with b.machine(payload, svm=True) as m:
+        runner.prepare_memory(m, c, payload)
+        if flags is not None:
+            assert m.svm.set_nested_state(flags, 0, Vmcb()) == 0
+        obs = runner.drive(m, c, payload, 5.0)
+    b.close()
+    if runs:
+        assert (obs.outcome, obs.gif) == (SYNC, True), obs.detail
+    else:
+        assert (obs.outcome, obs.vector, obs.rip_symbol) == (EXCEPTION, 6, f"insn_{insn}")
