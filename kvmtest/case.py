@@ -44,7 +44,7 @@ CONFIG_NEEDS = (NEED_NPT, NEED_NO_NPT, NEED_VGIF, NEED_NO_VGIF, NEED_VLS, NEED_N
 class Expect:
     """What a correct kernel does.
 
-    kind: "vmexit_invalid"  failed VMRUN: the contract of DESIGN.md section 1
+    kind: "vmexit_invalid"  failed VMRUN: the contract (README.md, items 1 to 3)
           "vmexit"          VMRUN succeeds and L2 exits with exit_code
           "exception"       L1 takes `vector` at symbol `at` (error_code if set)
           "no_fault"        the instruction completes (with exit_code: a VMRUN that

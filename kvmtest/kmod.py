@@ -11,7 +11,7 @@ just what changed (a ``nested.c`` edit rebuilds in a few seconds), which is
 what makes ``git bisect run`` over KVM changes cheap.  Patches are applied
 to the mirror, never to the caller's tree.
 
-Measured figures and the bisect recipe are in ``KMOD_NOTES.md``.
+Measured figures and the bisect recipe are in ``docs/kmod.md``.
 """
 
 from __future__ import annotations
@@ -46,7 +46,24 @@ _APT_LOCK_TIMEOUT = 300
 
 
 class KmodError(RuntimeError):
-    """An expected failure of the module build (one-line message)."""
+    """An expected failure of the module build (one-line message).
+
+    exit_code is `kvmtest kmod`'s exit code for it (README): 3 for the
+    environment (tools, headers, downloads, a vermagic mismatch)."""
+
+    exit_code = 3
+
+
+class KmodUsageError(KmodError):
+    """The command line names something unusable (exit 2)."""
+
+    exit_code = 2
+
+
+class BuildFailed(KmodError):
+    """The sources do not build: a patch that does not apply, a compile error (exit 1)."""
+
+    exit_code = 1
 
 
 @dataclass(frozen=True)
@@ -185,7 +202,7 @@ def headers_release(headers: Path) -> str:
     """UTS release the headers/build tree builds for (what vermagic will say)."""
     uts = Path(headers) / "include/generated/utsrelease.h"
     if not uts.is_file():
-        raise KmodError(f"{headers} is not a configured kernel build/headers tree "
+        raise KmodUsageError(f"{headers} is not a configured kernel build/headers tree "
                         "(no include/generated/utsrelease.h)")
     match = re.search(r'UTS_RELEASE\s+"([^"]+)"', uts.read_text())
     if not match:
@@ -232,7 +249,7 @@ def _is_tarball(path: Path) -> bool:
 
 def check_source_dir(tree: Path) -> Path:
     if not (tree / NESTED_C).is_file() or not (tree / "virt/kvm").is_dir():
-        raise KmodError(f"{tree} is not a kernel source tree (no {NESTED_C} / virt/kvm)")
+        raise KmodUsageError(f"{tree} is not a kernel source tree (no {NESTED_C} / virt/kvm)")
     return tree
 
 
@@ -249,7 +266,7 @@ def resolve_source(spec: str | Path, cache: Path | None = None) -> Path:
     if path.is_dir():
         return check_source_dir(path.resolve())
     if not path.is_file() or not _is_tarball(path):
-        raise KmodError(f"--source {spec}: not a directory or a .tar[.xz|.gz|.bz2] file")
+        raise KmodUsageError(f"--source {spec}: not a directory or a .tar[.xz|.gz|.bz2] file")
     stat = path.stat()
     name = re.sub(r"\.(tar(\.\w+)?|tgz)$", "", path.name)
     key = _short_hash(str(path.resolve()), str(stat.st_size), str(stat.st_mtime_ns))
@@ -288,7 +305,7 @@ def _debian_source(spec: str, cache: Path) -> Path:
     else the package fetched with `apt-get download` (no root, system untouched)."""
     package, _, version = spec.partition("=")
     if not re.fullmatch(r"linux-source-[\d.]+", package):
-        raise KmodError(f"debian:{spec}: expected debian:linux-source-X.Y[=VERSION]")
+        raise KmodUsageError(f"debian:{spec}: expected debian:linux-source-X.Y[=VERSION]")
     installed = _dpkg_version(package)
     tarball = Path(f"/usr/src/{package}.tar.xz")
     if installed and tarball.is_file() and version in ("", installed):
@@ -325,7 +342,7 @@ def _headers_from_package(package: str) -> str:
             release = package.removeprefix(prefix).removesuffix("-unsigned")
             if release and release[0].isdigit():
                 return release
-    raise KmodError(f"debian:{package}: expected linux-image-<release>[-unsigned] "
+    raise KmodUsageError(f"debian:{package}: expected linux-image-<release>[-unsigned] "
                     "or linux-headers-<release>")
 
 
@@ -345,7 +362,7 @@ def resolve_headers(spec: str | Path, *, install: bool = True) -> Path:
     elif re.fullmatch(r"\d+\.\d+[\w.+-]*", spec):
         release = spec
     else:
-        raise KmodError(f"--kernel {spec}: expected debian:PACKAGE, a release or a "
+        raise KmodUsageError(f"--kernel {spec}: expected debian:PACKAGE, a release or a "
                         "kernel headers/build directory")
     for candidate in (Path(f"/usr/src/linux-headers-{release}"),
                       Path(f"/lib/modules/{release}/build")):
@@ -400,7 +417,7 @@ def _patched_paths(patch: Path) -> list[str]:
             paths.append(target.split("/", 1)[1] if "/" in target else target)
             old = None
     if not paths:
-        raise KmodError(f"{patch} contains no unified diff")
+        raise KmodUsageError(f"{patch} contains no unified diff")
     return paths
 
 
@@ -409,7 +426,7 @@ def _apply_patch(patch: Path, contents: dict[str, bytes]) -> dict[str, bytes]:
     touched = _patched_paths(patch)
     outside = [p for p in touched if not p.startswith(tuple(s + "/" for s in KVM_SUBDIRS))]
     if outside:
-        raise KmodError(f"patch touches {outside[0]}, outside {' and '.join(KVM_SUBDIRS)}: "
+        raise KmodUsageError(f"patch touches {outside[0]}, outside {' and '.join(KVM_SUBDIRS)}: "
                         "cannot build it out of tree")
     with tempfile.TemporaryDirectory(prefix="kvmtest-patch-") as tmp_name:
         tmp = Path(tmp_name)
@@ -421,7 +438,7 @@ def _apply_patch(patch: Path, contents: dict[str, bytes]) -> dict[str, bytes]:
                "--reject-file=-", "-d", str(tmp), "-i", str(patch.resolve())]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise KmodError(f"patch {patch.name} does not apply: "
+            raise BuildFailed(f"patch {patch.name} does not apply: "
                             f"{_last_line(proc.stdout + proc.stderr)}")
         patched = dict(contents)
         for rel in touched:
@@ -537,7 +554,7 @@ def _run_make(headers: Path, kvm_dir: Path, jobs: int, intel: bool, debug_info: 
     if proc.returncode != 0:
         text = log.read_text(errors="replace")
         _keep_log_tail(log, text)
-        raise KmodError(f"module build failed: {_first_error(text)} (log: {log})")
+        raise BuildFailed(f"module build failed: {_first_error(text)} (log: {log})")
 
 
 def _keep_log_tail(log: Path, text: str) -> None:
@@ -554,7 +571,7 @@ def _install_modules(kvm_dir: Path, out_dir: Path, names: tuple[str, ...]) -> di
     for name in names:
         built = kvm_dir / f"{name}.ko"
         if not built.is_file():
-            raise KmodError(f"build produced no {built.name}")
+            raise BuildFailed(f"build produced no {built.name}")
         dest = out_dir / built.name
         tmp = out_dir / f".{built.name}.tmp"
         shutil.copyfile(built, tmp)
@@ -575,7 +592,7 @@ def _check_versions(tree: Path, headers: Path) -> str | None:
     source_version = tree_version(tree)
     headers_version = tree_version(headers)
     if source_version and headers_version and source_version != headers_version:
-        raise KmodError(f"source is {source_version} but headers {headers} are "
+        raise KmodUsageError(f"source is {source_version} but headers {headers} are "
                         f"{headers_version}: structures may differ, refusing to build "
                         "(allow_version_mismatch=True to override)")
     return source_version
@@ -678,9 +695,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     check.add_argument("release")
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Usage errors before anything is resolved, downloaded or built."""
+    if args.kmod_command == "check":
+        if not Path(args.modules_dir).is_dir():
+            raise KmodUsageError(f"{args.modules_dir}: no such directory")
+        return
+    source = str(args.source)
+    if not source.startswith("debian:") and not Path(source).expanduser().exists():
+        raise KmodUsageError(f"--source {source}: no such file or directory")
+    if args.patch is not None and not args.patch.is_file():
+        raise KmodUsageError(f"--patch {args.patch}: no such file")
+    for option, path in (("--out", args.out), ("--work-dir", args.work_dir)):
+        if path is not None:
+            _check_creatable(option, Path(path))
+
+
+def _check_creatable(option: str, path: Path) -> None:
+    if path.exists():
+        if not path.is_dir():
+            raise KmodUsageError(f"{option} {path}: exists and is not a directory")
+        probe = path
+    else:
+        probe = path.absolute().parent
+        while not probe.exists():
+            probe = probe.parent
+        if not probe.is_dir():
+            raise KmodUsageError(f"{option} {path}: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise KmodUsageError(f"{option} {path}: {probe} is not writable")
+
+
 def run(args: argparse.Namespace) -> int:
-    """Execute a parsed `kvmtest kmod` command; 0 ok, 1 on KmodError."""
+    """Execute a parsed `kvmtest kmod` command: 0 ok, else KmodError.exit_code
+    (1 build failed, 2 usage, 3 environment)."""
     try:
+        check_arguments(args)
         if args.kmod_command == "check":
             check_vermagic(args.modules_dir, args.release)
             print(f"ok: modules in {args.modules_dir} are for {args.release}")
@@ -693,7 +743,7 @@ def run(args: argparse.Namespace) -> int:
                               debug_info=args.debug_info)
     except KmodError as exc:
         print(f"kvmtest kmod: error: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code
     print(f"built {', '.join(p.name for p in built.modules.values())} in {built.out_dir}")
     print(f"vermagic: {built.vermagic}")
     print(f"{built.seconds:.1f} s wall, {built.cpu_seconds:.1f} s CPU, "

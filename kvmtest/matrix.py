@@ -15,6 +15,7 @@ slice; `kvmtest report merge` puts the shards back in plan order.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import subprocess
@@ -153,7 +154,7 @@ def make_plan(*, backend: str | None = None, kernels: list[str] | None = None,
     backend = backend or file.get("backend") or ("qemu" if kernels else "model")
     if backend not in BACKENDS:
         raise MatrixUsageError(f"matrix backend {backend!r}: choose from {', '.join(BACKENDS)}")
-    if timeout <= 0:
+    if not math.isfinite(timeout) or timeout <= 0:
         raise MatrixUsageError(f"--timeout must be positive, not {timeout}")
     for p in profiles:
         if p not in PROFILES:
@@ -171,6 +172,10 @@ def make_plan(*, backend: str | None = None, kernels: list[str] | None = None,
         if len(profiles) > 1:
             raise MatrixUsageError("with --backend qemu, --profile is the behaviour every "
                                    "kernel is expected to show: give at most one")
+        missing = [k for k in kernels if not k.startswith("debian:")
+                   and not Path(k).expanduser().exists()]
+        if missing:  # as for `kvmtest run`: a usage error before any cell runs
+            raise MatrixUsageError(f"--kernel {missing[0]}: no such file or directory")
         expect = profiles[0] if profiles else None
         cells = [CellSpec("qemu", kern, c, expect) for kern in kernels for c in parsed]
     else:

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from kvmtest import bench
+from kvmtest.bench import kvm as bench
 from kvmtest.exits import HltExit, InterruptedExit, IoExit, MmioExit, TimedOut
 from kvmtest.kvm import Kvm, KvmError, KvmUnavailable, lib
 from kvmtest.kvm.cpuid import find

@@ -132,6 +132,8 @@ def test_matrix_file(tmp_path):
     (["--shard", "x"], "--shard wants K/N"),
     (["-j", "0"], "-j wants a positive number"),
     (["--timeout", "0"], "--timeout must be positive"),
+    (["--timeout", "nan"], "--timeout must be positive"),
+    (["--kernel", "/nonexistent/bzImage"], "--kernel /nonexistent/bzImage: no such file"),
     (["--json", "/nonexistent/dir/m.json"], "cannot write"),
     (["--file", "/nonexistent.toml"], "--file /nonexistent.toml"),
 ])
@@ -157,14 +159,16 @@ def test_broken_cells_are_error_cells_and_the_rest_still_run(tmp_path):
     and exit code (3: environment); nothing is skipped or passed."""
     not_a_kernel = tmp_path / "vmlinuz"
     not_a_kernel.write_bytes(b"\0" * 4096)
+    not_a_tree = tmp_path / "tree"  # a directory without arch/x86/boot/bzImage
+    not_a_tree.mkdir()
     out = tmp_path / "m.json"
-    p = kvmtest("matrix", "--kernel", str(tmp_path / "missing"), "--kernel", str(not_a_kernel),
+    p = kvmtest("matrix", "--kernel", str(not_a_tree), "--kernel", str(not_a_kernel),
                 "--config", "default", "--config", "npt=0", "-k", "asid0", "--json", str(out),
                 "--junit", str(tmp_path / "j.xml"), "--html", str(tmp_path / "m.html"))
     assert p.returncode == 3, p.stderr
     result = json.loads(out.read_text())
     assert [c["status"] for c in result["cells"]] == ["error"] * 4
-    assert "no such file or directory" in result["cells"][0]["error"]
+    assert "not a built kernel tree" in result["cells"][0]["error"]
     assert "not an x86 bzImage" in result["cells"][2]["error"]
     assert all(c["exit_code"] == 3 and c["results"] == [] for c in result["cells"])
     assert p.stderr.count("ERROR  ") == 4

@@ -112,7 +112,8 @@ class KvmMachine:
         try:
             self.mem = self.vm.set_user_memory_region(0, 0, layout.MEM_SIZE)
             self.vcpu: Vcpu = self.vm.create_vcpu(0)
-            # KVM_SET_CPUID2 must precede EFER.LME (DESIGN.md section 3).
+            # KVM_SET_CPUID2 must precede EFER.LME: KVM_SET_SREGS refuses an EFER
+            # whose LME/SVME/NX the guest CPUID lacks (x86.c __kvm_valid_efer, 6.1).
             self.vcpu.set_cpuid2(cpuid)
             self._load(payload)
         except BaseException:

@@ -19,6 +19,7 @@ from ..case import CONFIG_NEEDS, Case
 from ..kmod import KmodError, check_vermagic
 from ..observation import Observation
 from ..payloads import PREBUILT_ENV, load_payload
+from ..qemu.cache import NoSpaceError
 from ..qemu.errors import QemuError
 from ..qemu.kernels import resolve_kernel
 from ..qemu.machine import boot
@@ -97,6 +98,8 @@ class QemuBackend:
                      outdir=out, cpu=self.cpu, kvm_amd_params=self.kvm_amd_params,
                      kvm_modules_dir=self.kvm_modules,
                      timeout=BOOT_BUDGET + PER_CASE_BUDGET * len(cases) + timeout)
+        except NoSpaceError as e:  # a full disk is this machine's problem, not the kernel's
+            raise BackendError(str(e)) from None
         except QemuError as e:
             raise KernelError(str(e)) from None
         self.timings = g.timings()

@@ -3,7 +3,7 @@ chromium-driver), driven over WebDriver: the DOM, colours, the differences
 filter, the detail pane, escaping, and a screenshot.
 
 Every report comes from real `kvmtest matrix`/`run` processes on the model
-(and, for the broken column, a qemu cell whose kernel does not exist)."""
+(and, for the broken column, a qemu cell whose kernel is not a kernel)."""
 
 from __future__ import annotations
 
@@ -150,7 +150,7 @@ def test_screenshot_of_the_grid(browser, report):
 
 
 def test_broken_column_and_hostile_text(browser, tmp_path):
-    """A real error cell (a qemu kernel that does not exist) next to a real
+    """A real error cell (a qemu kernel that is not a kernel) next to a real
     model run whose kernel-controlled strings are planted markup (no kernel
     here prints that): nothing runs, the text shows as text."""
     run = tmp_path / "run.json"
@@ -161,7 +161,9 @@ def test_broken_column_and_hostile_text(browser, tmp_path):
     data["kernel"] = HOSTILE
     run.write_text(json.dumps(data))
     broken = tmp_path / "broken.json"
-    kvmtest("matrix", "--kernel", str(tmp_path / "no-such-bzImage"), "-k", "save/efer",
+    not_a_kernel = tmp_path / "bzImage"
+    not_a_kernel.write_bytes(b"\0" * 4096)
+    kvmtest("matrix", "--kernel", str(not_a_kernel), "-k", "save/efer",
             "--json", str(broken))
     page = tmp_path / "m.html"
     p = kvmtest("report", "merge", str(run), str(broken), "--html", str(page))
@@ -182,5 +184,5 @@ def test_broken_column_and_hostile_text(browser, tmp_path):
     assert browser.js("return document.querySelector('#detail .reason').textContent;") == HOSTILE
     browser.click('th.col[data-c="1"]')
     error = browser.js("return document.querySelector('#detail pre').textContent;")
-    assert "no such file or directory" in error
+    assert "not an x86 bzImage" in error
     assert res.load(broken)["cells"][0]["error"] == error

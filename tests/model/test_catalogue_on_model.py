@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
@@ -111,7 +112,8 @@ def test_pytest_xdist_gives_the_verdicts_of_kvmtest_run(tmp_path):
     xml = tmp_path / "junit.xml"
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", "-p", "no:cacheprovider",
                     "tests/test_catalogue.py", "--kvm-backend", "model", "--kvm-profile",
-                    "legacy", f"--junitxml={xml}"], capture_output=True, timeout=600)
+                    "legacy", f"--junitxml={xml}"], capture_output=True, timeout=600,
+                   cwd=Path(__file__).resolve().parents[2])
     outcome = {}
     for tc in ET.parse(xml).getroot().iter("testcase"):
         case_id = tc.get("name").removeprefix("test_case[")[:-1]

@@ -4,7 +4,7 @@ Builds Debian linux-source-6.1 (6.1.192-2) against linux-headers-6.1.0-56-amd64,
 with and without tests/data/revert-gif-fix-6.1.patch.  The first run is a
 full build (~70 s CPU on 2 cores); later runs reuse the cached work dir and
 take a few seconds.  The boot tests additionally need qemu-system-x86_64.
-See kvmtest/KMOD_NOTES.md.
+See docs/kmod.md; the git history fixture is bisect_fixture.py, next to this file.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from kvmtest.bisect_fixture import (
+from bisect_fixture import (
     BAD_INDEX,
     gif_clear_refs,
     has_gif_fix,
     make_nested_c_history,
 )
+
 from kvmtest.case import NEED_NO_NPT
 from kvmtest.cases import catalogue
 from kvmtest.kmod import (
@@ -201,12 +201,12 @@ def test_git_bisect_run_names_the_gif_fix_removal(
     verdict.write_text(f"""#!/bin/sh
 {sys.executable} -m kvmtest.kmod build --source . --kernel {headers} \\
     --out {tmp_path}/mods --work-dir {stock.work_dir} >&2 || exit 125
-n=$({sys.executable} -c 'import sys; from kvmtest.bisect_fixture import gif_clear_refs as g
+n=$({sys.executable} -c 'import sys; from bisect_fixture import gif_clear_refs as g
 print(g(sys.argv[1]))' {tmp_path}/mods/kvm-amd.ko) || exit 125
 [ "$n" -eq {baseline} ]
 """)
     verdict.chmod(0o755)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{Path(__file__).resolve().parent}"}
 
     def git(*args: str) -> str:
         return subprocess.run(
@@ -217,6 +217,29 @@ print(g(sys.argv[1]))' {tmp_path}/mods/kvm-amd.ko) || exit 125
     out = git("bisect", "run", str(verdict))
     git("bisect", "reset")
     assert f"{shas[BAD_INDEX]} is the first bad commit" in out
+
+
+def _kvmtest(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kvmtest", *args], capture_output=True,
+                          text=True, timeout=1200)
+
+
+def test_kmod_cli_exit_codes(stock: BuiltModules, tree: Path, headers: Path,
+                             tmp_path: Path) -> None:
+    """`kvmtest kmod`: 0 modules match, 3 vermagic mismatch, 1 the build failed."""
+    ok = _kvmtest("kmod", "check", str(stock.out_dir), RELEASE)
+    assert ok.returncode == 0 and f"are for {RELEASE}" in ok.stdout
+    other = _kvmtest("kmod", "check", str(stock.out_dir), "6.1.0-47-amd64")
+    assert other.returncode == 3 and "vermagic mismatch" in other.stderr
+    stale = tmp_path / "stale.patch"
+    stale.write_text(
+        f"--- a/{NESTED_C}\n+++ b/{NESTED_C}\n@@ -1,1 +1,1 @@\n-no such line\n+replacement\n"
+    )
+    failed = _kvmtest("kmod", "build", "--source", str(tree), "--kernel", str(headers),
+                      "--patch", str(stale), "--out", str(tmp_path / "out"),
+                      "--work-dir", str(stock.work_dir))
+    assert failed.returncode == 1 and "does not apply" in failed.stderr
+    assert "Traceback" not in ok.stderr + other.stderr + failed.stderr
 
 
 # --------------------------------------------------------------------------
@@ -270,6 +293,17 @@ def test_boot_stock_rebuilt_modules_pass(stock: BuiltModules, tmp_path: Path,
     assert report["fingerprint"] == "fixed"
     assert failed == fixed_bugs()  # the SMM known bugs of 6.1, as Debian's own modules
     assert returncode == (1 if failed else 0)
+
+
+@needs_qemu
+def test_bisect_run_good_and_bad(stock: BuiltModules, patched: BuiltModules) -> None:
+    """One `git bisect run` step each: the stock rebuild is good (0), the
+    rebuild without the GIF fix is bad (1)."""
+    for mods, code in ((stock, 0), (patched, 1)):
+        p = _kvmtest("bisect-run", "--kernel", KERNEL, "--kvm-modules", str(mods.out_dir),
+                     "-k", "control/asid0[gif1]")
+        assert p.returncode == code, p.stderr[-2000:]
+        assert f"({code})" in p.stderr.splitlines()[-1]
 
 
 @needs_qemu

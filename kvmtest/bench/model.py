@@ -22,9 +22,9 @@ from collections.abc import Callable
 
 from ..backends.model import ModelBackend
 from ..case import GIF0, GIF1, INSN, NEED_NO_SVM, VMEXIT_INVALID, VMRUN, Case, exception, vmexit
+from ..model.watchdog import TIMER_UNICORN, TIMER_WATCHDOG
 from ..observation import EXCEPTION, SYNC
 from ..runner import run_case
-from .watchdog import TIMER_UNICORN, TIMER_WATCHDOG
 
 
 def bench_cases() -> list[Case]:

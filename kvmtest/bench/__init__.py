@@ -1,5 +1,9 @@
 """`kvmtest bench`: every benchmark, figures side by side in one run.
 
+The package holds one module per benchmark: ``kvm`` (the binding next to
+the C reference ``csrc/bench_ref.c``), ``model`` (Unicorn instance reuse);
+the qemu per-kernel verdict is timed here.
+
 Targets are reported here (and exit 1 when one is missed), never asserted
 with a clock in the unit tests.
 """
@@ -27,7 +31,7 @@ def _mark(ok: bool) -> str:
 
 
 def bench_kvm(args: argparse.Namespace) -> bool:
-    from . import bench
+    from . import kvm as bench
 
     _section("KVM ioctl path: Python vs the C reference (csrc/bench_ref.c), same guest")
     quick = args.quick
@@ -40,7 +44,7 @@ def bench_kvm(args: argparse.Namespace) -> bool:
 
 
 def bench_model_section(args: argparse.Namespace) -> bool:
-    from .model.bench import bench_model
+    from .model import bench_model
 
     _section("model backend: reused Unicorn instance vs instance per case, same cases")
     res = bench_model(100 if args.quick else 1000)
@@ -56,9 +60,9 @@ def bench_model_section(args: argparse.Namespace) -> bool:
 
 def _verdict(kernel: str) -> dict:
     """One per-kernel verdict: boot + the whole catalogue, with its parts."""
-    from .backends.qemu import QemuBackend
-    from .cases import catalogue
-    from .session import run_cases
+    from ..backends.qemu import QemuBackend
+    from ..cases import catalogue
+    from ..session import run_cases
 
     t0 = time.monotonic()
     backend = QemuBackend(kernel)

@@ -31,13 +31,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import l1, layout, params
-from .exits import IoExit
-from .kvm import Kvm, Vcpu, Vm, ffi, pack_cpuid2
-from .payloads import load_payload
-from .ucall import UCALL_PORT, Ucall
+from .. import l1, layout, params
+from ..exits import IoExit
+from ..kvm import Kvm, Vcpu, Vm, ffi, pack_cpuid2
+from ..payloads import load_payload
+from ..ucall import UCALL_PORT, Ucall
 
-C_SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "bench_ref.c"
+C_SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "bench_ref.c"
 KVM_HEADER = Path("/usr/include/linux/kvm.h")
 
 TARGET_LIFECYCLE = 1.3

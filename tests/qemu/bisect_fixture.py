@@ -14,7 +14,7 @@ History (index in the returned list):
   4  comment before nested_svm_vmexit()           bad
   5  comment at the end of the file               bad
 
-The recipe is in KMOD_NOTES.md.
+The recipe is in docs/kmod.md.
 """
 
 from __future__ import annotations
