@@ -60,12 +60,15 @@ typedef KVMTEST_MEMBER(struct kvm_run, io) kvmtest_run_io;
 typedef KVMTEST_MEMBER(struct kvm_run, mmio) kvmtest_run_mmio;
 typedef KVMTEST_MEMBER(struct kvm_run, internal) kvmtest_run_internal;
 typedef KVMTEST_MEMBER(struct kvm_run, system_event) kvmtest_run_system_event;
+typedef struct kvm_debug_exit_arch kvmtest_run_debug;
+typedef struct kvm_guest_debug_arch kvmtest_guest_debug_arch;
 #define KVMTEST_RUN_HW_OFFSET offsetof(struct kvm_run, hw)
 #define KVMTEST_RUN_FAIL_ENTRY_OFFSET offsetof(struct kvm_run, fail_entry)
 #define KVMTEST_RUN_IO_OFFSET offsetof(struct kvm_run, io)
 #define KVMTEST_RUN_MMIO_OFFSET offsetof(struct kvm_run, mmio)
 #define KVMTEST_RUN_INTERNAL_OFFSET offsetof(struct kvm_run, internal)
 #define KVMTEST_RUN_SYSTEM_EVENT_OFFSET offsetof(struct kvm_run, system_event)
+#define KVMTEST_RUN_DEBUG_OFFSET offsetof(struct kvm_run, debug.arch)
 #define KVMTEST_RUN_SYSTEM_EVENT_DATA_OFFSET offsetof(struct kvm_run, system_event.data)
 
 typedef KVMTEST_MEMBER(struct kvm_vcpu_events, exception) kvmtest_events_exception;

@@ -1,72 +1,180 @@
 """The guest side of the qemu backend: run cases on the guest kernel's KVM.
 
-The host writes a request (case ids, timeout) to the shared directory; the
-guest, booted by kvmtest.qemu, runs ``python3 -m kvmtest agent REQ OUT``
-with the host's Python and source tree (the host's / is the guest's root
-over 9p).  Observations go back as JSON and are judged on the host.
+Runs inside the guest booted by kvmtest.qemu (``python3 -S -I -m
+kvmtest.agent``, from the initramfs's runtime) and talks to the host over
+the virtio-serial port /init opened as fd $KVMTEST_CHANNEL_FD, with the
+frames of kvmtest.qemu.channel:
+
+1. ``hello`` with the facts: kernel release, kvm module, kvm_amd's
+   effective parameters, MAXPHYADDR, SVM, KVM_CAP_NESTED_STATE,
+   KVM_CAP_X86_SMM (or ``error`` when /dev/kvm is unusable);
+2. for each ``batch`` (whole cases, kvmtest.casecodec JSON, plus the per-case
+   timeout): ``start`` and one ``result`` per case, in order: the
+   Observation, a skip reason, or the error the case raised;
+3. on ``bye``: the VMs are destroyed, ``bye`` is answered, the agent exits
+   and /init powers the guest off.
+
+The observations are judged on the host.  The host is trusted here: its
+frames are decoded without the strict checks the host applies to ours.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 import time
-from dataclasses import asdict
-from pathlib import Path
 
 from .backends.kvm import KvmBackend, kvm_module
-from .cases import catalogue
+from .case import Case
+from .casecodec import from_json, to_json
 from .kvm import KvmUnavailable
 from .kvm_amd import module_params
 from .runner import run_case
-from .session import skip_reason
+from .smm import drive_smm  # noqa: F401  (run_case imports it lazily; load it now)
+
+PROTOCOL_VERSION = 1  # kvmtest.qemu.channel.PROTOCOL_VERSION
 
 
-def run(request: dict) -> dict:
-    started = time.monotonic()
-    facts = {"kernel": platform.release(), "kvm_module": kvm_module(),
-             "kvm_amd": module_params()}
-    try:
-        backend = KvmBackend()
-    except KvmUnavailable as e:
-        return {"facts": facts, "error": str(e)}
-    facts["maxphyaddr"] = backend.maxphyaddr
-    facts["svm"] = backend.svm
-    facts["nested_state"] = backend.nested_cap
-    try:
-        return {"facts": facts, **_run_cases(backend, request), "seconds":
-                time.monotonic() - started}
-    finally:
-        backend.close()
+def uptime() -> float:
+    with open("/proc/uptime") as f:
+        return float(f.read().split()[0])
 
 
-def _run_cases(backend: KvmBackend, request: dict) -> dict:
-    cases = {c.id: c for c in catalogue(backend.maxphyaddr)}
-    results: dict[str, dict] = {}
-    for case_id in request["cases"]:
-        case = cases.get(case_id)
-        if case is None:
-            results[case_id] = {"error": f"unknown case {case_id}"}
-            continue
-        reason = skip_reason(backend, case)
+def process_start() -> float:
+    """This process's start, in seconds of uptime (/proc/self/stat starttime)."""
+    with open("/proc/self/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
+class Channel:
+    """Line-framed JSON on a file descriptor (blocking)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._buffer = bytearray()
+
+    def send(self, *frames: dict) -> None:
+        """FRAMES in one write (each virtio-serial write costs a guest exit)."""
+        data = b"".join(json.dumps(f, ensure_ascii=True, separators=(",", ":")).encode() + b"\n"
+                        for f in frames)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+
+    def recv(self) -> dict | None:
+        """The next frame, or None when the host hung up."""
+        while True:
+            end = self._buffer.find(b"\n")
+            if end >= 0:
+                line = bytes(self._buffer[:end])
+                del self._buffer[: end + 1]
+                return json.loads(line)
+            chunk = os.read(self.fd, 1 << 16)
+            if not chunk:
+                return None
+            self._buffer += chunk
+
+
+def facts(backend: KvmBackend | None, error: str | None = None) -> dict:
+    out: dict = {"kernel": os.uname().release, "kvm_module": kvm_module() or "",
+                 "kvm_amd": module_params()}
+    if backend is not None:
+        out.update(maxphyaddr=backend.maxphyaddr, svm=backend.svm,
+                   nested_state=int(backend.nested_cap), smm=int(backend.smm_cap))
+    if error is not None:
+        out["error"] = error
+    return out
+
+
+def skip_reason(caps: dict[str, str | None], case: Case) -> str | None:
+    """A need the guest's KVM lacks (the host filters first, from the facts)."""
+    for need in sorted(case.needs):
+        reason = caps.get(need, f"the guest cannot provide {need!r}")
         if reason:
-            results[case_id] = {"skip": reason}
+            return reason
+    return None
+
+
+def describe_error(e: BaseException) -> str:
+    """'Type: message at file:line <- file:line' without the traceback module."""
+    where = []
+    tb = e.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        where.append(f"{code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}")
+        tb = tb.tb_next
+    chain = " <- ".join(reversed(where[-4:]))
+    return f"{type(e).__name__}: {e}" + (f" at {chain}" if chain else "")
+
+
+def run_batch(ch: Channel, backend: KvmBackend, frame: dict) -> None:
+    """Each case's result goes out with the next case's start: one write per
+    case, and the host always knows the case in flight."""
+    timeout = float(frame["timeout"])
+    caps = backend.capabilities()
+    result: dict | None = None
+    for data in frame["cases"]:
+        case_id = data.get("id", "?")
+        start = {"t": "start", "id": case_id}
+        if result:
+            ch.send(result, start)
+        else:
+            ch.send(start)
+        started = time.monotonic()
+        try:
+            case = from_json(Case, data, strict=False)
+            reason = skip_reason(caps, case)
+            if reason:
+                result = {"t": "result", "id": case_id, "skip": reason}
+                continue
+            obs = run_case(backend, case, timeout)
+        except Exception as e:  # reported per case: the host decides what it means
+            result = {"t": "result", "id": case_id, "error": describe_error(e)}
             continue
-        t0 = time.monotonic()
-        obs = run_case(backend, case, request.get("timeout", 5.0))
-        results[case_id] = {"observation": asdict(obs), "seconds": time.monotonic() - t0}
-    return {"results": results}
+        result = {"t": "result", "id": case_id, "observation": to_json(obs),
+                  "seconds": round(time.monotonic() - started, 4)}
+    if result:
+        ch.send(result)
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print("usage: python3 -m kvmtest agent REQUEST.json RESULT.json", file=sys.stderr)
+def serve(ch: Channel) -> int:
+    ch.send({"t": "mark", "stage": "python", "uptime": process_start()})
+    ch.send({"t": "mark", "stage": "agent", "uptime": uptime()})
+    try:
+        backend: KvmBackend | None = KvmBackend()
+    except KvmUnavailable as e:
+        backend, error = None, str(e)
+    else:
+        error = None
+    ch.send({"t": "hello", "v": PROTOCOL_VERSION, "facts": facts(backend, error)})
+    try:
+        while True:
+            frame = ch.recv()
+            if frame is None:
+                return 3  # the host hung up without bye
+            if frame["t"] == "batch" and backend is not None:
+                run_batch(ch, backend, frame)
+            elif frame["t"] == "bye":
+                break
+            else:
+                raise ValueError(f"unexpected host frame {frame['t']!r}")
+    finally:
+        if backend is not None:
+            backend.close()  # VM teardown: its kernel log lands before our bye
+    ch.send({"t": "bye"})
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    fd = os.environ.get("KVMTEST_CHANNEL_FD")
+    if fd is None or argv:
+        print("kvmtest agent: runs inside the qemu backend's guest (KVMTEST_CHANNEL_FD unset)",
+              file=sys.stderr)
         return 2
-    request = json.loads(Path(argv[0]).read_text())
-    out = run(request)
-    tmp = Path(argv[1] + ".tmp")
-    tmp.write_text(json.dumps(out))
-    os.replace(tmp, argv[1])  # the host never sees a half-written result
-    return 0 if "error" not in out else 3
+    return serve(Channel(int(fd)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

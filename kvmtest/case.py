@@ -21,6 +21,10 @@ VMRUN = "vmrun"  # payload vmrun: L1 runs VMRUN on a prepared VMCB12
 INSN = "insn"  # payload svm_insn: one instruction, exception or not
 SET_NESTED_STATE = "set_nested_state"  # KVM_SET_NESTED_STATE with a bad VMCB12
 SMM = "smm"  # payload smm: SMI while in L2, the SMM handler patches VMCB12, RSM
+# L1 runs as in VMRUN/INSN; on SYNC(stage) the host carries out the case's
+# on_sync actions (kvmtest/actions.py: interrupts, NMI, SMI, memslot deletion,
+# nested-state round trips) and resumes; L1's event log is read at the end.
+SCRIPT = "script"
 
 # Capabilities a case needs from its backend (backends report theirs).
 NEED_SVM = "svm"  # SVM in the guest CPUID, nested SVM in the host
@@ -53,6 +57,12 @@ class Expect:
           "accepted"        KVM_SET_NESTED_STATE succeeds and the vCPU is in guest mode
           "shutdown"        the vCPU shuts down (KVM_EXIT_SHUTDOWN), e.g. RSM refusing
                             to re-enter L2 with an invalid VMCB12
+          "log"             L1 reports after VMRUN (EXITCODE exit_code if set) and its
+                            event log reads exactly `log`
+          "left_l2"         L2 does not go on: L1 resumes after VMRUN out of guest
+                            mode, or the vCPU shuts down
+          "accepted_l1"     KVM_SET_NESTED_STATE succeeds and the vCPU is not in guest
+                            mode (a state without GUEST_MODE)
           "internal_error"  KVM_RUN ends in KVM_EXIT_INTERNAL_ERROR with `suberror`
                             (and, with exit_code set, while handling that SVM exit)
           "fail_entry"      KVM_RUN ends in KVM_EXIT_FAIL_ENTRY: the CPU refused the
@@ -100,6 +110,8 @@ class Expect:
     # as a whole (a known bug among them still fails): for a race in the
     # kernel that no case can steer (cases/eventinj.py, reserved TYPEs).
     alternatives: tuple[Expect, ...] = ()
+    # kind "log": L1's event log, rendered by kvmtest.eventlog.render.
+    log: tuple[str, ...] | None = None
 
     def describe(self) -> str:
         if self.kind == "vmexit" and self.l2_event is None:
@@ -114,6 +126,10 @@ class Expect:
             text += f" (suberror {self.suberror})"
         if self.kind == "no_fault" and self.exit_code is not None:
             text += f", then vmexit {self.exit_code:#x}"
+        if self.kind == "log" and self.exit_code is not None:
+            text += f" (exit {self.exit_code:#x})"
+        if self.log is not None:
+            text += ": " + " ".join(self.log)
         if self.known_bug:
             text += f" (bug: {self.known_bug})"
         if self.event_inj_cleared is not None:
@@ -180,8 +196,19 @@ class Case:
     # whose legality follows the guest CPUID.
     cpuid: Mapping[str, bool] = field(default_factory=dict)
 
+    # SCRIPT (and any drive()): SYNC stage tag -> host actions, in order
+    # (kvmtest.actions, e.g. ("irq 48",), ("delete_memory 0x40000000",)).
+    on_sync: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
+    # Where VMCB12 is written, read back and poisoned (VMRUN's rAX is params').
+    vmcb12_gpa: int = layout.VMCB12_GPA
+    # Extra memslots created before the run: GPA -> size (page multiples).
+    extra_memory: Mapping[int, int] = field(default_factory=dict)
+    # SET_NESTED_STATE: the request beyond the VMCB12 (kvmtest.nested_request).
+    nested: Mapping[str, int] = field(default_factory=dict)
+
     def __post_init__(self) -> None:
-        for name in ("params", "vmcb", "memory", "profiles", "smm_vmcb", "cpuid"):
+        for name in ("params", "vmcb", "memory", "profiles", "smm_vmcb", "cpuid", "on_sync",
+                     "extra_memory", "nested"):
             object.__setattr__(self, name, _frozen(getattr(self, name)))
         unknown = set(self.params) - set(params.PARAMS)
         if unknown:

@@ -112,7 +112,7 @@ def _kvm_amd_params(args: argparse.Namespace) -> dict[str, str]:
 
 def _backend_options(args: argparse.Namespace) -> dict:
     if args.backend != "qemu":
-        for opt in ("kernel", "modules", "kvm_modules", "cpu", "artifacts"):
+        for opt in ("kernel", "modules", "kvm_modules", "cpu", "artifacts", "keep"):
             if getattr(args, opt, None):
                 raise CliError(f"--{opt.replace('_', '-')} needs --backend qemu", EXIT_USAGE)
         if getattr(args, "kvm_amd_param", None):
@@ -125,7 +125,8 @@ def _backend_options(args: argparse.Namespace) -> dict:
                        "linux-image-6.1.0-56-amd64-unsigned)", EXIT_USAGE)
     params = _kvm_amd_params(args)
     return {"kernel": args.kernel, "modules": args.modules, "kvm_modules": args.kvm_modules,
-            "cpu": args.cpu, "kvm_amd_params": params, "artifacts": args.artifacts}
+            "cpu": args.cpu, "kvm_amd_params": params, "artifacts": args.artifacts,
+            "keep": getattr(args, "keep", False)}
 
 
 def report_paths(args: argparse.Namespace) -> dict[str, str]:
@@ -279,6 +280,8 @@ def add_run_options(p: argparse.ArgumentParser, selection: bool = True) -> None:
                    help="qemu: extra kvm_amd parameter (nested=1 is always set); "
                    "model: the parameters to emulate (npt, vgif, vls)")
     p.add_argument("--artifacts", metavar="DIR", help="qemu: keep console and logs here")
+    p.add_argument("--keep", action="store_true",
+                   help="qemu: keep the temporary artifacts directory (kept anyway on failure)")
 
 
 def add_report_options(p: argparse.ArgumentParser) -> None:

@@ -67,6 +67,22 @@ class SystemEventExit:
 
 
 @dataclass(frozen=True)
+class DebugExit:
+    """KVM_EXIT_DEBUG (KVM_SET_GUEST_DEBUG): the vCPU stopped for the host."""
+
+    exception: int
+    pc: int
+    dr6: int
+    dr7: int
+
+
+@dataclass(frozen=True)
+class IrqWindowExit:
+    """KVM_EXIT_IRQ_WINDOW_OPEN: the vCPU can take an interrupt now
+    (requested with kvm_run.request_interrupt_window)."""
+
+
+@dataclass(frozen=True)
 class UnknownExit:
     reason: int
 
@@ -88,5 +104,6 @@ class EmulationError:
 
 Exit = (
     IoExit | HltExit | ShutdownExit | FailEntryExit | InternalErrorExit | MmioExit
-    | InterruptedExit | SystemEventExit | UnknownExit | TimedOut | EmulationError
+    | InterruptedExit | SystemEventExit | DebugExit | IrqWindowExit | UnknownExit | TimedOut
+    | EmulationError
 )

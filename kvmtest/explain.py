@@ -18,8 +18,8 @@ import fnmatch
 import re
 import textwrap
 
+from . import eventlog, params, parity, vmcb12
 from . import judge as j
-from . import params, parity, vmcb12
 from . import report as rep
 from .case import (
     GIF0,
@@ -33,6 +33,7 @@ from .case import (
     NEED_SMM,
     NEED_SVM,
     NEED_VGIF,
+    SCRIPT,
     SET_NESTED_STATE,
     SMM,
     VMRUN,
@@ -54,6 +55,9 @@ SCENARIO = {
                       "VMCB12 and see L2's VMMCALL",
     SMM: "an SMI arrives while L2 runs; the SMM handler writes the VMCB12 fields below "
          "into guest memory, then RSM",
+    SCRIPT: "L1 (or L2, or an SMM handler) stops at SYNC stages where the host acts "
+            "(interrupts, NMI, SMI, memslots, nested-state round trips: on_sync below); "
+            "L1 logs the order of markers and events",
 }
 GIF_MODE = {GIF1: "GIF=1 at VMRUN (STGI first)", GIF0: "GIF=0 at VMRUN (CLGI first)"}
 NEEDS = {
@@ -75,6 +79,11 @@ KIND = {
     "einval": "KVM_SET_NESTED_STATE fails with EINVAL, and L1 still runs",
     "accepted": "KVM_SET_NESTED_STATE succeeds and the vCPU is in guest mode",
     "shutdown": "the vCPU shuts down (KVM_EXIT_SHUTDOWN): RSM refuses to re-enter L2",
+    "accepted_l1": "KVM_SET_NESTED_STATE succeeds and the vCPU is not in guest mode",
+    "log": "L1 reports after its VMRUN and its event log (markers, interrupts, NMIs, "
+           "SMIs, #DBs in the order they came) reads as given",
+    "left_l2": "L2 does not go on: L1 resumes after its VMRUN out of guest mode, or the "
+               "vCPU shuts down",
 }
 # Bit names of the VMCB12 fields cases change most (APM vol. 2: CR0 and CR4
 # in 3.1, EFER in 3.1.7, the VMRUN/VMMCALL intercepts in appendix B).
@@ -155,6 +164,10 @@ def _inputs(case: Case) -> dict[str, object]:
         out.update({f"vmcb12.{n}": v[n] for n in FIELDS})
     out.update({f"smm handler writes {k}": v for k, v in case.smm_vmcb.items()})
     out.update({f"memory at {gpa:#x}": len(data) for gpa, data in case.memory.items()})
+    out.update({f"host at stage {stage:#x}": " ".join(acts) for stage, acts in
+                case.on_sync.items()})
+    out.update({f"nested.{k}": v for k, v in case.nested.items()})
+    out.update({f"memslot at {gpa:#x}": size for gpa, size in case.extra_memory.items()})
     return out
 
 
@@ -327,6 +340,15 @@ def field_rows(case: Case, want: Expect, obs: Observation) -> list[Row]:
     elif want.kind == "accepted":
         rows = [_row("outcome", ("accepted",), obs.outcome),
                 _row("guest_mode", (True,), obs.guest_mode)]
+    elif want.kind == "accepted_l1":
+        rows = [_row("outcome", ("accepted",), obs.outcome),
+                _row("guest_mode", (False,), obs.guest_mode)]
+    elif want.kind == "log":
+        rows = _log_rows(case, want, obs)
+    elif want.kind == "left_l2":
+        rows = [(("outcome", "shutdown, or sync out of guest mode",
+                  f"{obs.outcome}, guest mode {obs.guest_mode}",
+                  not j.check(case, obs, want)))]
     else:
         rows = [_row("outcome", (want.kind,), obs.outcome)]
     if case.scenario == SMM:
@@ -334,6 +356,17 @@ def field_rows(case: Case, want: Expect, obs: Observation) -> list[Row]:
         rows.append(("smm_handler_runs", ">= 1", str(runs), runs >= 1))
     if obs.kernel_warnings:
         rows.append(("kernel log", "no WARN/BUG", obs.kernel_warnings[0], False))
+    return rows
+
+
+def _log_rows(case: Case, want: Expect, obs: Observation) -> list[Row]:
+    seen = eventlog.render(obs.log, load_payload(case.payload))
+    rows = [_row("outcome", ("sync",), obs.outcome)]
+    if want.exit_code is not None:
+        rows.append(_row("exit_code", (want.exit_code,), obs.exit_code))
+    shown = " ".join(seen) if seen is not None else "(never started)"
+    ok = seen is not None and (want.log is None or eventlog.matches(seen, want.log))
+    rows.append(("event log", " ".join(want.log or ("(any)",)), shown, ok))
     return rows
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
-from . import layout, params
+from . import eventlog, layout, params
 from . import observation as o
 from .case import ANY_ERROR_CODE, SMM, VMRUN, Case, Expect
 from .payloads import load_payload
@@ -185,6 +185,38 @@ def _check_exception(obs: o.Observation, want: Expect, case: Case) -> list[str]:
     return bad
 
 
+def _check_log(obs: o.Observation, want: Expect, case: Case) -> list[str]:
+    if obs.outcome != o.SYNC:
+        return [f"L1 did not report: {obs.outcome} {obs.detail}".rstrip()]
+    bad = []
+    if want.exit_code is not None and obs.exit_code != want.exit_code:
+        bad.append(f"EXITCODE {obs.exit_code:#x} != {want.exit_code:#x}" if obs.exit_code
+                   is not None else "EXITCODE not read")
+    seen = eventlog.render(obs.log, load_payload(case.payload))
+    if seen is None:
+        bad.append("L1 never started its event log")
+    elif want.log is not None and not eventlog.matches(seen, want.log):
+        bad.append(f"event log {' '.join(seen) or '(empty)'} != {' '.join(want.log)}")
+    return bad
+
+
+def _check_left_l2(obs: o.Observation) -> list[str]:
+    """L2 stopped: L1 resumed after its VMRUN, out of guest mode, or the vCPU
+    shut down (a triple fault of L1 is KVM's documented answer when it cannot
+    complete a #VMEXIT)."""
+    if obs.outcome == o.SHUTDOWN:
+        return []
+    if obs.outcome != o.SYNC:
+        return [f"L2 went on or L1 never resumed: {obs.outcome} {obs.detail}".rstrip()
+                + (" (still in guest mode)" if obs.guest_mode else "")]
+    bad = []
+    if (obs.l1 or {}).get("stage") != params.STAGE_AFTER_VMRUN:
+        bad.append("L1 result block not written after VMRUN")
+    if obs.guest_mode:
+        bad.append("still in guest mode")
+    return bad
+
+
 def matched(case: Case, obs: o.Observation, want: Expect) -> Expect | None:
     """The expectation obs keeps: want itself, or one of its alternatives
     (the first that holds), or None."""
@@ -234,6 +266,14 @@ def _check(case: Case, obs: o.Observation, want: Expect) -> list[str]:
         bad = [] if obs.outcome == o.ACCEPTED else [f"KVM_SET_NESTED_STATE: {obs.detail}"]
         if not bad and not obs.guest_mode:
             bad.append("accepted but not in guest mode")
+    elif want.kind == "accepted_l1":
+        bad = [] if obs.outcome == o.ACCEPTED else [f"KVM_SET_NESTED_STATE: {obs.detail}"]
+        if not bad and obs.guest_mode is not False:
+            bad.append(f"accepted, but guest mode is {obs.guest_mode}")
+    elif want.kind == "log":
+        bad = _check_log(obs, want, case)
+    elif want.kind == "left_l2":
+        bad = _check_left_l2(obs)
     else:
         raise ValueError(f"unknown expectation {want.kind!r}")
     if case.scenario == SMM and not obs.smm_handler_runs:

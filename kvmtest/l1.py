@@ -7,6 +7,7 @@ the same bytes at the same GPAs.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from . import layout
@@ -81,6 +82,7 @@ def _descriptor(seg: Segment) -> int:
     )
 
 
+@functools.cache  # constant, and loaded for every case
 def gdt() -> bytes:
     tss_low = _descriptor(Segment(0, base=TSS.base, limit=TSS.limit, type=0x9, s=0, g=0))
     entries = [0, _descriptor(CODE64), _descriptor(DATA), tss_low, TSS.base >> 32]
@@ -89,7 +91,11 @@ def gdt() -> bytes:
 
 def idt(payload: Payload) -> bytes:
     """64-bit interrupt gates for the exception vectors, to exc_stubs."""
-    stubs = payload.sym("exc_stubs")
+    return _idt(payload.sym("exc_stubs"))
+
+
+@functools.cache  # loaded for every case
+def _idt(stubs: int) -> bytes:
     out = bytearray()
     for vector in range(layout.IDT_VECTORS):
         handler = stubs + EXC_STUB_STRIDE * vector

@@ -8,6 +8,8 @@ mode on an identity map of the first 1 GiB (2 MiB pages).
 
 from __future__ import annotations
 
+import functools
+
 PAGE_SIZE = 0x1000
 
 # One memory slot at GPA 0.  Everything else is unbacked: a GPA in
@@ -79,6 +81,11 @@ IDT_VECTORS = 32  # exceptions only; the stubs report anything else as spurious
 
 def page_tables() -> dict[int, bytes]:
     """PML4/PDPT/PD identity-mapping [0, 1 GiB) with 2 MiB pages."""
+    return dict(_page_tables())
+
+
+@functools.cache  # constant, and built for every case: costly in a TCG guest
+def _page_tables() -> dict[int, bytes]:
     pml4 = (PDPT_GPA | PTE_P | PTE_RW | PTE_US).to_bytes(8, "little").ljust(PAGE_SIZE, b"\0")
     pdpt = (PD_GPA | PTE_P | PTE_RW | PTE_US).to_bytes(8, "little").ljust(PAGE_SIZE, b"\0")
     pd = b"".join(

@@ -40,6 +40,7 @@ UNEXPECTED_EXIT = "unexpected_exit"
 EMULATION_ERROR = "emulation_error"
 INTERNAL_ERROR = "internal_error"  # KVM_EXIT_INTERNAL_ERROR: exit_data = [suberror, *data]
 FAIL_ENTRY = "fail_entry"  # KVM_EXIT_FAIL_ENTRY: exit_data = [hardware_entry_failure_reason]
+ACTION_FAILED = "action_failed"  # a host action (kvmtest.actions) was refused
 
 
 @dataclass
@@ -72,6 +73,10 @@ class Observation:
     exit_data: list[int] | None = None
     # SMM scenario: how often the SMM handler ran (proves the SMI and RSM path)
     smm_handler_runs: int | None = None
+    # L1's event log (kvmtest.eventlog): [kind, value, ...]; None: no log
+    log: list[int] | None = None
+    # host actions carried out (kvmtest.actions), in order
+    actions: list[str] = field(default_factory=list)
     # new kernel-log lines that indicate a kernel bug; None: not checked
     kernel_warnings: list[str] | None = None
     kernel_log_checked: bool = False

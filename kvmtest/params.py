@@ -23,6 +23,7 @@ PARAMS = (
     "l1_cr0_xor",
     "l1_cr4_xor",
     "l1_efer_xor",
+    "mode",  # perm/events/smm_vmrun payloads: which variant (PERM_*, EV_*)
 )
 
 PF_SET_SVME = 1 << 0  # set EFER.SVME before the test
@@ -63,6 +64,35 @@ STAGE_AFTER_VMRUN = 2
 
 RESULT_GPA = layout.PARAMS_GPA + 0x400
 RESULT_POISON = 0x5A5A_5A5A_5A5A_5A5A
+
+# The event log (kvmtest/eventlog.py): u64 count, then (kind, value) pairs,
+# appended by L1's markers and its interrupt/NMI/#DB/SMI handlers in order.
+LOG_GPA = layout.PARAMS_GPA + 0x600
+LOG_MAX = 15
+LOG_MARK = 1  # value: the marker's address
+LOG_INTR = 2  # value: the interrupted RIP
+LOG_NMI = 3
+LOG_SMI = 4
+LOG_DB = 5
+LOG_DR6 = 6  # value: DR6 & LOG_DR6_MASK when the #DB was taken
+LOG_DR6_MASK = 0xE00F  # BD, BS, BT, B0..B3
+# Host actions on a SYNC (kvmtest/actions.py): the stage tags payloads use.
+STAGE_BEFORE_L1 = 0  # not a SYNC: the host's actions before L1's first instruction
+STAGE_HOST_ACTION = 0x4841  # "HA": L1 asks the host for the case's action(s)
+STAGE_L2_PAUSE = 0x4C32  # "L2": L2 stops for the host, then VMMCALLs
+STAGE_SMM = 0x534D4D  # an SMM handler stops for the host before RSM
+INTR_VECTOR = 0x30  # the external interrupt KVM_INTERRUPT queues
+# perm payload (guest_payloads/perm.S): where the instruction runs.
+PERM_CPL0 = 0  # 64-bit, CPL 0, after the payload's own GDT is loaded
+PERM_CPL3 = 1  # 64-bit, CPL 3
+PERM_COMPAT = 2  # compatibility mode (32-bit code), paging on
+PERM_NO_PAGING = 3  # 32-bit protected mode, CR0.PG = 0
+PERM_REAL = 4  # real mode (CR0.PE = 0)
+PERM_SMM = 5  # smm_vmrun payload: in SMM, long mode set up by the handler
+# events payload (guest_payloads/events.S) mode bits.
+EV_TF = 1 << 0  # single-step the VMRUN (RFLAGS.TF set just before it)
+EV_IRET = 1 << 1  # IRET to self after the VMRUN (ends NMI blocking)
+EV_NO_SVM = 1 << 2  # no CLGI/VMRUN/STGI: a guest without SVM (tests only)
 
 # svm_insn payload: instruction selector.
 INSNS = ("vmrun", "vmmcall", "vmload", "vmsave", "stgi", "clgi", "skinit", "invlpga", "wrmsr")

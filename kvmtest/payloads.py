@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import layout, payload_build
+from . import layout
 
 PKG_DIR = Path(__file__).resolve().parent
 OUT_DIR = PKG_DIR / "payloads"
@@ -52,6 +52,9 @@ def _stale() -> bool:
     bins = list(OUT_DIR.glob("*.bin"))
     if not bins:
         return True
+    # Imported here: the qemu guest (prebuilt payloads) never needs the builder.
+    from . import payload_build
+
     newest_src = payload_build.sources_digest(SRC_DIR, PKG_DIR)
     return min(p.stat().st_mtime for p in bins) < newest_src or len(bins) < len(
         [s for s in SRC_DIR.glob("*.S") if s.name != payload_build.COMMON]
@@ -66,6 +69,8 @@ def _ensure_built() -> None:
     with open(OUT_DIR / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if _stale():
+            from . import payload_build
+
             try:
                 payload_build.build_all(SRC_DIR, PKG_DIR, OUT_DIR)
             except payload_build.PayloadBuildError as e:

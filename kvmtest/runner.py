@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import errno
 
-from . import layout, params, ucall, vmcb12
+from . import actions, eventlog, layout, nested_request, params, ucall, vmcb12
 from .backends.base import Backend, Machine
-from .case import INSN, NEED_SVM, SET_NESTED_STATE, SMM, VMRUN, Case
+from .case import INSN, NEED_SVM, SCRIPT, SET_NESTED_STATE, SMM, VMRUN, Case
 from .exits import (
     EmulationError,
     FailEntryExit,
@@ -18,13 +18,13 @@ from .exits import (
 )
 from .observation import (
     ACCEPTED,
+    ACTION_FAILED,
     EINVAL,
     EMULATION_ERROR,
     EXCEPTION,
     FAIL_ENTRY,
     GUEST_ASSERT,
     INTERNAL_ERROR,
-    KVM_STATE_NESTED_GUEST_MODE,
     SHUTDOWN,
     SYNC,
     TIMEOUT,
@@ -46,17 +46,26 @@ def symbolize(payload: Payload, addr: int) -> str | None:
     return best[1] if addr == best[0] else f"{best[1]}+{addr - best[0]:#x}"
 
 
+class PrepareError(RuntimeError):
+    """The backend refused the case's extra memory (a harness problem)."""
+
+
 def prepare_memory(m: Machine, case: Case, payload: Payload) -> None:
+    for gpa, size in case.extra_memory.items():
+        e = m.add_memory(gpa, size)
+        if e:
+            raise PrepareError(f"extra memslot at {gpa:#x}+{size:#x}: errno {e}")
     m.write(layout.PARAMS_GPA, params.pack(params.PARAMS, case.guest_params()))
     m.write(params.RESULT_GPA, params.RESULT_POISON.to_bytes(8, "little") * len(params.RESULT))
+    m.write(params.LOG_GPA, eventlog.poison())
     if NEED_SVM in case.needs:
-        m.write(layout.VMCB12_GPA, vmcb12.prepare(payload, case.l2_entry, case.vmcb).to_bytes())
+        m.write(case.vmcb12_gpa, vmcb12.prepare(payload, case.l2_entry, case.vmcb).to_bytes())
     for gpa, data in case.memory.items():
         m.write(gpa, data)
 
 
-def _read_vmcb12(m: Machine, obs: Observation) -> None:
-    v = Vmcb(m.read(layout.VMCB12_GPA, VMCB_SIZE))
+def _read_vmcb12(m: Machine, obs: Observation, gpa: int = layout.VMCB12_GPA) -> None:
+    v = Vmcb(m.read(gpa, VMCB_SIZE))
     obs.exit_code = v["exit_code"]
     obs.exit_info_1 = v["exit_info_1"]
     obs.exit_info_2 = v["exit_info_2"]
@@ -75,9 +84,25 @@ def _on_sync(m: Machine, case: Case, obs: Observation) -> None:
         obs.gif, obs.guest_mode = nested.gif, nested.guest_mode
 
 
+def _host_actions(m: Machine, case: Case, payload: Payload, stage: int,
+                  obs: Observation) -> bool:
+    """Carry out the case's actions for this stage; False if one was refused
+    (obs then says which and why)."""
+    for action in case.on_sync[stage]:
+        problem = actions.perform(m, payload, action)
+        obs.actions.append(f"{action}: {problem or 'ok'}")
+        if problem:
+            obs.outcome, obs.detail = ACTION_FAILED, f"{action}: {problem}"
+            return False
+    return True
+
+
 def drive(m: Machine, case: Case, payload: Payload, timeout: float) -> Observation:
     """Run L1 until DONE, an exception report, or something that ends the case."""
     obs = Observation(outcome=UNEXPECTED_EXIT)
+    if params.STAGE_BEFORE_L1 in case.on_sync and not _host_actions(
+            m, case, payload, params.STAGE_BEFORE_L1, obs):
+        return obs
     for _ in range(MAX_EXITS):
         ex = m.run(timeout)
         if isinstance(ex, InterruptedExit):  # a stray signal, not the guest: go on
@@ -85,6 +110,10 @@ def drive(m: Machine, case: Case, payload: Payload, timeout: float) -> Observati
         obs.exits.append(type(ex).__name__)
         if isinstance(ex, IoExit) and ex.port == ucall.UCALL_PORT:
             u = ucall.decode(m.read, ex.value)
+            if u.cmd == ucall.Ucall.SYNC and u.args[0] in case.on_sync:
+                if not _host_actions(m, case, payload, u.args[0], obs):
+                    break
+                continue
             if u.cmd == ucall.Ucall.SYNC:
                 _on_sync(m, case, obs)
                 continue
@@ -124,22 +153,34 @@ def drive(m: Machine, case: Case, payload: Payload, timeout: float) -> Observati
     else:
         obs.outcome, obs.detail = TIMEOUT, f"more than {MAX_EXITS} exits"
     if NEED_SVM in case.needs:  # prepare_memory wrote (and poisoned) a VMCB12
-        _read_vmcb12(m, obs)
+        _read_vmcb12(m, obs, case.vmcb12_gpa)
+    if case.scenario == SCRIPT:
+        obs.log = eventlog.read(m.read)
+        if obs.outcome != SYNC:  # where the vCPU was left (e.g. still in L2)
+            nested = m.nested_state()
+            if nested is not None:
+                obs.gif, obs.guest_mode = nested.gif, nested.guest_mode
     return obs
 
 
 def set_nested_state(m: Machine, case: Case, payload: Payload, timeout: float) -> Observation:
-    """KVM_SET_NESTED_STATE in guest mode: control area from the case's
-    VMCB12, save area = L1's state (KVM validates both).  A refused state must
-    leave L1 runnable: the vmrun payload on the default VMCB12 must then VMRUN
-    and see L2's VMMCALL."""
+    """KVM_SET_NESTED_STATE (by default in guest mode: control area from the
+    case's VMCB12, save area = L1's state; KVM validates both), after the host
+    set up what Case.nested asks for (nested_request.HostPrep).  A refused
+    state must leave L1 runnable: the vmrun payload on the default VMCB12 must
+    then VMRUN and see L2's VMMCALL."""
     v = vmcb12.prepare(payload, case.l2_entry, case.vmcb)
-    err = m.set_nested_state(KVM_STATE_NESTED_GUEST_MODE, layout.VMCB12_GPA, v.to_bytes())
+    prep, blob = nested_request.from_case(case.nested, v.to_bytes())
+    err, step = m.prepare_nested(prep)
+    if not err:
+        err, step = m.set_nested(blob), "KVM_SET_NESTED_STATE"
     outcome = ACCEPTED if err == 0 else EINVAL if err == errno.EINVAL else UNEXPECTED_EXIT
-    obs = Observation(outcome=outcome, detail=f"errno {err}")
+    obs = Observation(outcome=outcome, detail=f"{step}: errno {err}" if err else "accepted")
     nested = m.nested_state()
     if nested is not None:
         obs.gif, obs.guest_mode = nested.gif, nested.guest_mode
+    if prep.smm:
+        m.leave_smm()  # L1 runs (or not) outside SMM, as before the request
     if err:
         # L1 afterwards: what the judge sees is this run's VMRUN and #VMEXIT.
         m.write(layout.VMCB12_GPA, vmcb12.prepare(payload, case.l2_entry, {}).to_bytes())
@@ -159,10 +200,16 @@ def run_case(backend: Backend, case: Case, timeout: float = DEFAULT_TIMEOUT) -> 
     # need not know the keyword).
     extra = {"cpuid": case.cpuid} if case.cpuid else {}
     with backend.kernel_log() as warnings, backend.machine(payload, svm=svm, **extra) as m:
-        prepare_memory(m, case, payload)
-        if case.scenario == SET_NESTED_STATE:
+        try:
+            prepare_memory(m, case, payload)
+            problem = None
+        except PrepareError as e:  # the backend could not set the case up
+            problem = str(e)
+        if problem is not None:
+            obs = Observation(outcome=EMULATION_ERROR, detail=problem)
+        elif case.scenario == SET_NESTED_STATE:
             obs = set_nested_state(m, case, payload, timeout)
-        elif case.scenario in (VMRUN, INSN):
+        elif case.scenario in (VMRUN, INSN, SCRIPT):
             obs = drive(m, case, payload, timeout)
         elif case.scenario == SMM:
             from .smm import drive_smm  # smm.py builds on drive(): import here

@@ -29,6 +29,18 @@ PAT_INIT = 0x0007040600070406
 
 
 def default_vmcb12(payload: Payload, l2_entry: str = "l2_vmmcall") -> Vmcb:
+    # Built once per payload and L2 entry: every case starts from it.
+    key = (payload.name, payload.image, payload.entry, payload.sym(l2_entry))
+    image = _DEFAULTS.get(key)
+    if image is None:
+        image = _DEFAULTS[key] = _default_vmcb12(payload, l2_entry).to_bytes()
+    return Vmcb(image)
+
+
+_DEFAULTS: dict[tuple[str, bytes, int, int], bytes] = {}
+
+
+def _default_vmcb12(payload: Payload, l2_entry: str) -> Vmcb:
     state = l1.initial_state(payload)
     v = Vmcb()
     v["intercept_misc1"] = INTERCEPT_SHUTDOWN

@@ -6,6 +6,7 @@ from contextlib import AbstractContextManager
 from typing import Protocol
 
 from ..exits import Exit
+from ..nested_request import HostPrep, NestedBlob
 from ..observation import NestedView
 from ..payloads import Payload
 
@@ -38,6 +39,54 @@ class Machine(Protocol):
 
     def smi(self) -> None:
         """Queue an SMI (KVM_SMI), taken at the next run; SMRAM is guest memory."""
+        ...
+
+    # Host actions (kvmtest.actions): each returns 0 or the errno KVM gave.
+
+    def interrupt(self, vector: int) -> int:
+        """KVM_INTERRUPT: an external interrupt, injected when L1 can take it."""
+        ...
+
+    def nmi(self) -> int:
+        """KVM_NMI."""
+        ...
+
+    def set_nmi_masked(self, masked: bool) -> int:
+        """KVM_SET_VCPU_EVENTS: NMI blocking as after an NMI (until IRET)."""
+        ...
+
+    def add_memory(self, gpa: int, size: int) -> int:
+        """A new memslot backing [gpa, gpa + size), zeroed; read/write reach it."""
+        ...
+
+    def delete_memory(self, gpa: int) -> int:
+        """Delete the memslot add_memory made at gpa.  The host keeps its
+        copy: read() still returns what the guest (or KVM) last wrote."""
+        ...
+
+    def get_nested(self) -> NestedBlob | None:
+        """KVM_GET_NESTED_STATE as raw data (None: the backend has none)."""
+        ...
+
+    def set_nested(self, blob: NestedBlob) -> int:
+        """KVM_SET_NESTED_STATE exactly as given (nothing set beforehand)."""
+        ...
+
+    def prepare_nested(self, prep: HostPrep) -> tuple[int, str]:
+        """The vCPU state a KVM_SET_NESTED_STATE request needs (HostPrep);
+        (0, "") or (errno, the ioctl that refused it)."""
+        ...
+
+    def set_efer_svme(self, on: bool) -> int:
+        """KVM_SET_SREGS with EFER.SVME set or cleared (the host's write)."""
+        ...
+
+    def step(self) -> str:
+        """Run exactly one guest instruction; "" or why not."""
+        ...
+
+    def leave_smm(self) -> int:
+        """KVM_SET_VCPU_EVENTS: take the vCPU out of SMM (after prepare_nested)."""
         ...
 
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 from .. import cpuid_features, kmsg, l1, layout, ucall
 from ..case import NEED_CPU_PCID
-from ..exits import Exit, IoExit
+from ..exits import DebugExit, Exit, IoExit, IrqWindowExit
 from ..info import host_vendor, kvm_module
 from ..kvm import (
     DEV_KVM,
@@ -32,7 +32,9 @@ from ..kvm import (
 )
 from ..kvm.cpuid import pack_cpuid2
 from ..kvm.nested import GIF_SET as KVM_STATE_NESTED_GIF_SET
+from ..kvm.vm import GuestMemory
 from ..kvm_amd import config_capabilities, module_params
+from ..nested_request import HostPrep, NestedBlob
 from ..observation import NestedView
 from ..payloads import Payload
 
@@ -92,6 +94,8 @@ def _set_segment(seg, s: l1.Segment) -> None:
     seg.unusable = s.unusable
 
 
+DEFAULT_STEP_TIMEOUT = 2.0  # one guest instruction under the host's single-step
+
 # Everything below the payload that a case can write (tables, ucall/params,
 # HSAVE, VMCB12s, bitmaps, stacks, SMRAM), wiped when a vCPU is reused.
 LOW_MEMORY = layout.SMRAM_GPA + 0x10000
@@ -119,8 +123,27 @@ class KvmMachine:
         except BaseException:
             self.vm.close()
             raise
-        self.read = self.mem.read
-        self.write = self.mem.write
+        # Extra memslots (add_memory): GPA -> (slot, memory); deleted ones
+        # stay mapped here so the host can read what is left in them.
+        self._extra: dict[int, tuple[int, GuestMemory]] = {}
+        self._deleted: list[GuestMemory] = []
+
+    def read(self, gpa: int, n: int) -> bytes:
+        return self._memory_at(gpa, n).read(gpa, n)
+
+    def write(self, gpa: int, data: bytes) -> None:
+        self._memory_at(gpa, len(data)).write(gpa, data)
+
+    def _memory_at(self, gpa: int, n: int) -> GuestMemory:
+        if self.mem.contains(gpa, n):
+            return self.mem
+        for _, mem in self._extra.values():
+            if mem.contains(gpa, n):
+                return mem
+        for mem in self._deleted:
+            if mem.contains(gpa, n):
+                return mem
+        raise ValueError(f"GPA range [{gpa:#x}, {gpa + n:#x}) is not guest memory")
 
     def _load(self, payload: Payload) -> None:
         for gpa, data in l1.memory_image(payload).items():
@@ -129,13 +152,14 @@ class KvmMachine:
         self._enter_long_mode(l1.initial_state(payload))
         self.last_exit: Exit | None = None
         self.touched_nested_state = False
+        self._pending_irq: int | None = None
 
     @property
     def reusable(self) -> bool:
         """The case ended at a ucall and left no host-made nested state."""
         ex = self.last_exit
         return (isinstance(ex, IoExit) and ex.port == ucall.UCALL_PORT
-                and not self.touched_nested_state)
+                and not self.touched_nested_state and not self._extra and not self._deleted)
 
     def reset(self, payload: Payload) -> None:
         """Back to a fresh vCPU's state for the next case."""
@@ -183,8 +207,16 @@ class KvmMachine:
         if self._deadline is None:
             self._deadline = self.vcpu.deadline(timeout)
             self._deadline.__enter__()
-        self.last_exit = ex = self.vcpu.run()
-        return ex
+        while True:
+            self.last_exit = ex = self.vcpu.run()
+            if isinstance(ex, IrqWindowExit) and self._pending_irq is not None:
+                # The userspace-irqchip protocol: inject once KVM says the
+                # vCPU can take it (GIF, RFLAGS.IF, no shadow), then go on.
+                self.vcpu.interrupt(self._pending_irq)
+                self._pending_irq = None
+                self.vcpu.request_interrupt_window = False
+                continue
+            return ex
 
     def nested_state(self) -> NestedView | None:
         try:
@@ -214,6 +246,130 @@ class KvmMachine:
         self.vm.alias_memory_region(self.mem, address_space=1)
         self.vcpu.smi()
 
+    # ---- host actions (kvmtest.actions) ----------------------------------
+
+    def _events_call(self, fn) -> int:
+        try:
+            fn()
+        except KvmError as e:
+            return e.errno or errno.EIO
+        return 0
+
+    def interrupt(self, vector: int) -> int:
+        """Raise the interrupt line: injected when KVM opens the window."""
+        self.touched_nested_state = True  # pending events survive a reset
+        if self._pending_irq is not None:
+            return errno.EEXIST
+        self._pending_irq = vector
+        self.vcpu.request_interrupt_window = True
+        return 0
+
+    def nmi(self) -> int:
+        self.touched_nested_state = True
+        return self._events_call(self.vcpu.nmi)
+
+    def set_nmi_masked(self, masked: bool) -> int:
+        self.touched_nested_state = True
+
+        def set_mask() -> None:
+            ev = self.vcpu.get_vcpu_events()
+            ev.nmi.masked = int(masked)
+            ev.flags = 0  # pending NMIs, SIPI, SMM and payloads as they are
+            self.vcpu.set_vcpu_events(ev)
+        return self._events_call(set_mask)
+
+    def add_memory(self, gpa: int, size: int) -> int:
+        slot = 1 + len(self._extra) + len(self._deleted)
+        try:
+            mem = self.vm.set_user_memory_region(slot, gpa, size)
+        except KvmError as e:
+            return e.errno or errno.EIO
+        self._extra[gpa] = (slot, mem)
+        return 0
+
+    def delete_memory(self, gpa: int) -> int:
+        if gpa not in self._extra:
+            return errno.EINVAL  # no memslot add_memory made there
+        slot, mem = self._extra.pop(gpa)
+        try:
+            self.vm.forget_memory_region(slot)
+        except KvmError as e:
+            self._extra[gpa] = (slot, mem)
+            return e.errno or errno.EIO
+        self._deleted.append(mem)
+        return 0
+
+    def get_nested(self) -> NestedBlob | None:
+        try:
+            st = self.vcpu.get_nested_state()
+        except KvmError:
+            return None
+        return NestedBlob(st.flags, st.format, st.size, int.from_bytes(st.hdr[:8], "little"),
+                          bytes(st.data))
+
+    def set_nested(self, blob: NestedBlob) -> int:
+        self.touched_nested_state = True
+        st = NestedState(blob.flags, blob.format, blob.size,
+                         blob.vmcb_pa.to_bytes(8, "little"), blob.data)
+        try:
+            self.vcpu.set_nested_state(st)
+        except KvmError as e:
+            return e.errno or errno.EIO
+        return 0
+
+    def prepare_nested(self, prep: HostPrep) -> tuple[int, str]:
+        self.touched_nested_state = True
+        try:
+            if prep.svme:  # L1 has not run yet: enable SVM for it
+                sregs = self.vcpu.get_sregs()
+                sregs.efer |= layout.EFER_SVME
+                self.vcpu.set_sregs(sregs)
+                self.vcpu.set_msrs({MSR_VM_HSAVE_PA: layout.HSAVE_GPA})
+            if prep.l2_cr0 is not None:
+                sregs = self.vcpu.get_sregs()
+                sregs.cr0 = prep.l2_cr0
+                self.vcpu.set_sregs(sregs)
+            if prep.smm:
+                self._set_smm(True)
+        except KvmError as e:
+            return e.errno or errno.EIO, e.ioctl
+        return 0, ""
+
+    def _set_smm(self, on: bool) -> None:
+        if on:  # KVM looks SMRAM up in address space 1: the same memory
+            self.vm.alias_memory_region(self.mem, address_space=1)
+        ev = self.vcpu.get_vcpu_events()
+        ev.flags = lib.KVM_VCPUEVENT_VALID_SMM
+        ev.smi.smm = int(on)
+        ev.smi.pending = 0
+        self.vcpu.set_vcpu_events(ev)
+
+    def set_efer_svme(self, on: bool) -> int:
+        self.touched_nested_state = True
+
+        def write() -> None:
+            sregs = self.vcpu.get_sregs()
+            sregs.efer = (sregs.efer | layout.EFER_SVME) if on else (
+                sregs.efer & ~layout.EFER_SVME)
+            self.vcpu.set_sregs(sregs)
+        return self._events_call(write)
+
+    def step(self) -> str:
+        self.touched_nested_state = True
+        debug = lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_SINGLESTEP
+        try:
+            self.vcpu.set_guest_debug(debug)
+            try:  # its own deadline: the case's is armed by its first run()
+                self.last_exit = ex = self.vcpu.run(DEFAULT_STEP_TIMEOUT)
+            finally:
+                self.vcpu.set_guest_debug(0)
+        except KvmError as e:
+            return str(e)
+        return "" if isinstance(ex, DebugExit) else f"single-step ended with {ex!r}"
+
+    def leave_smm(self) -> int:
+        return self._events_call(lambda: self._set_smm(False))
+
     def _end_deadline(self) -> None:
         if self._deadline is not None:
             self._deadline.__exit__(None, None, None)
@@ -221,7 +377,11 @@ class KvmMachine:
 
     def close(self) -> None:
         self._end_deadline()
-        self.vm.close()
+        self.vm.close()  # unmaps the live extra memslots too
+        for mem in self._deleted:
+            mem.close()
+        self._deleted.clear()
+        self._extra.clear()
 
 
 class KvmBackend:

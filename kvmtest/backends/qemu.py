@@ -1,47 +1,39 @@
 """The qemu backend: boot a chosen kernel, run the cases on its KVM, judge here.
 
-One boot runs the whole selection: the guest (kvmtest.agent) uses the kvm
-backend against the guest kernel's /dev/kvm, writes observations to the
-shared directory, and powers off.  Console, kernel log and results stay in
-the artifacts directory.
+One boot runs the whole selection through a kvmtest.qemu.session.QemuSession:
+the guest agent (kvmtest.agent) uses the kvm backend against the guest
+kernel's /dev/kvm and streams observations back over the channel; they are
+judged on the host.  The guest sees nothing of the host's filesystem.
+Console, QEMU log, the session transcript and result.json (facts and
+results as decoded here) stay in the artifacts directory (--artifacts DIR,
+or a temporary one kept with --keep or after a failure).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import re
-import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from ..case import CONFIG_NEEDS, Case
+from ..casecodec import to_json
+from ..cases import DEFAULT_MAXPHYADDR, by_id
+from ..config import Config
 from ..kmod import KmodError, check_vermagic
 from ..observation import Observation
-from ..payloads import PREBUILT_ENV, load_payload
 from ..qemu.cache import NoSpaceError
-from ..qemu.errors import QemuError
+from ..qemu.errors import GuestFault, QemuError
 from ..qemu.kernels import resolve_kernel
-from ..qemu.machine import boot
+from ..qemu.machine import kvm_error
+from ..qemu.process import open_output
+from ..qemu.session import CaseError, QemuSession
 from . import BackendError, KernelError
 
 HEADLINE = re.compile(r"WARNING:|BUG:|Oops|kernel BUG|general protection fault")
-BOOT_BUDGET = 120.0  # boot + module load under TCG, with a wide margin
-PER_CASE_BUDGET = 2.0
-
-
-def agent_env(cases: Sequence[Case]) -> dict[str, str]:
-    """The guest runs the host's Python with -S: site processing (.pth files,
-    the editable-install finder) costs seconds under TCG.  So the guest gets
-    the few import roots it needs, and payloads built here beforehand."""
-    import _cffi_backend
-
-    import kvmtest
-
-    for name in {c.payload for c in cases}:
-        load_payload(name)  # (re)build on the host: the guest's / is read-only
-    roots = [Path(kvmtest.__file__).parent.parent, Path(_cffi_backend.__file__).parent]
-    return {"PYTHONPATH": ":".join(str(r) for r in roots), PREBUILT_ENV: "1"}
+NEED_ORDER = ("no_svm", "svm", "nested_state", "smm")
 
 
 class QemuBackend:
@@ -49,7 +41,8 @@ class QemuBackend:
 
     def __init__(self, kernel: str, modules: str | None = None, kvm_modules: str | None = None,
                  cpu: str | None = None, kvm_amd_params: dict[str, str] | None = None,
-                 artifacts: str | None = None, profile: str | None = None) -> None:
+                 artifacts: str | None = None, profile: str | None = None,
+                 keep: bool = False) -> None:
         try:
             self.kernel = resolve_kernel(kernel, modules=modules)
         except QemuError as e:
@@ -60,19 +53,21 @@ class QemuBackend:
             except KmodError as e:
                 raise BackendError(str(e)) from None
         self.profile = profile
+        self.config = Config.from_options(cpu, kvm_amd_params)
         self.cpu = cpu
         self.kvm_modules = kvm_modules
-        self.kvm_amd_params = {"nested": "1", **(kvm_amd_params or {})}
         self.artifacts = Path(artifacts) if artifacts else None
+        self.keep = keep
         self.kernel_desc = self.kernel.describe()  # names the concrete package
         self.guest_facts: dict = {}
         self.unattributed_warnings: list[str] = []
         self.timings: dict = {}
         self.outdir: Path | None = None
+        self.run_as = ""
 
     def capabilities(self) -> dict[str, str | None]:
-        # Known only inside the guest: the agent reports skips per case
-        # (configuration needs too: kvm_amd's effective parameters there).
+        # Known only once the guest said hello (facts, kvm_amd's effective
+        # parameters): run_batch decides per case.
         return {"svm": None, "no_svm": None, "nested_state": None, "smm": None,
                 **dict.fromkeys(CONFIG_NEEDS)}
 
@@ -80,66 +75,102 @@ class QemuBackend:
         return {"backend": self.name, "kernel": self.guest_facts.get("kernel", self.kernel.release),
                 "detail": self.kernel_desc}
 
-    def _outdir(self) -> Path:
-        if self.artifacts:
-            self.artifacts.mkdir(parents=True, exist_ok=True)
-            return self.artifacts.resolve()
-        return Path(tempfile.mkdtemp(prefix="kvmtest-qemu-"))
-
     def run_batch(self, cases: Sequence[Case], timeout: float) -> dict[str, Observation | str]:
-        """Observations by case id; a str value is the guest's skip reason."""
-        out = self.outdir = self._outdir()
-        request, result = out / "request.json", out / "result.json"
-        result.unlink(missing_ok=True)
-        request.write_text(json.dumps({"cases": [c.id for c in cases], "timeout": timeout}))
+        """Observations by case id; a str value is a skip reason."""
+        session = QemuSession(self.kernel, config=self.config, kvm_modules=self.kvm_modules,
+                              artifacts=self.artifacts, keep=self.keep)
         try:
-            g = boot(self.kernel, [sys.executable, "-S", "-m", "kvmtest", "agent", str(request),
-                                   str(result)], env=agent_env(cases),
-                     outdir=out, cpu=self.cpu, kvm_amd_params=self.kvm_amd_params,
-                     kvm_modules_dir=self.kvm_modules,
-                     timeout=BOOT_BUDGET + PER_CASE_BUDGET * len(cases) + timeout)
+            with session:
+                self._record(session)
+                out = self._run(session, cases, timeout)
+                self._write_results(session, out)
+                session.close()  # power-off: a panic or WARN at teardown still counts
+        except GuestFault as e:
+            self._record(session)
+            raise KernelError(str(e)) from None
         except NoSpaceError as e:  # a full disk is this machine's problem, not the kernel's
+            self._record(session)
             raise BackendError(str(e)) from None
         except QemuError as e:
+            self._record(session)
             raise KernelError(str(e)) from None
-        self.timings = g.timings()
-        where = f"(console: {g.console_log})"
-        if g.panicked:
-            raise KernelError(f"kernel panicked: {g.panic_message} {where}\n{g.console_tail()}")
-        if g.fatal:
-            raise KernelError(f"guest init failed: {g.fatal} {where}\n{g.console_tail()}")
-        bad = [m for m in g.modules if m.status not in ("ok", "builtin")]
-        if bad or not g.dev_kvm:
-            what = "; ".join(f"{m.name}: {m.status} {m.detail}".strip() for m in bad)
-            raise KernelError(f"kvm modules did not load ({what or 'no /dev/kvm'}) {where}")
-        if g.timed_out:
-            raise KernelError(f"no result within the timeout {where}\n{g.console_tail()}")
-        if not result.exists():
-            raise KernelError(f"the guest agent wrote no result (rc {g.returncode}): "
-                              f"{g.stderr.strip()[-500:]} {where}")
-        data = json.loads(result.read_text())
-        self.guest_facts = facts = data.get("facts", {})
-        if "error" in data:
-            raise KernelError(f"guest: {data['error']} {where}")
-        if not facts.get("svm") or not facts.get("nested_state"):
-            # Testing nested SVM is this backend's point: no skip-and-pass.
-            raise KernelError(
-                f"the guest kernel's KVM has no nested SVM (SVM in supported CPUID: "
-                f"{facts.get('svm')}, KVM_CAP_NESTED_STATE: {facts.get('nested_state')}, "
-                f"kvm_amd parameters: {facts.get('kvm_amd')}) {where}")
-        observations: dict[str, Observation | str] = {}
-        for case_id, r in data["results"].items():
-            if "observation" in r:
-                observations[case_id] = Observation(**r["observation"])
-            elif "skip" in r:
-                observations[case_id] = r["skip"]
-        seen = {w for o in observations.values() if isinstance(o, Observation)
+        self._record(session)
+        seen = {w for o in out.values() if isinstance(o, Observation)
                 for w in o.kernel_warnings or []}
         # WARN/BUG/oops on the console that no case's kernel-log window saw
         # (VM teardown, the agent's own start or exit) still fail the run.
-        self.unattributed_warnings = [w for w in g.oopses
+        self.unattributed_warnings = [w for w in session.console_warnings()
                                       if HEADLINE.match(w) and w not in seen]
-        return observations
+        return out
+
+    def _write_results(self, session: QemuSession, out: dict[str, Observation | str]) -> None:
+        """result.json in a kept artifacts directory: the facts and every case's
+        checked observation or skip, as the host decoded them."""
+        if session.outdir is None or session.facts is None or not (self.artifacts or self.keep):
+            return
+        results = {cid: {"observation": to_json(o)} if isinstance(o, Observation) else {"skip": o}
+                   for cid, o in out.items()}
+        data = json.dumps({"facts": dataclasses.asdict(session.facts), "results": results})
+        fd = open_output(session.outdir / "result.json")
+        try:
+            os.write(fd, data.encode())
+        finally:
+            os.close(fd)
+
+    def _record(self, session: QemuSession) -> None:
+        self.outdir = session.outdir
+        self.run_as = session.run_as
+        self.timings = {**session.timings, **session.guest_timings()}
+        if session.facts is not None:
+            self.guest_facts = {"kernel": session.facts.kernel}
+
+    def _run(self, session: QemuSession, cases: Sequence[Case],
+             timeout: float) -> dict[str, Observation | str]:
+        facts = session.facts
+        assert facts is not None
+        where = f"(artifacts: {session.outdir})"
+        modules = kvm_error(session.modules, session.dev_kvm, session.kernel)
+        if modules:
+            session.failed = True
+            raise KernelError(f"kvm modules did not load ({modules}) {where}\n"
+                              f"{session.console_tail()}")
+        if facts.error or not facts.svm or not facts.nested_state:
+            session.failed = True  # keep the artifacts
+            # Testing nested SVM is this backend's point: no skip-and-pass.
+            raise KernelError(
+                f"the guest kernel's KVM has no nested SVM ({facts.error or ''}SVM in supported "
+                f"CPUID: {facts.svm}, KVM_CAP_NESTED_STATE: {facts.nested_state}, kvm_amd "
+                f"parameters: {facts.kvm_amd}) {where}\n{session.console_tail()}")
+        caps = facts.capabilities()
+        out: dict[str, Observation | str] = {}
+        runnable = []
+        for case in _for_maxphyaddr(cases, facts.maxphyaddr):
+            reason = next((caps[n] for n in sorted(case.needs, key=lambda n: (_need_order(n), n))
+                           if caps.get(n, f"unknown need {n!r}")), None)
+            if reason:
+                out[case.id] = reason
+            else:
+                runnable.append(case)
+        for case_id, result in session.run(runnable, timeout):
+            if isinstance(result, CaseError):
+                session.failed = True
+                raise KernelError(f"the guest agent failed on case {case_id}: {result.message} "
+                                  f"{where}")
+            out[case_id] = result
+        return out
 
     def close(self) -> None:
         pass
+
+
+def _need_order(need: str) -> int:
+    return NEED_ORDER.index(need) if need in NEED_ORDER else len(NEED_ORDER)
+
+
+def _for_maxphyaddr(cases: Sequence[Case], maxphyaddr: int) -> list[Case]:
+    """The catalogue's cases rebuilt for the guest's MAXPHYADDR (the CLI built
+    them for the default); any other case (generated) is sent as it is."""
+    if maxphyaddr == DEFAULT_MAXPHYADDR:
+        return list(cases)
+    default, guest = by_id(DEFAULT_MAXPHYADDR), by_id(maxphyaddr)
+    return [guest[c.id] if default.get(c.id) == c and c.id in guest else c for c in cases]

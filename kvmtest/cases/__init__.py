@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 
 from ..case import Case
-from . import control, eventinj, insn, kut, late, nested_state, save, smm
+from . import control, eventinj, gif, insn, kut, late, nested_state, permission, save, smm, unmap
 from ._build import accepted_cases, vmrun_cases
 
 # Used for listing and collection; backends pass their real value.
@@ -28,8 +28,14 @@ def catalogue(maxphyaddr: int = DEFAULT_MAXPHYADDR) -> tuple[Case, ...]:
     cases += accepted_cases(eventinj.FAMILY, eventinj.accepted(maxphyaddr))
     cases += vmrun_cases(kut.FAMILY, kut.rows(maxphyaddr))
     cases += accepted_cases(kut.FAMILY, kut.accepted(maxphyaddr))
-    cases += nested_state.cases()
+    cases += nested_state.cases(maxphyaddr)
+    cases += nested_state.roundtrip_cases()
     cases += smm.all_cases()
+    cases += gif.cases()
+    cases += gif.singlestep_cases()
+    cases += unmap.cases()
+    cases += permission.cases()
+    cases += permission.smm_cases()
     seen: set[str] = set()
     for c in cases:
         if c.id in seen:

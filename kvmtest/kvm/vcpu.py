@@ -10,12 +10,14 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from ..exits import (
+    DebugExit,
     Exit,
     FailEntryExit,
     HltExit,
     InternalErrorExit,
     InterruptedExit,
     IoExit,
+    IrqWindowExit,
     MmioExit,
     ShutdownExit,
     SystemEventExit,
@@ -161,6 +163,11 @@ class Vcpu(FdObject):
                          base + lib.KVMTEST_RUN_SYSTEM_EVENT_OFFSET)
             data = ffi.cast("uint64_t *", base + lib.KVMTEST_RUN_SYSTEM_EVENT_DATA_OFFSET)
             return SystemEventExit(s.type, tuple(data[k] for k in range(min(s.ndata, 16))))
+        if reason == lib.KVM_EXIT_IRQ_WINDOW_OPEN:
+            return IrqWindowExit()
+        if reason == lib.KVM_EXIT_DEBUG:
+            d = ffi.cast("kvmtest_run_debug *", base + lib.KVMTEST_RUN_DEBUG_OFFSET)
+            return DebugExit(d.exception, d.pc, d.dr6, d.dr7)
         if reason == _EXIT_INTR:
             return self._interrupted()
         return UnknownExit(reason)
@@ -184,6 +191,17 @@ class Vcpu(FdObject):
     @immediate_exit.setter
     def immediate_exit(self, value: bool) -> None:
         self._run.immediate_exit = 1 if value else 0
+
+    @property
+    def request_interrupt_window(self) -> bool:
+        """kvm_run.request_interrupt_window: while set, KVM_RUN exits with
+        KVM_EXIT_IRQ_WINDOW_OPEN once the vCPU can take an interrupt
+        (userspace irqchip: the time to call interrupt())."""
+        return bool(self._run.request_interrupt_window)
+
+    @request_interrupt_window.setter
+    def request_interrupt_window(self, value: bool) -> None:
+        self._run.request_interrupt_window = 1 if value else 0
 
     @property
     def kvm_run(self):
@@ -333,3 +351,24 @@ class Vcpu(FdObject):
     def smi(self) -> None:
         """KVM_SMI: queue an SMI (needs KVM_CAP_X86_SMM)."""
         self._ioctl(lib.KVM_SMI, ffi.NULL, "KVM_SMI")
+
+    def interrupt(self, vector: int) -> None:
+        """KVM_INTERRUPT: inject an external interrupt at the next entry.
+        Without an in-kernel irqchip KVM injects it unconditionally
+        (x86.c kvm_vcpu_ioctl_interrupt): call it only when the vCPU can
+        take one, i.e. on KVM_EXIT_IRQ_WINDOW_OPEN (request_interrupt_window)."""
+        c = ffi.new("struct kvm_interrupt *", {"irq": vector})
+        self._ioctl(lib.KVM_INTERRUPT, c, "KVM_INTERRUPT")
+
+    def nmi(self) -> None:
+        """KVM_NMI: queue an NMI (meaningful without an in-kernel local APIC)."""
+        self._ioctl(lib.KVM_NMI, ffi.NULL, "KVM_NMI")
+
+    def set_guest_debug(self, control: int, debugregs: Iterable[int] = ()) -> None:
+        """KVM_SET_GUEST_DEBUG: ``control`` is KVM_GUESTDBG_* (0 turns host
+        debugging off); a single-stepping host gets KVM_EXIT_DEBUG."""
+        c = ffi.new("struct kvm_guest_debug *")
+        c.control = control
+        for i, value in enumerate(debugregs):
+            c.arch.debugreg[i] = value
+        self._ioctl(lib.KVM_SET_GUEST_DEBUG, c, "KVM_SET_GUEST_DEBUG")

@@ -116,9 +116,15 @@ class Vm(FdObject):
 
     def delete_memory_region(self, slot: int) -> None:
         """KVM_SET_USER_MEMORY_REGION with memory_size 0: drop the slot."""
-        region = self._regions.pop(slot)
+        self.forget_memory_region(slot).close()
+
+    def forget_memory_region(self, slot: int) -> GuestMemory:
+        """Delete the slot from the VM but hand its memory to the caller, who
+        closes it (e.g. to read what the guest left there)."""
+        region = self._regions[slot]
         self._set_region(slot, 0, region.gpa, 0, 0)
-        region.close()
+        del self._regions[slot]
+        return region
 
     def _set_region(self, slot: int, flags: int, gpa: int, size: int, hva: int) -> None:
         r = ffi.new("struct kvm_userspace_memory_region *")

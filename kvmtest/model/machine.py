@@ -24,6 +24,7 @@ switch (VMRUN, #VMEXIT, exception delivery) outside translated code.
 
 from __future__ import annotations
 
+import errno
 import struct
 import time
 
@@ -62,10 +63,11 @@ from ..exits import (
     ShutdownExit,
     TimedOut,
 )
+from ..nested_request import HostPrep, NestedBlob
 from ..observation import NestedView
 from ..payloads import Payload
 from ..vmcb import Vmcb
-from . import paging, smm
+from . import events, modes, nested, paging, smm
 from .cpuid import GuestCpu
 from .hwstate import KvmAmd
 from .profiles import Profile
@@ -171,6 +173,11 @@ class ModelMachine:
         self._parked: tuple | None = None
         self._resume_blocked: str | None = None
         self.smm = smm.SmmState()
+        self.events = events.EventState()
+        # Extra memslots (add_memory): GPA -> size; deleted ones keep their
+        # last contents for the host (delete_memory).
+        self._extra: dict[int, int] = {}
+        self._deleted: dict[int, bytes] = {}
         self._install_hooks()
         self._load_memory(full=True)
         self._load_l1_state(l1.initial_state(payload))
@@ -250,6 +257,12 @@ class ModelMachine:
         self._parked = None
         self._resume_blocked = None
         self.smm = smm.SmmState()
+        events.disarm(self)
+        self.events = events.EventState()
+        for gpa, size in self._extra.items():
+            self.uc.mem_unmap(gpa, size)
+        self._extra.clear()
+        self._deleted.clear()
         self.svm = NestedSvm(self, profile, GuestCpu.build(svm_in_cpuid, cpuid), self.kvm_amd)
 
     def close(self) -> None:
@@ -259,16 +272,19 @@ class ModelMachine:
     # ---- Machine protocol -----------------------------------------------
 
     def read(self, gpa: int, n: int) -> bytes:
-        if not (gpa >= 0 and gpa + n <= layout.MEM_SIZE):
+        for base, data in self._deleted.items():
+            if base <= gpa and gpa + n <= base + len(data):
+                return data[gpa - base:gpa - base + n]
+        if not self.backed(gpa, n):
             raise ValueError(f"read of unbacked GPA range {gpa:#x}+{n:#x}")
         return bytes(self.uc.mem_read(gpa, n))
 
     def write(self, gpa: int, data: bytes) -> None:
-        if not (gpa >= 0 and gpa + len(data) <= layout.MEM_SIZE):
+        if not self.backed(gpa, len(data)):
             raise ValueError(f"write to unbacked GPA range {gpa:#x}+{len(data):#x}")
         self.uc.mem_write(gpa, bytes(data))
         end = gpa + len(data)
-        if end > LOW_REGION:
+        if LOW_REGION < end <= layout.MEM_SIZE:
             self._dirty.update(range(max(gpa, LOW_REGION) >> 12, ((end - 1) >> 12) + 1))
 
     def nested_state(self) -> NestedView:
@@ -284,6 +300,91 @@ class ModelMachine:
     def smi(self) -> None:
         """KVM_SMI: process_smi() sets smi_pending; taken at the next run."""
         self.smm.pending = True
+
+    # ---- host actions (kvmtest.actions; model/events.py, nested.py) --------
+
+    def interrupt(self, vector: int) -> int:
+        if self.events.irq is not None:
+            return errno.EEXIST
+        self.events.irq = vector
+        return 0
+
+    def nmi(self) -> int:
+        self.events.nmi_pending = True
+        return 0
+
+    def set_nmi_masked(self, masked: bool) -> int:
+        self.events.nmi_masked = masked
+        return 0
+
+    def add_memory(self, gpa: int, size: int) -> int:
+        clash = self.backed(gpa, 1) or gpa <= SCRATCH_GDT < gpa + size
+        if gpa & 0xFFF or size & 0xFFF or not size or clash or not gpa >> 22:
+            return errno.EINVAL
+        self.uc.mem_map(gpa, size)
+        self._extra[gpa] = size
+        return 0
+
+    def delete_memory(self, gpa: int) -> int:
+        size = self._extra.pop(gpa, None)
+        if size is None:
+            return errno.EINVAL
+        self._deleted[gpa] = bytes(self.uc.mem_read(gpa, size))
+        self.uc.mem_unmap(gpa, size)
+        self._flush_tlb()
+        return 0
+
+    def get_nested(self) -> NestedBlob | None:
+        return nested.get_state(self)
+
+    def set_nested(self, blob: NestedBlob) -> int:
+        return nested.set_state(self, blob)
+
+    def prepare_nested(self, prep: HostPrep) -> tuple[int, str]:
+        return nested.prepare(self, prep)
+
+    def set_efer_svme(self, on: bool) -> int:
+        return nested.set_efer_svme(self, on)
+
+    def step(self) -> str:
+        """One instruction Unicorn runs itself (a model event in it -- an SVM
+        instruction, I/O, a fault -- is not modelled for a host step)."""
+        # As KVM steps for the host: RFLAGS.TF for one instruction, the #DB
+        # taken by the host (Unicorn's trap reaches _on_intr), TF and DR6 put
+        # back as the guest had them.
+        uc = self.uc
+        rflags, dr6 = uc.reg_read(x86.UC_X86_REG_RFLAGS), uc.reg_read(x86.UC_X86_REG_DR6)
+        self._event = None
+        uc.reg_write(x86.UC_X86_REG_RFLAGS, rflags | RFLAGS_TF)
+        try:
+            uc.emu_start(self.rip, UNTIL)
+        except UcError as e:
+            return f"model step: {e}"
+        finally:
+            uc.reg_write(x86.UC_X86_REG_RFLAGS,
+                         (uc.reg_read(x86.UC_X86_REG_RFLAGS) & ~RFLAGS_TF) | (rflags & RFLAGS_TF))
+            uc.reg_write(x86.UC_X86_REG_DR6, dr6)
+        if self._event is None or self._event[:2] != ("intr", 1) or self._parked is not None:
+            self._resume_blocked = "a host single-step into a model event (not modelled)"
+            return self._resume_blocked
+        self._event = None
+        return ""
+
+    def leave_smm(self) -> int:
+        self.smm.active = False
+        return 0
+
+    def backed(self, gpa: int, size: int = 1) -> bool:
+        """Is [gpa, gpa+size) guest memory (a live memslot)?"""
+        if gpa >= 0 and gpa + size <= layout.MEM_SIZE:
+            return True
+        return any(b <= gpa and gpa + size <= b + n for b, n in self._extra.items())
+
+    def park(self, action: object, rip: int) -> None:
+        """From a code hook: stop before the instruction at rip and carry out
+        action there (see _on_msr_site for why stopping goes this way)."""
+        self._parked = (action, rip)
+        self.uc.reg_write(x86.UC_X86_REG_RIP, PARK_RIP)
 
     def run(self, timeout: float) -> Exit:
         if self._resume_blocked:
@@ -306,6 +407,10 @@ class ModelMachine:
                 return TimedOut(timeout)
             if self.smm.pending:
                 result = self._smm_step(smm.smi_window)
+                if result is not None:
+                    return result
+            if self.events.pending:
+                result = self._events_step(events.window)
                 if result is not None:
                     return result
             self._event = None
@@ -351,6 +456,13 @@ class ModelMachine:
             self._resume_blocked = f"SMM: {e} (not modelled)"
             return EmulationError(self._resume_blocked, self.rip)
 
+    def _events_step(self, step, *args) -> Exit | None:  # type: ignore[no-untyped-def]
+        try:
+            return step(self, *args)
+        except events.NotModelled as e:
+            self._resume_blocked = f"events: {e} (not modelled)"
+            return EmulationError(self._resume_blocked, self.rip)
+
     def _after_plain_stop(self) -> Exit | None:
         """emu_start returned without a hook event: HLT is the only cause."""
         rip = self.rip
@@ -369,7 +481,9 @@ class ModelMachine:
         if action is None:
             return None
         if isinstance(action, VmExit):
-            return self.svm.vmexit(action)
+            return events.vmexit(self, action)
+        if isinstance(action, events.Deliver):
+            return self._events_step(events.deliver, action)
         if isinstance(action, Raise):
             return self.raise_exception(action.vector, action.error_code, action.cr2)
         return action
@@ -377,7 +491,7 @@ class ModelMachine:
     def _handle(self, event: tuple) -> Exit | None:
         kind = event[0]
         if kind == "svm":
-            return self._apply(self.svm.execute(event[1]))
+            return self._apply(events.around_svm(self, event[1]))
         if kind == "msr":
             return self._apply(self.svm.msr(event[1], write=event[2]))
         if kind == "ud":
@@ -538,6 +652,9 @@ class ModelMachine:
     def cpl(self) -> int:
         # SVM's CPL is SS.DPL (APM 15.5.1); QEMU keeps it in hflags and
         # mirrors it in the CS selector's RPL for the flat GDTs used here.
+        # Real mode is CPL 0 whatever CS holds.
+        if not self.cr0 & layout.CR0_PE:
+            return 0
         return self.uc.reg_read(x86.UC_X86_REG_CS) & 3
 
     @property
@@ -549,15 +666,15 @@ class ModelMachine:
 
     def read_phys(self, gpa: int, n: int) -> bytes | None:
         """Guest-physical read; None where no memslot backs it."""
-        if gpa < 0 or gpa + n > layout.MEM_SIZE:
+        if not self.backed(gpa, n):
             return None
         return bytes(self.uc.mem_read(gpa, n))
 
     def write_phys(self, gpa: int, data: bytes) -> bool:
-        if gpa < 0 or gpa + len(data) > layout.MEM_SIZE:
+        if not self.backed(gpa, len(data)):
             return False
         self.uc.mem_write(gpa, data)
-        if gpa + len(data) > LOW_REGION:
+        if LOW_REGION < gpa + len(data) <= layout.MEM_SIZE:
             self._dirty.update(range(max(gpa, LOW_REGION) >> 12,
                                      ((gpa + len(data) - 1) >> 12) + 1))
         return True
@@ -751,16 +868,11 @@ class ModelMachine:
         8.9.3); returns why delivery failed (-> #DF/triple fault)."""
         uc = self.uc
         if not self.cr0 & layout.CR0_PE:
-            # Real mode (SMM): the IVT entry must lie within the IDT limit,
-            # which SMM entry sets to 0, else #GP -> #DF -> shutdown.
-            _, _, ivt_limit, _ = uc.reg_read(x86.UC_X86_REG_IDTR)
-            if 4 * vector + 3 > ivt_limit:
-                return "vector beyond the real-mode IDT limit"
-            self._resume_blocked = "real-mode exception delivery is not modelled"
-            return "real mode"
+            # Real mode (SMM included: its IDT limit is 0, so any exception
+            # there is #GP -> #DF -> shutdown).
+            return modes.deliver_real(self, vector)
         if not self.long_mode:
-            self._resume_blocked = "exception delivery outside long mode is not modelled"
-            return "not in long mode"
+            return modes.deliver_legacy32(self, vector, error_code)
         _, idt_base, idt_limit, _ = uc.reg_read(x86.UC_X86_REG_IDTR)
         if 16 * vector + 15 > idt_limit:
             return "vector beyond the IDT limit"
@@ -779,18 +891,29 @@ class ModelMachine:
                  uc.reg_read(x86.UC_X86_REG_CS), self.rip]
         if error_code is not None:
             frame.append(error_code)
-        new_rsp = (rsp & ~0xF) - 8 * len(frame)
+        stack = rsp
+        if self.cpl and not selector & 3:
+            # To CPL 0: the stack comes from TSS.RSP0 (modes.to_cpl0 switches
+            # Unicorn first: the switch itself uses that stack).
+            rsp0 = modes.tss_rsp0(self)
+            if rsp0 is None:
+                return "TSS.RSP0 not readable"
+            problem = modes.to_cpl0(self, selector)
+            if problem is not None:
+                return problem
+            stack = rsp0
+        elif selector != uc.reg_read(x86.UC_X86_REG_CS):
+            try:
+                uc.reg_write(x86.UC_X86_REG_CS, selector)
+            except UcError:
+                return "IDT gate selector not loadable"
+        new_rsp = (stack & ~0xF) - 8 * len(frame)
         data = b"".join(struct.pack("<Q", x & 0xFFFF_FFFF_FFFF_FFFF) for x in reversed(frame))
         if self._write_virt(new_rsp, data) is not None:
             return "stack not writable"
         rflags &= ~(RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | RFLAGS_VM)
         if gate_type == 0xE:
             rflags &= ~RFLAGS_IF
-        if selector != uc.reg_read(x86.UC_X86_REG_CS):
-            try:
-                uc.reg_write(x86.UC_X86_REG_CS, selector)
-            except UcError:
-                return "IDT gate selector not loadable"
         uc.reg_write(x86.UC_X86_REG_RSP, new_rsp)
         uc.reg_write(x86.UC_X86_REG_RFLAGS, rflags)
         uc.reg_write(x86.UC_X86_REG_RIP, handler)

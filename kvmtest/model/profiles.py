@@ -120,6 +120,25 @@ class Profile:
     # #GP, 6.x) or "internal_error" (7.x: kvm_handle_memory_failure() ->
     # KVM_EXIT_INTERNAL_ERROR, emulation; kvmtest/cases/insn.py).
     unbacked_vmcb12: str = "gp"
+    # --- catalogue depth (model/events.py, model/nested.py) ---
+    # A VMRUN that fails its consistency checks with RFLAGS.TF set ends in a
+    # #DB with DR6.BS (kvm_skip_emulated_instruction); Linux 7.x skips it
+    # with svm_skip_emulated_instruction: no #DB ("FIXME" in nested_svm_vmrun).
+    vmrun_tf_trap_on_check_failure: bool = True
+    # svm_interrupt_allowed() returns -EBUSY for nested_run_pending before
+    # looking at GIF/RFLAGS.IF, and the interrupt-window exit takes -EBUSY as
+    # "allowed": right after a VMRUN the host is told to inject, into L2.
+    # Linux 7.x checks svm_interrupt_blocked() first.
+    irq_window_ignores_run_pending: bool = True
+    # nested_svm_vmexit() when VMCB12 cannot be mapped: "gp_in_l2" (6.1, 6.12:
+    # kvm_inject_gp while still in guest mode, the #VMEXIT dropped) or
+    # "triple_fault" (7.x: #VMEXIT without VMCB12, then L1 shuts down).
+    unmappable_vmcb12_at_vmexit: str = "gp_in_l2"
+    # svm_set_nested_state(): EFER.SVME=0 with flags == 0 (GIF=0) accepted
+    # (7.x: "clearing SVME does NOT set GIF"); older kernels want GIF_SET.
+    nested_state_svme0_gif0: bool = False
+    # svm_set_nested_state(): L1's EFER.LMA without EFER.LME refused (7.x).
+    nested_state_lma_needs_lme: bool = False
 
     def describe(self) -> dict[str, str]:
         return {f.name: str(getattr(self, f.name)) for f in fields(self)}
@@ -188,6 +207,11 @@ V7 = replace(
     svme0_reintercepts=True,
     svme_clear_sets_gif=False,
     unbacked_vmcb12="internal_error",
+    vmrun_tf_trap_on_check_failure=False,
+    irq_window_ignores_run_pending=False,
+    unmappable_vmcb12_at_vmexit="triple_fault",
+    nested_state_svme0_gif0=True,
+    nested_state_lma_needs_lme=True,
 )
 
 PROFILES: dict[str, Profile] = {p.name: p for p in (LEGACY, FIXED, STABLE_612, V7)}

@@ -299,6 +299,34 @@ class NestedSvm:
     def _intercepted(self, field: str, bit: int) -> bool:
         return self._ctl is not None and bool(self._ctl[field] >> bit & 1)
 
+    def cached_control(self) -> bytes:
+        """VMCB12 as KVM cached it at VMRUN (its control area is what
+        svm_get_nested_state hands out)."""
+        assert self._ctl is not None
+        return self._ctl.to_bytes()
+
+    def l1_saved_state(self) -> dict[str, int]:
+        """L1's state saved at VMRUN (vmcb01's save area), read from the
+        model's saved context without disturbing the current (L2) one."""
+        assert self._l1_ctx is not None
+        m = self.m
+        current = m.save_context()
+        m.restore_context(self._l1_ctx, keep_gprs=False)
+        try:
+            state = m.guest_state()
+            state["efer"] = m.hw_efer | layout.EFER_SVME  # vmcb01: SVME always set
+            state["cpl"] = 0
+        finally:
+            m.restore_context(current, keep_gprs=False)
+        return state
+
+    def intercepts(self, misc1_bit: int) -> bool:
+        """VMCB12 intercepts this INTERCEPT_WORD3 event (INTR, NMI, SMI...)."""
+        return self._ctl is not None and bool(self._ctl["intercept_misc1"] & misc1_bit)
+
+    def l2_int_ctl(self) -> int:
+        return self._ctl["int_ctl"] if self._ctl is not None else 0
+
     def check_permissions(self) -> Raise | None:
         """nested_svm_check_permissions(): EFER.SVME=0 or paging off -> #UD,
         CPL>0 -> #GP(0)."""
@@ -383,7 +411,7 @@ class NestedSvm:
         """rAX must be 4 KiB aligned and below MAXPHYADDR (the CPU checks this
         before the intercept, APM VMRUN/VMLOAD/VMSAVE #GP), and KVM must be
         able to map it (kvm_vcpu_map() -EINVAL -> #GP(0))."""
-        if gpa & 0xFFF or not cpuid.legal_gpa(gpa) or not cpuid.backed(gpa, 0x1000):
+        if gpa & 0xFFF or not cpuid.legal_gpa(gpa) or not self.m.backed(gpa, 0x1000):
             return Raise(GP, 0)
         return None
 
@@ -408,7 +436,9 @@ class NestedSvm:
             return Raise(GP, 0)
         if not self.hsave_msr:
             return Raise(GP, 0)
-        if not cpuid.backed(gpa, 0x1000):
+        if m.smm.active:
+            return Raise(UD)  # nested_svm_vmrun: is_smm() -> #UD, after the HSAVE check
+        if not self.m.backed(gpa, 0x1000):
             if self.profile.unbacked_vmcb12 == "internal_error":
                 # 7.x: kvm_handle_memory_failure(X86EMUL_IO_NEEDED) ->
                 # kvm_prepare_emulation_failure_exit(): suberror EMULATION,
@@ -488,7 +518,7 @@ class NestedSvm:
         # The shadow NPT root must be a visible GFN (mmu_check_root()); KVM
         # otherwise requests a triple fault, which in guest mode is
         # nested_svm_triple_fault(): #VMEXIT(SHUTDOWN).
-        if np and not cpuid.backed(ctl.nested_cr3 & ~0xFFF, 0x1000):
+        if np and not self.m.backed(ctl.nested_cr3 & ~0xFFF, 0x1000):
             return "nested CR3 not mappable"
         return None
 
@@ -749,7 +779,7 @@ class NestedSvm:
             self.last_failure = ("rsm", ["saved EFER.SVME is clear"])
             return True
         gpa = s.u64(smm.OFF_SVM_VMCB12)
-        if not cpuid.backed(gpa & ~0xFFF, 0x1000):
+        if not self.m.backed(gpa & ~0xFFF, 0x1000):
             self.last_failure = ("rsm", ["VMCB12 not mappable"])
             return True
         if gpa & 0xFFF:

@@ -1,18 +1,22 @@
-"""The guest's initramfs: busybox, the 9p stack, the kvm modules and /init.
+"""The guest's initramfs: busybox, /init, the channel and kvm modules, Python.
 
-The initrd handed to QEMU is the concatenation of two newc cpio archives
-(the kernel unpacks concatenated archives in order):
+The initrd handed to QEMU is the concatenation of newc cpio archives (the
+kernel unpacks them in order):
 
-* a **base** archive, cached per kernel release: busybox-static, /init and
-  the virtio-pci + 9p modules needed to mount the host's ``/`` (tag
-  ``hostroot``, read-only) and the output directory (tag ``kvmtest_out``);
+* a **base** archive, cached per kernel release + content: busybox-static,
+  /init, and the virtio transport + virtio_console modules of the channel;
+* the **runtime** archive (kvmtest.qemu.runtime): the Python interpreter,
+  the stdlib modules the agent imports and the kvmtest package, cached by
+  content and shared by every kernel;
 * a small **per-boot** archive: the kvm modules (the kernel's own or an
   override directory's, e.g. a rebuilt kvm.ko/kvm-amd.ko), their insmod
-  parameters, and the boot configuration (paths of the control files).
+  parameters, the command to run and its environment, extra files.
 
-Why the kvm modules travel in the initrd rather than over 9p: the host's
-``/lib/modules`` belongs to the host kernel, and compressed modules
-(.ko.xz/.ko.zst) are decompressed on the host so busybox insmod never has to.
+Nothing of the host's filesystem is visible in the guest: no 9p, no block
+device.  The only way out is the virtio-serial port named
+``channel.PORT_NAME`` (line-framed JSON, see kvmtest.qemu.channel) and the
+serial console.  The kvm modules travel in the initrd, compressed ones
+(.ko.xz/.ko.zst) decompressed on the host so busybox insmod never has to.
 The cpio is written in Python (no cpio tool needed) and left uncompressed:
 under TCG, inflating it in the guest would cost more than reading it.
 """
@@ -21,11 +25,12 @@ from __future__ import annotations
 
 import hashlib
 import shlex
-import shutil
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
+from kvmtest.qemu.channel import PORT_NAME
 from kvmtest.qemu.errors import QemuError
 from kvmtest.qemu.kernels import (
     Kernel,
@@ -37,27 +42,29 @@ from kvmtest.qemu.kernels import (
 )
 
 BUSYBOX_CANDIDATES = (Path("/bin/busybox"), Path("/usr/bin/busybox"))
-# Modules needed to mount the 9p shares; dependencies come from .modinfo.
-# virtio_pci serves -machine pc/q35, virtio_mmio -machine microvm; /init
-# skips the transport of the other machine type (config SKIP_MODULES).
-BASE_MODULES = ("virtio_pci", "virtio_mmio", "9pnet_virtio", "9p")
-OPTIONAL_BASE_MODULES = frozenset({"virtio_mmio"})
+# The channel: a virtio transport plus virtio_console; dependencies come from
+# .modinfo.  virtio_pci serves -machine pc/q35, virtio_mmio -machine microvm;
+# /init skips the transport of the other machine type (config SKIP_MODULES).
+# Built-in ones (7.x has virtio_console built in) are skipped.
+BASE_MODULES = ("virtio_pci", "virtio_mmio", "virtio_console")
+OPTIONAL_BASE_MODULES = frozenset({"virtio_mmio", "virtio_pci"})
 TRANSPORT_MODULES = {
     "pci": ("virtio_pci", "virtio_pci_modern_dev", "virtio_pci_legacy_dev"),
     "mmio": ("virtio_mmio",),
 }
 # kvm_amd pulls kvm, irqbypass and (with SEV) ccp through its depends= field.
 KVM_MODULES = ("kvm_amd",)
-HOSTROOT_TAG = "hostroot"
-OUT_TAG = "kvmtest_out"
-MARKER = "KVMTEST-MARK"
 FATAL = "KVMTEST-FATAL"
+OUTPUT_CAP = 64 * 1024  # bytes of the command's stdout/stderr sent back
 
-# /init, run by the kernel as PID 1.  Prints "KVMTEST-MARK <stage> <uptime>"
-# on the console so that the host can time boot stages.  Every failure ends
-# in poweroff: a stuck guest would only be reaped by the host's timeout.
+# /init, run by the kernel as PID 1.  It reports on the channel (fd 3, the
+# virtio port) as soon as that exists; before that, and for a failure to
+# open it, on the console ("KVMTEST-FATAL ...").  Every failure ends in
+# poweroff: a stuck guest would only be reaped by the host's watchdog.
+# Text that goes into a JSON string passes through `clean` (a character set
+# that needs no JSON escaping).
 INIT_SCRIPT = r"""#!/bin/busybox sh
-/bin/busybox mkdir -p /bin /proc /sys /dev /tmp /newroot
+/bin/busybox mkdir -p /bin /proc /sys /dev /tmp /run
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc
@@ -65,55 +72,71 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 exec </dev/console >/dev/console 2>&1
 
-mark() { read up idle </proc/uptime; echo "KVMTEST-MARK $1 $up"; }
+uptime_s() { read -r up idle </proc/uptime; echo "$up"; }
 halt_guest() { sync; poweroff -f; reboot -f; echo o >/proc/sysrq-trigger; }
-fatal() { echo "KVMTEST-FATAL $*"; dmesg | tail -n 20; halt_guest; }
+clean() { echo "$*" | tr '\n' ' ' | tr -cd 'A-Za-z0-9 _.,:;()=/+@%<>|#-' | head -c 2000; }
+send() { [ -n "$CH" ] && echo "$1" >&3; }
+mark() { send "{\"t\":\"mark\",\"stage\":\"$1\",\"uptime\":${2:-$(uptime_s)}}"; }
+fatal() {
+    echo "KVMTEST-FATAL $*"
+    send "{\"t\":\"fatal\",\"message\":\"$(clean "$*")\"}"
+    dmesg | tail -n 20
+    halt_guest
+}
 
-mark init
+T_INIT=$(uptime_s)
 . /lib/kvmtest/config
 
-# 1. virtio + 9p: without them nothing else is reachable.
+# 1. the channel: virtio transport + virtio_console, then the named port.
 while read -r name file; do
     case " $SKIP_MODULES " in *" $name "*) continue ;; esac
     insmod "/lib/kvmtest/base/$file" || fatal "insmod $name failed"
 done </lib/kvmtest/base.list
-mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=$MSIZE,cache=$ROOT_CACHE \
-    hostroot /newroot || fatal "mount of 9p tag hostroot failed"
-mount -t 9p -o trans=virtio,version=9p2000.L,msize=$MSIZE kvmtest_out "/newroot$OUT" \
-    || fatal "mount of 9p tag kvmtest_out on $OUT failed"
-CTL="/newroot$OUT/ctl"
-mark 9p
+CH=
+n=0
+while [ -z "$CH" ]; do
+    for f in /sys/class/virtio-ports/*/name; do
+        d=${f%/name}
+        [ -r "$f" ] && [ "$(cat "$f")" = "$PORT_NAME" ] && CH="/dev/${d##*/}"
+    done
+    [ -n "$CH" ] && break
+    n=$((n + 1))
+    [ "$n" -gt 500 ] && fatal "virtio port $PORT_NAME did not appear"
+    sleep 0.01
+done
+exec 3<>"$CH" || { CH=; fatal "cannot open $CH"; }
+mark init "$T_INIT"
+mark channel
 
 # 2. kvm modules, each line: name status file [params...]
-: >"$CTL/modules.txt"
 while read -r name status file params; do
     if [ "$status" != load ]; then
-        echo "$name $status" >>"$CTL/modules.txt"
+        send "{\"t\":\"module\",\"name\":\"$name\",\"status\":\"$status\"}"
         continue
     fi
     if err=$(insmod "/lib/kvmtest/kvm/$file" $params 2>&1); then
-        echo "$name ok $params" >>"$CTL/modules.txt"
+        send "{\"t\":\"module\",\"name\":\"$name\",\"status\":\"ok\",\"detail\":\"$params\"}"
     else
-        echo "$name error $(echo "$err" | tr '\n' ' ')| $(dmesg | tail -n 3 | tr '\n' ' ')" \
-            >>"$CTL/modules.txt"
+        detail=$(clean "$err | $(dmesg | tail -n 3)")
+        send "{\"t\":\"module\",\"name\":\"$name\",\"status\":\"error\",\"detail\":\"$detail\"}"
     fi
 done </lib/kvmtest/kvm.list
-if [ -c /dev/kvm ]; then echo "/dev/kvm present" >>"$CTL/modules.txt"
-else echo "/dev/kvm absent" >>"$CTL/modules.txt"; fi
+if [ -c /dev/kvm ]; then kvm=true; else kvm=false; fi
+send "{\"t\":\"dev_kvm\",\"present\":$kvm}"
 mark modules
 
-# 3. the host's command, chrooted into the host's / so every path matches.
-mount -t proc proc /newroot/proc
-mount -t sysfs sysfs /newroot/sys
-mount -t devtmpfs devtmpfs /newroot/dev
-mkdir -p /newroot/dev/shm && mount -t tmpfs -o mode=1777 tmpfs /newroot/dev/shm
-mark cmd-start
-chroot /newroot /bin/sh "$OUT/ctl/run.sh" </dev/null
+# 3. the command (fd 3 stays open: the agent talks on it)
+cd /tmp
+/bin/sh /lib/kvmtest/cmd </dev/null >/tmp/.stdout 2>/tmp/.stderr
 rc=$?
-mark cmd-end
-echo "$rc" >"$CTL/rc"
-dmesg >"$CTL/dmesg.txt"
-mark poweroff
+mark command-end
+for stream in stdout stderr; do
+    if [ -s "/tmp/.$stream" ]; then
+        hex=$(head -c "$OUTPUT_CAP" "/tmp/.$stream" | xxd -p | tr -d '\n')
+        send "{\"t\":\"output\",\"stream\":\"$stream\",\"hex\":\"$hex\"}"
+    fi
+done
+send "{\"t\":\"exit\",\"rc\":$rc}"
 halt_guest
 """
 
@@ -122,13 +145,13 @@ halt_guest
 class BootConfig:
     """Everything the per-boot archive carries to /init."""
 
-    outdir: Path  # host directory shared as kvmtest_out, same path in the guest
     kvm_amd_params: Mapping[str, str]
     kvm_params: Mapping[str, str]
+    command: Sequence[str]  # run in the guest, in /tmp, with ENV only
+    env: Mapping[str, str] = field(default_factory=dict)
     kvm_modules_dir: Path | None = None
-    msize: int = 512 * 1024
-    root_cache: str = "loose"  # host / is read-only and static during a run
     transport: str = "pci"  # virtio transport of the machine type: pci or mmio
+    files: Mapping[str, bytes] = field(default_factory=dict)  # extra guest files (tests)
 
 
 # --------------------------------------------------------------------------
@@ -140,6 +163,7 @@ class CpioWriter:
 
     def __init__(self) -> None:
         self._chunks: list[bytes] = []
+        self._size = 0
         self._ino = 1
         self._dirs: set[str] = set()
 
@@ -163,14 +187,14 @@ class CpioWriter:
         ]
         header = b"070701" + b"".join(b"%08X" % value for value in fields)
         self._ino += 1
-        self._chunks.append(header + name.encode() + b"\0")
-        self._pad()
-        self._chunks.append(data)
-        self._pad()
+        self._append(header + name.encode() + b"\0")
+        self._append(data)
 
-    def _pad(self) -> None:
-        size = sum(len(chunk) for chunk in self._chunks)
-        self._chunks.append(b"\0" * (-size % 4))
+    def _append(self, chunk: bytes) -> None:
+        # newc pads both the header+name and the data to 4 bytes.
+        padding = b"\0" * (-(self._size + len(chunk)) % 4)
+        self._chunks += (chunk, padding)
+        self._size += len(chunk) + len(padding)
 
     def mkdir(self, name: str) -> None:
         parts = name.strip("/").split("/")
@@ -192,6 +216,25 @@ class CpioWriter:
     def finish(self) -> bytes:
         self._entry("TRAILER!!!", 0)
         return b"".join(self._chunks)
+
+
+def iter_cpio(data: bytes) -> Iterator[tuple[str, int, bytes]]:
+    """(name, mode, data) of each entry of a newc archive (or of concatenated ones)."""
+    offset = 0
+    while offset + 110 <= len(data):
+        if data[offset : offset + 6] != b"070701":
+            if data[offset] == 0:  # padding between concatenated archives
+                offset += 4
+                continue
+            raise ValueError(f"not a newc cpio entry at offset {offset}")
+        fields = [int(data[offset + 6 + 8 * i : offset + 14 + 8 * i], 16) for i in range(13)]
+        mode, size, namesize = fields[1], fields[6], fields[11]
+        start = offset + 110
+        name = data[start : start + namesize - 1].decode()
+        body = start + namesize + (-(110 + namesize) % 4)
+        offset = body + size + (-size % 4)
+        if name != "TRAILER!!!":
+            yield name, mode, data[body : body + size]
 
 
 # --------------------------------------------------------------------------
@@ -231,10 +274,11 @@ def base_initramfs(kernel: Kernel, *, cache: Path | None = None) -> Path:
     busybox = find_busybox()
     tree = _modules_tree(kernel)
     order, missing = tree.load_order(list(BASE_MODULES), optional=OPTIONAL_BASE_MODULES)
-    if missing:
+    if missing or not ({"virtio_pci", "virtio_mmio"} & (set(tree.files) | tree.builtin)):
         raise QemuError(
-            f"kernel {kernel.release} lacks {', '.join(missing)} (as module or "
-            "built-in): needs CONFIG_VIRTIO_PCI, CONFIG_NET_9P_VIRTIO, CONFIG_9P_FS"
+            f"kernel {kernel.release} lacks {', '.join(missing) or 'a virtio transport'} "
+            "(as module or built-in): needs CONFIG_VIRTIO_PCI or CONFIG_VIRTIO_MMIO "
+            "and CONFIG_VIRTIO_CONSOLE"
         )
     key = _content_key(
         [INIT_SCRIPT.encode(), _stat_key(busybox), *(_stat_key(tree.files[name]) for name in order)]
@@ -249,7 +293,7 @@ def base_initramfs(kernel: Kernel, *, cache: Path | None = None) -> Path:
 
 def _build_base(busybox: Path, tree: ModuleTree, order: list[str]) -> bytes:
     cpio = CpioWriter()
-    for directory in ("bin", "dev", "proc", "sys", "tmp", "newroot", "lib/kvmtest/base"):
+    for directory in ("bin", "dev", "proc", "sys", "tmp", "run", "lib/kvmtest/base"):
         cpio.mkdir(directory)
     # The kernel opens /dev/console for PID 1 before devtmpfs is mounted.
     cpio.add_chardev("dev/console", 5, 1)
@@ -326,8 +370,19 @@ def _check_vermagic(tree: ModuleTree, name: str, release: str) -> None:
         )
 
 
+_SAFE_WORD = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.,+-=:/")
+
+
+def _check_param(text: str) -> str:
+    # Module parameters end up inside JSON strings written by /init: keep them
+    # to a character set that needs no escaping (they come from the user).
+    if not text or not set(text) <= _SAFE_WORD:
+        raise QemuError(f"module parameter {text!r}: only letters, digits and _.,+-=:/")
+    return text
+
+
 def boot_archive(plan: list[PlannedModule], config: BootConfig) -> bytes:
-    """The per-boot cpio: kvm modules, kvm.list and the shell config."""
+    """The per-boot cpio: kvm modules, kvm.list, config, command, extra files."""
     cpio = CpioWriter()
     cpio.mkdir("lib/kvmtest/kvm")
     lines = []
@@ -336,28 +391,35 @@ def boot_archive(plan: list[PlannedModule], config: BootConfig) -> bytes:
         if module.status == "load" and module.path is not None:
             file = f"{index:02d}-{module.name}.ko"
             cpio.add_file(f"lib/kvmtest/kvm/{file}", read_module(module.path))
-        lines.append(f"{module.name} {module.status} {file} {module.params}".rstrip() + "\n")
+        params = " ".join(_check_param(p) for p in module.params.split())
+        lines.append(f"{module.name} {module.status} {file} {params}".rstrip() + "\n")
     cpio.add_file("lib/kvmtest/kvm.list", "".join(lines).encode())
     other = "mmio" if config.transport == "pci" else "pci"
     settings = {
-        "OUT": str(config.outdir),
-        "MSIZE": str(config.msize),
         "SKIP_MODULES": " ".join(TRANSPORT_MODULES[other]),
-        "ROOT_CACHE": config.root_cache,
+        "PORT_NAME": PORT_NAME,
+        "OUTPUT_CAP": str(OUTPUT_CAP),
     }
     text = "".join(f"{key}={shlex.quote(value)}\n" for key, value in settings.items())
     cpio.add_file("lib/kvmtest/config", text.encode())
+    assignments = " ".join(shlex.quote(f"{k}={v}") for k, v in config.env.items())
+    command = f"exec /bin/env -i {assignments} {shlex.join(config.command)}\n"
+    cpio.add_file("lib/kvmtest/cmd", command.encode(), 0o755)
+    for name, data in config.files.items():
+        cpio.add_file(name, data, 0o755)
     return cpio.finish()
 
 
-def build_initrd(
-    kernel: Kernel, config: BootConfig, target: Path, *, cache: Path | None = None
+def write_initrd(
+    out: BinaryIO, kernel: Kernel, config: BootConfig, *, runtime: Path | None = None,
+    cache: Path | None = None,
 ) -> list[PlannedModule]:
-    """Write the initrd for one boot to TARGET; return the kvm module plan."""
-    base = base_initramfs(kernel, cache=cache)
+    """Write the initrd for one boot to OUT; return the kvm module plan."""
     plan = plan_kvm_modules(kernel, config)
-    with open(target, "wb") as out:
-        with open(base, "rb") as src:
-            shutil.copyfileobj(src, out)
-        out.write(boot_archive(plan, config))
+    for part in (base_initramfs(kernel, cache=cache), runtime):
+        if part is not None:
+            with open(part, "rb") as src:
+                while chunk := src.read(1 << 20):
+                    out.write(chunk)
+    out.write(boot_archive(plan, config))
     return plan

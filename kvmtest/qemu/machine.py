@@ -1,184 +1,63 @@
-"""Boot a kernel under QEMU, run one host command inside it, reap QEMU.
+"""Boot a kernel under QEMU, isolated from the host, and run a command in it.
 
-The guest sees the host's ``/`` read-only over virtio-9p and chroots into it,
-so the command runs with the host's paths and the host's Python (no guest
-root filesystem to build).  The output directory is shared read-write at the
-same path; /init writes the control files there:
+The guest sees only its initramfs (kvmtest.qemu.initramfs): busybox, the
+kvm modules, a trimmed Python runtime (kvmtest.qemu.runtime) and the
+kvmtest package.  Nothing of the host's filesystem is shared: no 9p, no
+block device.  It talks to the host over one virtio-serial port (line-framed
+JSON, kvmtest.qemu.channel) and the serial console; QEMU runs unprivileged
+and watched (kvmtest.qemu.process).
 
-    OUTDIR/console.log        serial console (kernel log + KVMTEST-MARK lines)
-    OUTDIR/ctl/run.sh         the command, written by the host
-    OUTDIR/ctl/modules.txt    kvm module load report (one line per module)
-    OUTDIR/ctl/stdout|stderr  the command's output
-    OUTDIR/ctl/rc             the command's exit status
-    OUTDIR/ctl/dmesg.txt      the full kernel log after the command
-    OUTDIR/ctl/qemu.log       QEMU's own stdout/stderr
+This module chooses the accelerator, CPU and machine type, builds the QEMU
+command line and the initrd, and offers `boot()`: one command in the guest,
+its output and exit status back (tests, probes).  The agent's session
+protocol is kvmtest.qemu.session.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import re
-import shlex
 import shutil
-import signal
-import subprocess
-import time
+import stat
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
+from typing import Any
 
-from kvmtest.qemu.errors import QemuError
-from kvmtest.qemu.initramfs import (
-    FATAL,
-    HOSTROOT_TAG,
-    MARKER,
-    OUT_TAG,
-    BootConfig,
-    build_initrd,
-    has_module,
-)
+from kvmtest.qemu import channel
+from kvmtest.qemu.errors import GuestFault, QemuError
+from kvmtest.qemu.initramfs import BootConfig, has_module, write_initrd
 from kvmtest.qemu.kernels import Kernel, pvh_image, resolve_kernel
+from kvmtest.qemu.process import (
+    STDERR_CAP,
+    Limits,
+    QemuProcess,
+    exit_status,
+    printable,
+    qemu_identity,
+)
+from kvmtest.qemu.runtime import GUEST_LIBDIR, GUEST_PREFIX, GUEST_PYTHON, build_runtime
 
 QEMU = "qemu-system-x86_64"
 DEFAULT_TCG_CPU = "EPYC"
 DEFAULT_TIMEOUT = 180.0
 DEFAULT_KVM_AMD_PARAMS = {"nested": "1"}  # merged under the caller's kvm_amd_params
-PANIC_RE = re.compile(r"Kernel panic - not syncing.*")
-# Lines that mean the kernel is unhealthy even if the command succeeded.
-OOPS_RE = re.compile(
-    r"(?:BUG: |Oops: |WARNING: CPU: |kernel BUG at |general protection fault"
-    r"|Unable to handle kernel|RIP: ).*"
-)
-MARK_RE = re.compile(re.escape(MARKER) + r" (\S+) ([\d.]+)")
-FATAL_RE = re.compile(re.escape(FATAL) + r" (.*)")
-PR_SET_PDEATHSIG = 1
-CTL_FILES = ("rc", "modules.txt", "stdout", "stderr", "dmesg.txt", "qemu.log")
-
-
-@dataclass(frozen=True)
-class ModuleLoad:
-    """One line of the guest's module report."""
-
-    name: str
-    status: str  # ok | error | missing | builtin
-    detail: str = ""  # insmod parameters, or the error text and dmesg tail
-    path: Path | None = None  # the host file that was loaded (override or kernel's)
-
-
-@dataclass
-class GuestResult:
-    """What one boot produced.  returncode is None when the command never finished."""
-
-    kernel: Kernel
-    command: list[str]
-    outdir: Path
-    returncode: int | None
-    timed_out: bool
-    panicked: bool
-    wall_s: float
-    accel: str
-    cpu: str
-    image: Path | None = None  # what QEMU booted (bzImage or PVH vmlinux)
-    machine: str = ""
-    modules: list[ModuleLoad] = field(default_factory=list)
-    dev_kvm: bool | None = None
-    marks: dict[str, float] = field(default_factory=dict)  # guest uptime per stage
-    oopses: list[str] = field(default_factory=list)
-    fatal: str | None = None  # /init gave up (9p mount failed, ...)
-    panic_message: str | None = None
-    stdout: str = ""
-    stderr: str = ""
-    qemu_returncode: int | None = None
-    first_output_s: float | None = None  # host time from QEMU start to first console byte
-
-    @property
-    def console_log(self) -> Path:
-        return self.outdir / "console.log"
-
-    @property
-    def ok(self) -> bool:
-        """The command ran to completion and the kernel stayed healthy."""
-        return self.returncode is not None and not self.panicked and not self.oopses
-
-    @property
-    def kvm_ready(self) -> bool:
-        return bool(self.dev_kvm) and all(m.status in ("ok", "builtin") for m in self.modules)
-
-    def kvm_error(self) -> str | None:
-        """One-line reason why the guest has no usable nested-SVM /dev/kvm, or None."""
-        for module in self.modules:
-            if module.status == "missing":
-                return f"{module.name} is missing from {self.kernel.modules_dir}"
-            if module.status == "error":
-                return f"insmod {module.name} failed: {module.detail}"
-        if self.dev_kvm is None:
-            return "the guest never reported its kvm modules (see the console log)"
-        if not self.dev_kvm:
-            return "no /dev/kvm in the guest after loading the kvm modules"
-        return None
-
-    def _span(self, start: str, end: str) -> float | None:
-        if start in self.marks and end in self.marks:
-            return round(self.marks[end] - self.marks[start], 3)
-        return None
-
-    @property
-    def boot_s(self) -> float | None:
-        """Kernel start to /init (guest uptime)."""
-        return self.marks.get("init")
-
-    @property
-    def mount_s(self) -> float | None:
-        return self._span("init", "9p")
-
-    @property
-    def modload_s(self) -> float | None:
-        return self._span("9p", "modules")
-
-    @property
-    def command_s(self) -> float | None:
-        return self._span("cmd-start", "cmd-end")
-
-    @property
-    def overhead_s(self) -> float | None:
-        """Wall time outside the kernel's uptime: QEMU start, firmware, power-off."""
-        end = self.marks.get("poweroff")
-        return round(self.wall_s - end, 3) if end is not None else None
-
-    def timings(self) -> dict[str, float | None]:
-        return {
-            "first_output_s": self.first_output_s,
-            "boot_s": self.boot_s,
-            "mount_s": self.mount_s,
-            "modload_s": self.modload_s,
-            "command_s": self.command_s,
-            "overhead_s": self.overhead_s,
-            "wall_s": round(self.wall_s, 3),
-        }
-
-    def console_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.console_log.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def failure(self) -> str | None:
-        """One-line reason why there is no trustworthy result, or None."""
-        if self.timed_out:
-            return f"guest timed out after {self.wall_s:.0f} s (QEMU killed)"
-        if self.panicked:
-            return f"kernel panic: {self.panic_message or '?'}"
-        if self.fatal:
-            return f"guest init failed: {self.fatal}"
-        if self.returncode is None:
-            return f"no result from the guest (QEMU exit status {self.qemu_returncode})"
-        if self.oopses:
-            return f"kernel oops/warning: {self.oopses[0]}"
-        return None
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+MACHINES = {"pc": "pci", "q35": "pci", "microvm": "mmio"}  # -> virtio transport
+# panic=-1 + -no-reboot: a panic ends QEMU at once.  cryptomgr.notests skips
+# the crypto self-tests (0.3 s of boot under TCG; KVM does not use them).
+KERNEL_ARGS = "console=ttyS0 panic=-1 cryptomgr.notests"
+# The guest command's environment (nothing from the host's).
+GUEST_ENV = {
+    "PATH": f"/bin:{GUEST_PREFIX}/bin",
+    "LD_LIBRARY_PATH": GUEST_LIBDIR,
+    "HOME": "/tmp",
+    "TMPDIR": "/tmp",
+    "LANG": "C.UTF-8",
+    "KVMTEST_GUEST": "1",
+    "KVMTEST_CHANNEL_FD": "3",
+    "KVMTEST_PAYLOADS_PREBUILT": "1",
+}
 
 
 # --------------------------------------------------------------------------
@@ -223,13 +102,6 @@ def choose_accel(accel: str, cpu: str | None) -> tuple[str, str]:
     return accel, cpu or ("host" if accel == "kvm" else DEFAULT_TCG_CPU)
 
 
-# --------------------------------------------------------------------------
-# command line
-
-
-MACHINES = {"pc": "pci", "q35": "pci", "microvm": "mmio"}  # -> virtio transport
-
-
 def host_tsc_khz() -> int | None:
     """The host TSC frequency in kHz, if the host says it is constant.
 
@@ -267,152 +139,206 @@ def choose_machine(machine: str, accel: str, image: Path, kernel: Kernel) -> tup
     if machine == "microvm" and accel == "tcg":
         if tsc is None:
             raise QemuError("-machine microvm under TCG needs a constant host TSC; use pc")
-        return machine, f"tsc_early_khz={tsc}"
+        # tsc=reliable: TCG's TSC is the host's constant TSC; without it the
+        # clocksource watchdog (no HPET/PM timer) drops to jiffies.
+        return machine, f"tsc_early_khz={tsc} tsc=reliable"
     return machine, ""
 
 
+# --------------------------------------------------------------------------
+# command line
+
+
 def qemu_argv(
-    image: Path,
-    initrd: Path,
-    outdir: Path,
     *,
+    kernel_fd: int,
+    initrd_fd: int,
+    console_fd: int,
+    channel_fd: int,
     accel: str,
     cpu: str,
     memory: str,
     smp: int,
     append: str,
     machine: str = "pc",
+    sandbox: bool = True,
 ) -> list[str]:
-    """The full QEMU command line for one boot (IMAGE: bzImage or PVH vmlinux)."""
-    cmdline = f"console=ttyS0 panic=-1 {append}".strip()
-    virtio_9p = "virtio-9p-device" if MACHINES[machine] == "mmio" else "virtio-9p-pci"
-    out = _qemu_opt(str(outdir))
-    # multidevs=remap: the host's / spans several filesystems; avoids inode clashes.
-    hostroot = "path=/,security_model=none,readonly=on,multidevs=remap"
+    """The full QEMU command line for one boot (descriptors inherited by QEMU)."""
+    cmdline = f"{KERNEL_ARGS} {append}".strip()
+    mmio = MACHINES[machine] == "mmio"
+    serial_bus = "virtio-serial-device" if mmio else "virtio-serial-pci"
     options = [
         ("-accel", accel), ("-cpu", cpu), ("-m", memory), ("-smp", str(smp)),
-        ("-machine", machine), ("-display", "none"), ("-monitor", "none"),
-        ("-serial", f"file:{out}/console.log"),
-        ("-kernel", str(image)), ("-initrd", str(initrd)), ("-append", cmdline),
-        ("-fsdev", f"local,id={HOSTROOT_TAG},{hostroot}"),
-        ("-device", f"{virtio_9p},fsdev={HOSTROOT_TAG},mount_tag={HOSTROOT_TAG}"),
-        ("-fsdev", f"local,id={OUT_TAG},path={out},security_model=none,multidevs=remap"),
-        ("-device", f"{virtio_9p},fsdev={OUT_TAG},mount_tag={OUT_TAG}"),
+        ("-machine", machine), ("-display", "none"),
+        ("-chardev", f"socket,id=console,fd={console_fd}"), ("-serial", "chardev:console"),
+        ("-chardev", f"socket,id=channel,fd={channel_fd}"),
+        ("-device", f"{serial_bus},id=vser"),
+        ("-device", f"virtserialport,bus=vser.0,chardev=channel,name={channel.PORT_NAME}"),
+        ("-kernel", f"/proc/self/fd/{kernel_fd}"), ("-initrd", f"/proc/self/fd/{initrd_fd}"),
+        ("-append", cmdline),
     ]  # fmt: skip
+    if sandbox:
+        options.append(("-sandbox", SANDBOX))
     # -no-reboot: panic=-1 reboots at once, and -no-reboot turns that into an exit.
     flags = ["-nodefaults", "-no-user-config", "-no-reboot"]
     return [find_qemu(), *flags, *(item for pair in options for item in pair)]
 
 
-def _qemu_opt(value: str) -> str:
-    """Escape VALUE for a QEMU option list (a comma is written as two)."""
-    return value.replace(",", ",,")
+def kernel_image(kernel: Kernel, pvh: bool) -> Path:
+    """What QEMU boots: the host-decompressed PVH vmlinux if possible."""
+    return (pvh_image(kernel) if pvh else None) or kernel.image
 
 
-def _guest_env(outdir: Path, env: Mapping[str, str] | None) -> dict[str, str]:
-    base = {
-        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-        "HOME": os.environ.get("HOME", "/root"),
-        "LANG": "C.UTF-8",
-        "TMPDIR": "/dev/shm",  # the shared / is read-only; /dev/shm is a guest tmpfs
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "KVMTEST_GUEST": "1",
-        "KVMTEST_OUT": str(outdir),
-    }
-    # Same paths in the guest, so the host's import path is valid there too.
-    if "PYTHONPATH" in os.environ:
-        base["PYTHONPATH"] = os.environ["PYTHONPATH"]
-    base.update(env or {})
-    return base
-
-
-def write_run_script(ctl: Path, command: Sequence[str], env: Mapping[str, str], cwd: Path) -> None:
-    """ctl/run.sh: run COMMAND with a clean ENV in CWD, output to ctl/stdout|stderr."""
-    assignments = " ".join(shlex.quote(f"{k}={v}") for k, v in env.items())
-    script = (
-        "#!/bin/sh\n"
-        f"exec >{shlex.quote(str(ctl / 'stdout'))} 2>{shlex.quote(str(ctl / 'stderr'))}\n"
-        f"cd {shlex.quote(str(cwd))} || exit 125\n"
-        f"exec /usr/bin/env -i {assignments} {shlex.join(command)}\n"
-    )
-    (ctl / "run.sh").write_text(script)
+def initrd_memfd(kernel: Kernel, config: BootConfig, *, runtime: bool = True) -> tuple[int, list]:
+    """(memfd holding the whole initrd, kvm module plan)."""
+    archive = build_runtime().archive if runtime else None
+    fd = os.memfd_create("kvmtest-initrd", os.MFD_CLOEXEC)
+    try:
+        with os.fdopen(os.dup(fd), "wb") as out:
+            plan = write_initrd(out, kernel, config, runtime=archive)
+    except BaseException:
+        os.close(fd)
+        raise
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd, plan
 
 
 # --------------------------------------------------------------------------
-# process handling
+# boot(): one command in the guest
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL QEMU if the spawning process dies.
+@dataclass(frozen=True)
+class ModuleLoad:
+    """One module line of the guest's report."""
 
-    Its own session protects QEMU from terminal signals, so without this a
-    SIGKILLed pytest worker would leave an orphan QEMU running.
-    """
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-class QemuProcess:
-    """QEMU in its own process group; always killed and reaped on exit."""
-
-    def __init__(self, argv: list[str], log: Path) -> None:
-        self.argv = argv
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.first_output_s: float | None = None
-
-    def __enter__(self) -> QemuProcess:
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # own group: killpg reaches everything it spawns
-                preexec_fn=_die_with_parent,
-            )
-        return self
-
-    def wait(self, timeout: float, console: Path | None = None) -> int | None:
-        """QEMU's exit status, or None if it was still running after TIMEOUT.
-
-        While waiting, notes when CONSOLE first gets output (first_output_s):
-        the host-side cost of QEMU start-up, firmware and early kernel.
-        """
-        assert self.proc is not None
-        start = time.monotonic()
-        deadline = start + timeout
-        while console is not None and self.first_output_s is None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                return self.proc.wait(timeout=0.05)
-            if console.exists() and console.stat().st_size > 0:
-                self.first_output_s = round(time.monotonic() - start, 3)
-            if time.monotonic() >= deadline:
-                return None
-        try:
-            return self.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            return None
-
-    def kill(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.kill()
+    name: str
+    status: str  # ok | error | missing | builtin
+    detail: str = ""  # insmod parameters, or the error text and dmesg tail
+    path: Path | None = None  # the host file that was loaded (override or kernel's)
 
 
-# --------------------------------------------------------------------------
-# boot
+@dataclass
+class GuestResult:
+    """What one boot produced.  returncode is None when the command never finished."""
+
+    kernel: Kernel
+    command: list[str]
+    outdir: Path
+    returncode: int | None
+    timed_out: bool
+    panicked: bool
+    wall_s: float
+    accel: str
+    cpu: str
+    image: Path | None = None  # what QEMU booted (bzImage or PVH vmlinux)
+    machine: str = ""
+    modules: list[ModuleLoad] = field(default_factory=list)
+    dev_kvm: bool | None = None
+    marks: dict[str, float] = field(default_factory=dict)  # guest uptime per stage
+    oopses: list[str] = field(default_factory=list)
+    fatal: str | None = None  # /init gave up (no channel, ...)
+    panic_message: str | None = None
+    stdout: str = ""
+    stderr: str = ""
+    qemu_returncode: int | None = None
+    first_output_s: float | None = None  # host time from QEMU start to first console byte
+    fault: GuestFault | None = None
+    run_as: str = ""
+    tail: str = ""
+    qemu_cpu_s: float | None = None  # QEMU's CPU time: the boot's cost on an idle host
+
+    @property
+    def console_log(self) -> Path:
+        return self.outdir / "console.log"
+
+    @property
+    def ok(self) -> bool:
+        """The command ran to completion and the kernel stayed healthy."""
+        return self.returncode is not None and not self.panicked and not self.oopses
+
+    @property
+    def kvm_ready(self) -> bool:
+        return bool(self.dev_kvm) and all(m.status in ("ok", "builtin") for m in self.modules)
+
+    def kvm_error(self) -> str | None:
+        """One-line reason why the guest has no usable nested-SVM /dev/kvm, or None."""
+        return kvm_error(self.modules, self.dev_kvm, self.kernel)
+
+    def _span(self, start: str, end: str) -> float | None:
+        if start in self.marks and end in self.marks:
+            return round(self.marks[end] - self.marks[start], 3)
+        return None
+
+    @property
+    def boot_s(self) -> float | None:
+        """Kernel start to /init (guest uptime)."""
+        return self.marks.get("init")
+
+    @property
+    def channel_s(self) -> float | None:
+        return self._span("init", "channel")
+
+    @property
+    def modload_s(self) -> float | None:
+        return self._span("channel", "modules")
+
+    @property
+    def command_s(self) -> float | None:
+        return self._span("modules", "command-end")
+
+    def timings(self) -> dict[str, float | None]:
+        return {
+            "first_output_s": self.first_output_s,
+            "boot_s": self.boot_s,
+            "channel_s": self.channel_s,
+            "modload_s": self.modload_s,
+            "command_s": self.command_s,
+            "wall_s": round(self.wall_s, 3),
+            "qemu_cpu_s": self.qemu_cpu_s,
+        }
+
+    def console_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.tail.splitlines()[-lines:])
+
+    def failure(self) -> str | None:
+        """One-line reason why there is no trustworthy result, or None."""
+        if self.fault is not None:
+            return self.fault.summary
+        if self.panicked:
+            return f"kernel panic: {self.panic_message or '?'}"
+        if self.fatal:
+            return f"guest init failed: {self.fatal}"
+        if self.returncode is None:
+            return f"no result from the guest (QEMU {exit_status(self.qemu_returncode)})"
+        if self.oopses:
+            return f"kernel oops/warning: {self.oopses[0]}"
+        return None
+
+
+def kvm_error(modules: list[ModuleLoad], dev_kvm: bool | None, kernel: Kernel) -> str | None:
+    """Why the guest has no usable /dev/kvm, from the module report, or None."""
+    for module in modules:
+        if module.status == "missing":
+            return f"{module.name} is missing from {kernel.modules_dir}"
+        if module.status == "error":
+            return f"insmod {module.name} failed: {module.detail}"
+    if dev_kvm is None:
+        return "the guest never reported its kvm modules (see the console log)"
+    if not dev_kvm:
+        return "no /dev/kvm in the guest after loading the kvm modules"
+    return None
+
+
+MODULE_STATUSES = ("ok", "error", "missing", "builtin")
+
+
+def module_from_frame(frame: dict[str, Any], paths: Mapping[str, Path | None]) -> ModuleLoad:
+    """A module frame as a ModuleLoad; only names the host planned are accepted."""
+    name, status = frame["name"], frame["status"]
+    if name not in paths or status not in MODULE_STATUSES:
+        raise channel.ProtocolError(f"a module report for {printable(name, 40)!r} "
+                                    f"({printable(status, 20)!r}) the host did not plan")
+    return ModuleLoad(name, status, printable(frame.get("detail", ""), 2000), paths[name])
 
 
 def boot(
@@ -429,126 +355,136 @@ def boot(
     memory: str = "1G",
     smp: int = 1,
     env: Mapping[str, str] | None = None,
-    cwd: Path | str | None = None,
     append: str = "",
     pvh: bool = True,
-    root_cache: str = "loose",
     machine: str = "auto",
+    files: Mapping[str, bytes] | None = None,
+    limits: Limits | None = None,
 ) -> GuestResult:
     """Boot KERNEL, load kvm + kvm_amd, run COMMAND in the guest, return the result.
 
+    COMMAND runs in the guest's initramfs (busybox in /bin, the runtime's
+    Python as GUEST_PYTHON), in /tmp, with GUEST_ENV plus ENV; FILES are
+    extra guest files (path -> bytes).  Its stdout/stderr (capped) and exit
+    status come back over the channel.
+
     Raises QemuError for harness problems (no QEMU, bad kernel, vermagic
     mismatch, QEMU refusing to start); guest problems (panic, hang, module
-    failures, command failure) are reported in the GuestResult.
-    PVH=True boots a host-decompressed vmlinux when the kernel supports it
-    (saves ~5 s under TCG); PVH=False always boots the bzImage.  ROOT_CACHE
-    is the 9p cache mode of the read-only host root ("loose" caches pages and
-    dentries in the guest; "none" re-asks the host every time).
+    failures, command failure) are reported in the GuestResult, a fault in
+    ``fault`` (TIMEOUT bounds the whole boot).
     """
     if not isinstance(kernel, Kernel):
         kernel = resolve_kernel(kernel)
     accel, cpu = choose_accel(accel, cpu)
-    image = (pvh_image(kernel) if pvh else None) or kernel.image
+    image = kernel_image(kernel, pvh)
     machine, machine_append = choose_machine(machine, accel, image, kernel)
     outdir = Path(outdir).resolve()
-    ctl = outdir / "ctl"
-    ctl.mkdir(parents=True, exist_ok=True)
-    # Results of an earlier boot into the same outdir must not be mistaken for ours.
-    (outdir / "console.log").unlink(missing_ok=True)
-    for name in CTL_FILES:
-        (ctl / name).unlink(missing_ok=True)
+    outdir.mkdir(parents=True, exist_ok=True)
     config = BootConfig(
-        outdir=outdir,
         kvm_amd_params={**DEFAULT_KVM_AMD_PARAMS, **(kvm_amd_params or {})},
         kvm_params=dict(kvm_params or {}),
-        kvm_modules_dir=Path(kvm_modules_dir) if kvm_modules_dir else None,
-        root_cache=root_cache,
-        transport=MACHINES[machine],
-    )
-    initrd = ctl / "initrd.img"
-    plan = build_initrd(kernel, config, initrd)
-    write_run_script(ctl, list(command), _guest_env(outdir, env), Path(cwd or os.getcwd()))
-    argv = qemu_argv(
-        image,
-        initrd,
-        outdir,
-        accel=accel,
-        cpu=cpu,
-        memory=memory,
-        smp=smp,
-        append=f"{machine_append} {append}".strip(),
-        machine=machine,
-    )
-    start = time.monotonic()
-    with QemuProcess(argv, ctl / "qemu.log") as qemu:
-        status = qemu.wait(timeout, outdir / "console.log")
-        qemu.kill()
-    wall = time.monotonic() - start
-    result = GuestResult(
-        kernel=kernel,
         command=list(command),
-        outdir=outdir,
-        returncode=None,
-        timed_out=status is None,
-        panicked=False,
-        wall_s=wall,
-        accel=accel,
-        cpu=cpu,
-        image=image,
-        machine=machine,
-        qemu_returncode=status,
-        first_output_s=qemu.first_output_s,
+        env={**GUEST_ENV, **(env or {})},
+        kvm_modules_dir=Path(kvm_modules_dir) if kvm_modules_dir else None,
+        transport=MACHINES[machine],
+        files=dict(files or {}),
     )
-    _collect(result, ctl)
+    initrd, plan = initrd_memfd(kernel, config)
     paths = {planned.name: planned.path for planned in plan}
-    result.modules = [replace(m, path=paths.get(m.name)) for m in result.modules]
-    _check_qemu_started(result, ctl)
+    run_as = qemu_identity(accel)
+
+    def argv(**fds: int) -> list[str]:
+        return qemu_argv(**fds, accel=accel, cpu=cpu, memory=memory, smp=smp,
+                         append=f"{machine_append} {append}".strip(), machine=machine)
+
+    result = GuestResult(kernel=kernel, command=list(command), outdir=outdir, returncode=None,
+                         timed_out=False, panicked=False, wall_s=0.0, accel=accel, cpu=cpu,
+                         image=image, machine=machine, run_as=run_as.user)
+    output: dict[str, bytes] = {"stdout": b"", "stderr": b""}
+    with QemuProcess(argv, outdir=outdir, kernel_image=image, initrd_fd=initrd, run_as=run_as,
+                 limits=limits) as vm:
+        deadline = vm.started + timeout
+        try:
+            while True:
+                frame = vm.next_frame(deadline=deadline, silence=timeout)
+                kind = frame["t"]
+                if kind == "mark":
+                    result.marks[printable(frame["stage"], 40)] = float(frame["uptime"])
+                    vm.phase = {"channel": "modules", "modules": "command"}.get(
+                        frame["stage"], vm.phase)
+                elif kind == "module":
+                    result.modules.append(module_from_frame(frame, paths))
+                elif kind == "dev_kvm":
+                    result.dev_kvm = frame["present"]
+                elif kind == "output" and frame["stream"] in output:
+                    output[frame["stream"]] += _unhex(frame["hex"])
+                elif kind == "exit":
+                    result.returncode = frame["rc"]
+                    vm.phase = "shutdown"
+                    vm.wait_exit(10.0)
+                    break
+                elif kind == "fatal":
+                    result.fatal = printable(frame["message"], 2000)
+                else:  # the agent's frames: the command is not ours to follow
+                    continue
+        except channel.ProtocolError as e:
+            result.fault = vm.fault(f"the guest broke the protocol: {printable(str(e), 300)}")
+        except GuestFault as e:
+            result.fault = e
+        vm.kill()
+        result.timed_out = result.fault is not None and "timed out" in result.fault.what
+        result.qemu_returncode = vm.returncode
+        result.wall_s = vm.elapsed
+        result.first_output_s = vm.first_output_s
+        vm.close()
+        result.qemu_cpu_s = vm.cpu_s
+        result.tail = vm.console.tail_text(60)
+        result.panicked = vm.scanner.panic is not None
+        result.panic_message = vm.scanner.panic
+        result.fatal = result.fatal or vm.scanner.fatal
+        result.oopses = sorted(set(vm.scanner.oopses))
+    result.stdout = output["stdout"].decode("utf-8", "replace")
+    result.stderr = output["stderr"].decode("utf-8", "replace")
+    _check_qemu_started(result, outdir)
     return result
 
 
-def _check_qemu_started(result: GuestResult, ctl: Path) -> None:
-    # An empty console with a QEMU error means a bad command line, not a bad
-    # kernel: that is the harness's problem, raise it.
-    if result.qemu_returncode not in (0, None) and not result.console_tail(1):
-        log = (ctl / "qemu.log").read_text(errors="replace").strip().splitlines()
+def _unhex(text: str) -> bytes:
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise channel.ProtocolError("an output frame that is not hex") from None
+
+
+def _check_qemu_started(result: GuestResult, outdir: Path) -> None:
+    # No console byte and a QEMU error exit: a bad command line or a missing
+    # file, not a bad kernel.  That is the harness's problem: raise it.
+    if result.first_output_s is None and result.qemu_returncode not in (0, None) \
+            and result.qemu_returncode > 0:
+        log = _read_capped(outdir / "qemu.log", STDERR_CAP).strip().splitlines()
         raise QemuError(f"QEMU failed to start: {log[-1] if log else 'no output'}")
 
 
-def _read(path: Path) -> str:
+def _read_capped(path: Path, cap: int) -> str:
+    """Up to CAP bytes of a host-written file, never through a symlink."""
     try:
-        return path.read_text(errors="replace")
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
         return ""
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ""
+        return os.read(fd, cap).decode("utf-8", "replace")
+    finally:
+        os.close(fd)
 
 
-def _collect(result: GuestResult, ctl: Path) -> None:
-    """Fill RESULT from the console log and the control files."""
-    console = _read(result.console_log)
-    result.marks = {name: float(value) for name, value in MARK_RE.findall(console)}
-    fatal = FATAL_RE.search(console)
-    result.fatal = fatal.group(1).strip() if fatal else None
-    panic = PANIC_RE.search(console)
-    result.panicked = panic is not None
-    result.panic_message = panic.group(0).strip() if panic else None
-    kernel_log = console + "\n" + _read(ctl / "dmesg.txt")
-    result.oopses = sorted({m.group(0).strip() for m in OOPS_RE.finditer(kernel_log)})
-    result.modules, result.dev_kvm = parse_module_report(_read(ctl / "modules.txt"))
-    rc = _read(ctl / "rc").strip()
-    result.returncode = int(rc) if rc.lstrip("-").isdigit() else None
-    result.stdout = _read(ctl / "stdout")
-    result.stderr = _read(ctl / "stderr")
-
-
-def parse_module_report(text: str) -> tuple[list[ModuleLoad], bool | None]:
-    """Parse ctl/modules.txt into module entries and whether /dev/kvm appeared."""
-    modules: list[ModuleLoad] = []
-    dev_kvm: bool | None = None
-    for line in text.splitlines():
-        if line.startswith("/dev/kvm "):
-            dev_kvm = line.endswith("present")
-            continue
-        name, _, rest = line.partition(" ")
-        status, _, detail = rest.partition(" ")
-        if name:
-            modules.append(ModuleLoad(name, status, detail.strip()))
-    return modules, dev_kvm
+__all__ = [
+    "GUEST_ENV",
+    "GUEST_PYTHON",
+    "GuestResult",
+    "ModuleLoad",
+    "boot",
+    "choose_accel",
+    "find_qemu",
+]

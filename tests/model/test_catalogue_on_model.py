@@ -43,6 +43,13 @@ def known_bugs(profile: str, config: str = "default") -> set[str]:
             } - other_config(config)
 
 
+# Families whose known bugs hold on every kernel measured (6.1.170 .. 7.3.4),
+# kvmtest/cases/{permission,gif,unmap}.py: #UD with paging off, DR6.BS lost
+# on a single-stepped #VMEXIT, the interrupt window after VMRUN (6.x), the
+# unmappable VMCB12 (6.x), no #DB after a failed VMRUN (7.x).
+DEPTH_FAMILIES = {"perm", "gif", "singlestep", "unmap", "negative"}
+
+
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("profile", ["fixed", "6.12-stable", "7.x"])
 def test_catalogue_passes(profile, config):
@@ -58,7 +65,7 @@ def test_catalogue_passes(profile, config):
     assert all(r.startswith("known bug (") and profile in r.split(")")[0]
                for r in failed.values()), failed
     families = {"smm"} if config in ("default", "npt0") else {"smm", "insn"}
-    assert {i.split("/")[0] for i in failed} <= families
+    assert {i.split("/")[0] for i in failed} <= families | DEPTH_FAMILIES
     # The catalogue cannot tell 6.12-stable from upstream on the model's
     # CPU (both clear EVENTINJ and refuse the RSM): the fingerprint says so.
     assert profile in j.fingerprint(v.values()).split(" or ")
@@ -85,9 +92,10 @@ def test_legacy_fails_exactly_its_known_bugs():
     assert all("GIF left set" in v[i].reason for i in gif)
     # ... and the rest are the INVLPGA and nCR3 bugs measured on 6.1.170 and
     # the SMM known bugs (RSM re-enters L2 without the be5fa8737d42 re-check;
-    # the state leaks every kernel has).
+    # the state leaks every kernel has), and the catalogue-depth findings.
     smm_bugs = {c.id for c in catalogue() if c.family == "smm" and c.id in bugs}
-    assert {i.split("[")[0] for i in set(bugs) - gif} == {
+    depth = {i for i in set(bugs) - gif if i.split("/")[0] in DEPTH_FAMILIES}
+    assert {i.split("[")[0] for i in set(bugs) - gif - depth} == {
         "insn/nosvm-invlpga", "insn/svme0-invlpga", "control/np-ncr3-above-maxphyaddr",
         *smm_bugs}
     assert {"smm/asid0", "smm/l1-cr4-kept", "smm/l1-cr0-cd-kept"} <= smm_bugs
