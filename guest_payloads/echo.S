@@ -7,7 +7,9 @@
  *   1  an EXCEPTION ucall carrying vmrun_rax, hsave_pa, msr_index, msr_value,
  *      count as vector, error code, RIP, CS, RSP
  *   2  an ASSERT ucall: line = count, a = msr_value, b = vmrun_rax
- *   3  a real #GP: load DS with selector msr_index (beyond the GDT limit) */
+ *   3  a real #GP: load DS with selector msr_index (beyond the GDT limit)
+ *   4  a ucall with command count (no command the host knows), arguments
+ *      msr_value and vmrun_rax */
 #include "kvmtest_layout.h"
 #include "svm.h"
 	.intel_syntax noprefix
@@ -22,6 +24,8 @@ l1_main:
 	je echo_assert
 	cmp rax, 3
 	je echo_gp
+	cmp rax, 4
+	je echo_unknown
 	/* 0: fill every result slot, then report */
 	mov rax, [P_MSR_VALUE]
 	mov rdi, R_STAGE
@@ -57,4 +61,14 @@ echo_gp:
 	mov rax, [P_MSR_INDEX]
 echo_gp_insn:
 	mov ds, ax
+	ret
+
+echo_unknown:
+	mov rdi, [P_COUNT]
+	mov rsi, [P_MSR_VALUE]
+	mov rdx, [P_VMRUN_RAX]
+	xor ecx, ecx
+	xor r8d, r8d
+	xor r9d, r9d
+	call ucall
 	ret

@@ -1,7 +1,8 @@
 /* Instruction-level checks: execute one SVM instruction (or the EFER.SVME
  * write) chosen by params.insn.  If it faults, the exception stub reports the
  * vector and RIP, which the host compares with the insn_* symbol.  If it does
- * not fault, SYNC(STAGE_AFTER_VMRUN) says so. */
+ * not fault, L1 writes RAX and EFER into the result block and SYNC(
+ * STAGE_AFTER_VMRUN) says so. */
 #include "kvmtest_layout.h"
 #include "svm.h"
 	.intel_syntax noprefix
@@ -89,6 +90,14 @@ insn_wrmsr:
 	jmp no_fault
 
 no_fault:
+	/* L1's report: RAX as the instruction left it (VMMCALL's hypercall
+	 * return value) and EFER (a WRMSR's effect). */
+	mov [R_RAX], rax
+	mov ecx, MSR_EFER
+	rdmsr
+	mov [R_EFER], eax
+	mov [R_EFER + 4], edx
+	mov qword ptr [R_STAGE], STAGE_AFTER_VMRUN
 	mov esi, STAGE_AFTER_VMRUN
 	mov edi, UCALL_SYNC
 	call ucall

@@ -98,10 +98,6 @@ EV_NO_SVM = 1 << 2  # no CLGI/VMRUN/STGI: a guest without SVM (tests only)
 INSNS = ("vmrun", "vmmcall", "vmload", "vmsave", "stgi", "clgi", "skinit", "invlpga", "wrmsr")
 
 
-def offset(struct_fields: tuple[str, ...], name: str) -> int:
-    return 8 * struct_fields.index(name)
-
-
 def pack(struct_fields: tuple[str, ...], values: dict[str, int]) -> bytes:
     unknown = set(values) - set(struct_fields)
     if unknown:

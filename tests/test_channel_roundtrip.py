@@ -15,7 +15,7 @@ import pytest
 from kvmtest import params
 from kvmtest.backends.model import ModelBackend
 from kvmtest.case import INSN, NEED_NO_SVM, Case, Expect
-from kvmtest.observation import EXCEPTION, GUEST_ASSERT, SYNC
+from kvmtest.observation import EXCEPTION, GUEST_ASSERT, SYNC, UNEXPECTED_EXIT
 from kvmtest.runner import run_case
 
 A = 0xFEDC_BA98_7654_3210
@@ -73,3 +73,57 @@ def test_real_gp_error_code_on_kvm(real_kvm):
     obs = run_case(real_kvm["backend"], echo(3, msr_index=0x1238))
     assert obs.outcome == EXCEPTION, obs.describe()
     assert (obs.vector, obs.error_code, obs.rip_symbol) == (13, 0x1238, "echo_gp_insn")
+
+
+def test_unknown_ucall_ends_the_run_and_is_named(backend):
+    """A command the host does not know: the loop stops and says which, with
+    its arguments in full."""
+    obs = run_case(backend, echo(4, count=77))
+    assert obs.outcome == UNEXPECTED_EXIT, obs.describe()
+    assert obs.detail.startswith(f"unknown ucall ucall#77({A:#x}, {B:#x}, 0x0, 0x0, 0x0, ")
+    assert obs.detail.count(", ") == 6  # struct ucall's seven arguments
+    assert obs.exits == ["IoExit"]
+
+
+def test_guest_assert_strings(backend):
+    """A guest assert with a real message and file name (svm_insn's check of
+    params.insn): both strings are read out of guest memory."""
+    case = Case(id="t", family="test", scenario=INSN, payload="svm_insn",
+                expect=Expect("no_fault"), source="tests", params={"insn": 0x63, "flags": 0},
+                needs=frozenset({NEED_NO_SVM}))
+    obs = run_case(backend, case)
+    assert obs.outcome == GUEST_ASSERT, obs.describe()
+    file, line, rest = obs.detail.split(":", 2)
+    assert (file, rest) == ("svm_insn.S", " params.insn out of range (a=0x63, b=0x8)")
+    assert int(line) > 0
+
+
+def test_read_cstring_stays_inside_guest_memory(backend):
+    """Strings are read from guest memory only, at most 256 bytes, never past
+    its end; a pointer outside it is named, not followed."""
+    from kvmtest import layout, ucall
+    from kvmtest.payloads import load_payload
+
+    with backend.machine(load_payload("echo"), svm=False) as m:
+        end = layout.MEM_SIZE
+        m.write(end - 3, b"abc")  # no NUL before the end of memory
+        assert ucall.read_cstring(m.read, end - 3) == "abc"
+        m.write(0x30000, b"x" * 300)
+        assert ucall.read_cstring(m.read, 0x30000) == "x" * 256
+        assert ucall.read_cstring(m.read, 0x30000, limit=5) == "x" * 5
+        m.write(0x30000, b"hi\0there\xff")
+        assert ucall.read_cstring(m.read, 0x30000) == "hi"
+        m.write(0x30000, b"\xff\0")
+        assert ucall.read_cstring(m.read, 0x30000) == "\ufffd"
+        m.write(1, b"one\0")
+        assert ucall.read_cstring(m.read, 1) == "one"
+        for bad in (0, end, end + 0x1000, 1 << 63):
+            assert ucall.read_cstring(m.read, bad) == f"<bad string pointer {bad:#x}>"
+
+
+def test_ucall_names():
+    from kvmtest import ucall
+
+    assert ucall.UcallExit(1, (2, 0)).describe() == "SYNC(0x2, 0x0)"
+    assert ucall.UcallExit(4, ()).describe() == "EXCEPTION()"
+    assert ucall.UcallExit(99, (1,)).describe() == "ucall#99(0x1)"

@@ -164,63 +164,126 @@ def cpu_refuses_event(event_inj: int) -> bool:
     return kind << 8 == EVTINJ_TYPE_EXEPT and (vector == 2 or vector >= 31)
 
 
+# The predicates are named functions rather than lambdas so that mutation
+# testing (scripts/mutation.sh) reaches them: (state, Context) -> illegal.
+
+def _svme_clear(s: Save12, x: Context) -> bool:
+    return not s.efer & layout.EFER_SVME
+
+
+def _cd0_nw1(s: Save12, x: Context) -> bool:
+    return not s.cr0 & layout.CR0_CD and bool(s.cr0 & layout.CR0_NW)
+
+
+def _cr0_high(s: Save12, x: Context) -> bool:
+    return bool(s.cr0 >> 32)
+
+
+def _dr6_high(s: Save12, x: Context) -> bool:
+    return bool(s.dr6 >> 32)
+
+
+def _dr7_high(s: Save12, x: Context) -> bool:
+    return bool(s.dr7 >> 32)
+
+
+def _lme_pg_no_pae(s: Save12, x: Context) -> bool:
+    return s.long_mode_paging and not s.cr4 & layout.CR4_PAE
+
+
+def _lme_pg_no_pe(s: Save12, x: Context) -> bool:
+    return s.long_mode_paging and not s.cr0 & layout.CR0_PE
+
+
+def _cr3_illegal(s: Save12, x: Context) -> bool:
+    return s.long_mode_paging and not cpuid.legal_gpa(s.cr3)
+
+
+def _cr4_reserved(s: Save12, x: Context) -> bool:
+    return bool(s.cr4 & x.cpu.cr4_reserved)
+
+
+def _efer_reserved(s: Save12, x: Context) -> bool:
+    return bool(s.efer & x.cpu.efer_reserved)
+
+
+def _cs_l_and_d(s: Save12, x: Context) -> bool:
+    return (s.long_mode_paging and bool(s.cr4 & layout.CR4_PAE)
+            and bool(s.cs_attrib & ATTR_L) and bool(s.cs_attrib & ATTR_DB))
+
+
+def _vmrun_not_intercepted(c: Control12, x: Context) -> bool:
+    return not c.intercept_misc2 & INTERCEPT_VMRUN
+
+
+def _asid0(c: Control12, x: Context) -> bool:
+    return c.asid == 0
+
+
+def _np_without_host_npt(c: Control12, x: Context) -> bool:
+    return c.np_enabled and not x.host.npt
+
+
+def _msrpm_illegal(c: Control12, x: Context) -> bool:
+    return _bitmap_illegal(c.msrpm_base_pa, MSRPM_SIZE)
+
+
+def _iopm_illegal(c: Control12, x: Context) -> bool:
+    return _bitmap_illegal(c.iopm_base_pa, IOPM_SIZE)
+
+
+def _ncr3_illegal(c: Control12, x: Context) -> bool:
+    return c.np_enabled and x.host.npt and not cpuid.legal_gpa(c.nested_cr3)
+
+
+def _event_inj_illegal(c: Control12, x: Context) -> bool:
+    return event_inj_invalid(c.event_inj)
+
+
 SAVE_CHECKS: tuple[Check, ...] = (
     Check("efer.svme=0", "15.5.1: EFER.SVME is zero", "__nested_vmcb_check_save", None,
-          lambda s, x: not s.efer & layout.EFER_SVME),
+          _svme_clear),
     Check("cr0.cd=0&&nw=1", "15.5.1: CR0.CD is zero and CR0.NW is set",
-          "__nested_vmcb_check_save", None,
-          lambda s, x: not s.cr0 & layout.CR0_CD and bool(s.cr0 & layout.CR0_NW)),
+          "__nested_vmcb_check_save", None, _cd0_nw1),
     Check("cr0[63:32]", "15.5.1: CR0[63:32] are not zero", "__nested_vmcb_check_save", None,
-          lambda s, x: bool(s.cr0 >> 32)),
-    Check("dr6[63:32]", "15.5.1: DR6[63:32] are not zero", "kvm_dr6_valid", None,
-          lambda s, x: bool(s.dr6 >> 32)),
-    Check("dr7[63:32]", "15.5.1: DR7[63:32] are not zero", "kvm_dr7_valid", None,
-          lambda s, x: bool(s.dr7 >> 32)),
+          _cr0_high),
+    Check("dr6[63:32]", "15.5.1: DR6[63:32] are not zero", "kvm_dr6_valid", None, _dr6_high),
+    Check("dr7[63:32]", "15.5.1: DR7[63:32] are not zero", "kvm_dr7_valid", None, _dr7_high),
     Check("lme&&pg&&!pae", "15.5.1: EFER.LME and CR0.PG are both set and CR4.PAE is zero",
-          "__nested_vmcb_check_save", None,
-          lambda s, x: s.long_mode_paging and not s.cr4 & layout.CR4_PAE),
+          "__nested_vmcb_check_save", None, _lme_pg_no_pae),
     Check("lme&&pg&&!pe", "15.5.1: EFER.LME and CR0.PG are both non-zero and CR0.PE is zero",
-          "__nested_vmcb_check_save", None,
-          lambda s, x: s.long_mode_paging and not s.cr0 & layout.CR0_PE),
+          "__nested_vmcb_check_save", None, _lme_pg_no_pe),
     Check("cr3>maxphyaddr", "15.5.1: any MBZ bit of CR3 is set (long mode)",
           "__nested_vmcb_check_save: kvm_vcpu_is_illegal_gpa(cr3) with LME&&PG", None,
-          lambda s, x: s.long_mode_paging and not cpuid.legal_gpa(s.cr3)),
+          _cr3_illegal),
     Check("cr4-reserved", "15.5.1: any MBZ bit of CR4 is set", "kvm_is_valid_cr4", None,
-          lambda s, x: bool(s.cr4 & x.cpu.cr4_reserved)),
+          _cr4_reserved),
     Check("efer-reserved", "15.5.1: any MBZ bit of EFER is set", "kvm_valid_efer", None,
-          lambda s, x: bool(s.efer & x.cpu.efer_reserved)),
+          _efer_reserved),
     Check("lme&&pg&&cs.l&&cs.d",
           "15.5.1: EFER.LME, CR0.PG, CR4.PAE, CS.L and CS.D are all non-zero",
-          "__nested_vmcb_check_save (7.1)", "check_cs_l_d",
-          lambda s, x: s.long_mode_paging and bool(s.cr4 & layout.CR4_PAE)
-          and bool(s.cs_attrib & ATTR_L) and bool(s.cs_attrib & ATTR_DB)),
+          "__nested_vmcb_check_save (7.1)", "check_cs_l_d", _cs_l_and_d),
 )
 
 CONTROL_CHECKS: tuple[Check, ...] = (
     Check("vmrun-intercept", "15.5.1: the VMRUN intercept bit is clear",
-          "__nested_vmcb_check_controls", None,
-          lambda c, x: not c.intercept_misc2 & INTERCEPT_VMRUN),
+          "__nested_vmcb_check_controls", None, _vmrun_not_intercepted),
     Check("asid=0", "15.5.1: ASID is equal to zero", "__nested_vmcb_check_controls", None,
-          lambda c, x: c.asid == 0),
+          _asid0),
     # kvm_amd npt=0: L1's CPUID has no NPT.  Up to Linux 6.12 NP_ENABLE is
     # then a failed check; Linux 7.x clears it from the cached control area
     # instead (__nested_copy_vmcb_control_to_cache), and L2 runs without NP.
     Check("np-without-host-npt", "15.25.3: NP_ENABLE without nested paging support",
           "__nested_vmcb_check_controls: NP_ENABLE && !npt_enabled (6.1, 6.12)",
-          "np_without_npt_rejected",
-          lambda c, x: c.np_enabled and not x.host.npt),
+          "np_without_npt_rejected", _np_without_host_npt),
     Check("msrpm>maxphyaddr", "15.11: MSRPM_BASE_PA + 8 KiB beyond MAXPHYADDR",
-          "nested_svm_check_bitmap_pa", None,
-          lambda c, x: _bitmap_illegal(c.msrpm_base_pa, MSRPM_SIZE)),
+          "nested_svm_check_bitmap_pa", None, _msrpm_illegal),
     Check("iopm>maxphyaddr", "15.10.1: IOPM_BASE_PA + 12 KiB beyond MAXPHYADDR",
-          "nested_svm_check_bitmap_pa", None,
-          lambda c, x: _bitmap_illegal(c.iopm_base_pa, IOPM_SIZE)),
+          "nested_svm_check_bitmap_pa", None, _iopm_illegal),
     Check("ncr3-illegal", "15.25.4: N_CR3 beyond MAXPHYADDR with NP_ENABLE",
-          "__nested_vmcb_check_controls (7.1)", "check_ncr3",
-          lambda c, x: c.np_enabled and x.host.npt and not cpuid.legal_gpa(c.nested_cr3)),
+          "__nested_vmcb_check_controls (7.1)", "check_ncr3", _ncr3_illegal),
     Check("event_inj-invalid", "15.20: EVENTINJ with a reserved type or an impossible vector",
-          "__nested_vmcb_check_controls (7.1)", "check_event_inj",
-          lambda c, x: event_inj_invalid(c.event_inj)),
+          "__nested_vmcb_check_controls (7.1)", "check_event_inj", _event_inj_illegal),
 )
 
 

@@ -93,13 +93,6 @@ class Profile:
     # EVENTINJ/EVENTINJ_ERR written as 0 into VMCB12 on every #VMEXIT,
     # including a failed VMRUN.  Older kernels copy back the cached value.
     clear_event_inj_on_vmexit: bool
-    # Late failures (L2 CR3/PDPTR load, MSRPM merge) go through the
-    # complete nested_svm_vmexit(), which also writes L2's state into the
-    # VMCB12 save area: every kernel measured (7.3.4 nested.c
-    # enter_svm_guest_mode() prepares vmcb02 before nested_svm_load_cr3()).
-    # False models the unify-VMRUN-failures proposal that failed before
-    # loading L2 state; no measured kernel does that.
-    late_failure_writes_save_area: bool
     # svm_leave_smm() runs nested_vmcb_check_save()/nested_vmcb_check_controls()
     # on the VMCB12 it re-enters L2 from, and a failure makes RSM shut the
     # vCPU down (be5fa8737d42 "KVM: SVM: check validity of VMCB controls when
@@ -164,7 +157,6 @@ LEGACY = Profile(
     unbacked_ncr3=NCR3_SHUTDOWN,
     invlpga_checks_permissions=False,
     clear_event_inj_on_vmexit=False,
-    late_failure_writes_save_area=True,
     rsm_checks_vmcb12=False,
 )
 

@@ -484,7 +484,7 @@ class NestedSvm:
         self.guest_mode = True
         self.svme = bool(save.efer & layout.EFER_SVME)
         self._set_gif(True)  # at the end of enter_svm_guest_mode
-        hw = self._hardware_vmrun_failure(vmcb12, save)
+        hw = self._hardware_vmrun_failure(save)
         if hw is not None:
             self.last_failure = ("hardware", [hw])
             # The model's CPU is QEMU TCG's VMRUN, the CPU real kernels are
@@ -526,17 +526,11 @@ class NestedSvm:
         self.last_failure = ("late", [reason])
         if reason == "nested CR3 not mappable":
             return self._late_shutdown(v)
-        if self.profile.late_failure_writes_save_area:
-            # 6.1..7.0: VMCB02 already holds L2's state; nested_svm_vmexit()
-            # writes it back together with VMEXIT_INVALID.
-            self.guest_mode = True
-            self._write_vmexit(VmExit(SVM_EXIT_ERR), _l2_state_from_vmcb(v))
-        else:
-            v["exit_code"] = SVM_EXIT_ERR
-            v["exit_info_1"] = 0
-            v["exit_info_2"] = 0
-            v["event_inj"] = 0
-            self.m.write_phys(self.vmcb12_gpa, v.to_bytes())
+        # Every kernel measured (6.1 to 7.3): vmcb02 already holds L2's state
+        # (enter_svm_guest_mode() prepares it before nested_svm_load_cr3()),
+        # and the complete nested_svm_vmexit() writes it back into VMCB12
+        # together with VMEXIT_INVALID.
+        self._write_vmexit(VmExit(SVM_EXIT_ERR), _l2_state_from_vmcb(v))
         self._back_to_l1(restore=False)
         return None
 
@@ -558,7 +552,7 @@ class NestedSvm:
         self.m._resume_blocked = "the vCPU is in shutdown state"
         return ShutdownExit()
 
-    def _hardware_vmrun_failure(self, v: Vmcb, save: checks.Save12) -> str | None:
+    def _hardware_vmrun_failure(self, save: checks.Save12) -> str | None:
         """The CPU's VMRUN checks on VMCB02 fields KVM copies from VMCB12."""
         if (save.long_mode_paging and save.cr4 & layout.CR4_PAE
                 and save.cs_attrib & checks.ATTR_L and save.cs_attrib & checks.ATTR_DB):
@@ -877,7 +871,7 @@ class NestedSvm:
             raise NotModelled("RSM clearing EFER.SVME of L2")
         self.svme = new_svme
         self.nested_run_pending = False  # the next VMRUN of vmcb02 completes it
-        hw = self._hardware_vmrun_failure(v, checks.Save12.from_vmcb(v))
+        hw = self._hardware_vmrun_failure(checks.Save12.from_vmcb(v))
         if hw is not None:
             self.last_failure = ("hardware", [hw])
             self._event_inj = 0

@@ -181,3 +181,18 @@ CPU_EVENT_ROWS = [
 @pytest.mark.parametrize("event,refused", CPU_EVENT_ROWS, ids=[hex(e) for e, _ in CPU_EVENT_ROWS])
 def test_cpu_event_check(event, refused):
     assert checks.cpu_refuses_event(event) == refused
+
+
+def test_a_vmcb12_fails_exactly_the_rules_it_breaks() -> None:
+    """The list of failed checks names each broken APM rule once and no
+    other: CS.L&&CS.D is a rule about long mode with PAE, so without PAE
+    only LME&&PG&&!PAE fails."""
+    v = vmcb12.default_vmcb12(load_payload("vmrun"))
+    v["cs.attrib"] = 0xA9B | 1 << 10
+    assert checks.failed_checks(v, profiles.PROFILES["7.x"]) == ["lme&&pg&&cs.l&&cs.d"]
+    v["cr4"] = L1_CR4 & ~0x20
+    assert checks.failed_checks(v, profiles.PROFILES["7.x"]) == ["lme&&pg&&!pae"]
+    v["asid"] = 0
+    v["efer"] = L1_EFER | 1 << 9
+    assert checks.failed_checks(v, profiles.PROFILES["7.x"]) == [
+        "lme&&pg&&!pae", "efer-reserved", "asid=0"]

@@ -121,7 +121,31 @@ def test_no_svm_wrmsr_svme_gp(upstream: ModelBackend) -> None:
 def test_no_svm_wrmsr_efer_unchanged_ok(upstream: ModelBackend) -> None:
     obs = run_case(upstream, insn_case("wrmsr", svm=False, msr_index=0xC000_0080,
                                        msr_value=layout.L1_EFER))
-    assert obs.outcome == SYNC
+    assert obs.outcome == SYNC, obs.detail
+    # L1 reads EFER back after the WRMSR: exactly what it wrote (LMA included).
+    assert obs.l1["stage"] == params.STAGE_AFTER_VMRUN
+    assert obs.l1["efer"] == layout.L1_EFER
+
+
+def test_wrmsr_efer_svme_with_svm_sets_it(upstream: ModelBackend) -> None:
+    """With SVM in the guest CPUID, EFER.SVME is writable: L1 reads it back
+    set, still outside guest mode with GIF=1 (no VMRUN ran)."""
+    efer = layout.L1_EFER | layout.EFER_SVME
+    obs = run_case(upstream, insn_case("wrmsr", svm=True, msr_index=0xC000_0080,
+                                       msr_value=efer))
+    assert obs.outcome == SYNC, obs.detail
+    assert obs.l1["efer"] == efer
+    assert (obs.gif, obs.guest_mode) == (True, False)
+
+
+@pytest.mark.parametrize(("insn", "gif"), [("clgi", False), ("stgi", True)])
+def test_clgi_stgi_set_gif(upstream: ModelBackend, insn: str, gif: bool) -> None:
+    """CLGI clears GIF, STGI sets it (KVM_GET_NESTED_STATE's GIF_SET), both
+    with EFER.SVME=1 and outside guest mode."""
+    obs = run_case(upstream, insn_case(insn, svm=True, flags=SVM_ON))
+    assert obs.outcome == SYNC, obs.detail
+    assert (obs.gif, obs.guest_mode) == (gif, False)
+    assert obs.l1["efer"] == layout.L1_EFER | layout.EFER_SVME
 
 
 @pytest.mark.parametrize("insn", ["vmrun", "vmload", "vmsave", "stgi", "clgi", "invlpga"])
@@ -152,7 +176,11 @@ def test_vmrun_unbacked_vmcb12(profile: str) -> None:
 def test_vmmcall_in_l1_is_a_hypercall(upstream: ModelBackend) -> None:
     """KVM always intercepts L1's VMMCALL (kvm_emulate_hypercall)."""
     obs = run_case(upstream, insn_case("vmmcall", svm=True, flags=SVM_ON))
-    assert obs.outcome == SYNC
+    assert obs.outcome == SYNC, obs.detail
+    # RAX is the hypercall's return value: no hypercall number the payload
+    # can have is known, so -KVM_ENOSYS (include/uapi/linux/kvm_para.h).
+    assert obs.l1["rax"] == (-1000) & (2**64 - 1)
+    assert (obs.gif, obs.guest_mode) == (True, False)
 
 
 def test_spin_times_out(upstream: ModelBackend) -> None:
