@@ -87,6 +87,26 @@ RESERVED_TYPE = {"legacy": replace(VMEXIT_INVALID_HW, alternatives=(DROPPED,)),
                  "7.x": VMEXIT_INVALID}
 
 
+# A software interrupt (TYPE 4) L1 injects, when KVM cancels the entry:
+# svm_complete_interrupts() re-queues it (kvm_queue_interrupt(.., true)) and
+# the re-entry's svm_inject_irq() -> svm_update_soft_interrupt_rip() tries to
+# skip an INTn at L2's RIP by emulation; there is none (L1 injected the event
+# for L2), emulation fails and the event is dropped ("Drop the
+# exception/interrupt if emulation fails", svm.c, the same in 6.1.192,
+# 6.12.117 and 7.3.4).  L2 then runs to its VMMCALL without it.  Measured on
+# 6.1.192: 1 in 16 boots of `-k eventinj` and once in a full tier run
+# (soft-0x80[gif0]); docs/findings.md section 6.
+SOFT_DROPPED = Expect("vmexit", exit_code=SVM_EXIT_VMMCALL,
+                      known_bug="a software interrupt L1 injected dropped on a cancelled entry: "
+                      "svm_update_soft_interrupt_rip finds no INTn at L2's RIP to skip")
+PROFILES = ("legacy", "fixed", "6.12-stable", "7.x")
+
+
+def _soft(vector: int) -> dict[str, Expect]:
+    """Every profile: delivered, or lost to the cancelled-entry race."""
+    return dict.fromkeys(PROFILES, replace(delivered(vector, None), alternatives=(SOFT_DROPPED,)))
+
+
 def _invalid(name: str, value: int, fix: int, fix_vector: int, why: str,
              profiles: dict[str, Expect] | None = None) -> Row:
     """An encoding VMRUN must refuse; the control injects a valid event
@@ -157,5 +177,6 @@ def accepted(maxphyaddr: int) -> list[Row]:
         ("soft-vec3", ev(EVTINJ_TYPE_SOFT, 3), 3, None),
     ]
     return [Row(name, {**L2_IDT, "event_inj": value}, {}, f"{APM}: a valid injection",
-                expect=delivered(vector, err), flags=params.PF_L2_IDT)
+                expect=delivered(vector, err), flags=params.PF_L2_IDT,
+                profiles=_soft(vector) if value & 7 << 8 == EVTINJ_TYPE_SOFT else {})
             for name, value, vector, err in table]

@@ -13,9 +13,10 @@ KVM (nested.c nested_svm_check_permissions, every kernel measured) raises
 #UD when "!(vcpu->arch.efer & EFER_SVME) || !is_paging(vcpu)": protected
 mode without paging gets #UD too.  The [no-paging] cases hold KVM to the
 APM; every kernel fails them (docs/findings.md).  With vGIF (kvm_amd vgif=1)
-KVM does not intercept STGI and CLGI at all: the CPU runs them, with the
-APM's checks only, so perm/{stgi,clgi}-no-paging-vgif pass where their
-intercepted twins fail.
+KVM does not intercept STGI and CLGI at all, nor VMLOAD and VMSAVE with vls:
+the CPU runs them, with the APM's checks only, so
+perm/{stgi,clgi}-no-paging-vgif and perm/{vmload,vmsave}-no-paging-vls pass
+where their intercepted twins fail.
 
 VMRUN in SMM: "VMRUN is not supported inside the SMM handler and the
 behavior is undefined" (APM vol. 2 15.5); KVM's nested_svm_vmrun() answers
@@ -30,9 +31,11 @@ from .. import layout, params
 from ..case import (
     INSN,
     NEED_NO_VGIF,
+    NEED_NO_VLS,
     NEED_SMM,
     NEED_SVM,
     NEED_VGIF,
+    NEED_VLS,
     NO_FAULT,
     SCRIPT,
     Case,
@@ -49,6 +52,19 @@ ENABLED = params.PF_SET_SVME | params.PF_SET_HSAVE
 SITE = {params.PERM_CPL0: "perm64", params.PERM_CPL3: "perm64",
         params.PERM_COMPAT: "perm32", params.PERM_NO_PAGING: "perm32",
         params.PERM_REAL: "perm16"}
+
+
+# Instructions KVM leaves to the CPU under a kvm_amd feature: the CPU makes
+# the APM's checks only, so with paging off they run.  insn -> (feature, need
+# off, need on, where KVM clears the intercept).
+VLS_CLEARS = ("vls clears INTERCEPT_VMLOAD/VMSAVE: 7.x svm.c "
+              "svm_recalc_instruction_intercepts at EFER.SVME=1, 6.1 svm_vcpu_after_set_cpuid")
+CPU_HANDLED = {
+    "stgi": ("vgif", NEED_NO_VGIF, NEED_VGIF, "svm.c init_vmcb: vgif clears INTERCEPT_STGI"),
+    "clgi": ("vgif", NEED_NO_VGIF, NEED_VGIF, "svm.c init_vmcb: vgif clears INTERCEPT_CLGI"),
+    "vmload": ("vls", NEED_NO_VLS, NEED_VLS, VLS_CLEARS),
+    "vmsave": ("vls", NEED_NO_VLS, NEED_VLS, VLS_CLEARS),
+}
 
 
 def _no_fault(insn: str) -> Expect:
@@ -85,16 +101,16 @@ def cases() -> Iterator[Case]:
                     f"negative control of {cpl3}: the same GDT, at CPL 0", "negative",
                     control_of=cpl3)
         nopg = f"perm/{insn}-no-paging"
-        gif_insn = insn in ("stgi", "clgi")
+        feature = CPU_HANDLED.get(insn)
         yield _case(nopg, insn, params.PERM_NO_PAGING, _no_fault(insn),
                     f"{APM}: protected mode without paging is allowed; {KVM} (is_paging)",
                     profiles=_no_paging_profiles(insn),
-                    needs=frozenset({NEED_NO_VGIF}) if gif_insn else frozenset())
-        if gif_insn:
-            yield _case(f"{nopg}-vgif", insn, params.PERM_NO_PAGING, NO_FAULT,
-                        f"{APM}; with vGIF KVM does not intercept {insn.upper()} (svm.c "
-                        "init_vmcb: vgif clears INTERCEPT_STGI/CLGI); control: "
-                        f"negative/perm-{insn}-compat", needs=frozenset({NEED_VGIF}))
+                    needs=frozenset({feature[1]}) if feature else frozenset())
+        if feature:
+            name, _, on, why = feature
+            yield _case(f"{nopg}-{name}", insn, params.PERM_NO_PAGING, NO_FAULT,
+                        f"{APM}; with {name} KVM does not intercept {insn.upper()} ({why}); "
+                        f"control: negative/perm-{insn}-compat", needs=frozenset({on}))
         yield _case(f"negative/perm-{insn}-compat", insn, params.PERM_COMPAT, _no_fault(insn),
                     f"negative control of {nopg}: the same 32-bit code with paging on",
                     "negative", control_of=nopg)
