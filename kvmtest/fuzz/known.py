@@ -17,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .. import layout
-from ..observation import EXCEPTION, Observation
+from ..observation import EXCEPTION, UNEXPECTED_EXIT, Observation
 from ..vmcb import NESTED_CTL_NP_ENABLE, POISON, SVM_EXIT_IOIO
-from .spec import KIND_NSTATE, KIND_SMM, Scenario
+from .spec import KIND_NSTATE, KIND_SMM, KIND_VMRUN, Scenario
 
 DOC = "docs/findings.md#kvmtest-fuzz"
 L = 0  # index of the observation of the target under test
@@ -215,6 +215,32 @@ def _rsm_save_area(s: Scenario, a: Observation, b: Observation) -> bool:
     return s.kind == KIND_SMM and any(k in ("cr0", "cr3", "cr4", "efer") for k, _ in s.smm)
 
 
+# L2 modes whose IDT gates are 8 bytes: L2 shares L1's 64-bit IDT (16-byte gates).
+LEGACY_IDT_MODES = ("prot32", "paging32", "pae", "real")
+
+
+def _legacy_idt_delivery(s: Scenario, a: Observation, b: Observation) -> bool:
+    """L2 outside long mode takes an exception L1 does not intercept: the CPU
+    reads L1's 64-bit IDT as 8-byte gates (vector 6 lands in the upper half
+    of gate 3: not a gate, #GP, then #DF through half of gate 4, a valid
+    32-bit interrupt gate into L1's 64-bit code).  Where that chain ends is
+    the CPU's (measured on 6.1.192: KVM_EXIT_HLT); the model's legacy-mode
+    delivery does not follow it."""
+    if s.kind != KIND_VMRUN or s.mode not in LEGACY_IDT_MODES:
+        return False
+    return {a.outcome, b.outcome} & {EXCEPTION, UNEXPECTED_EXIT} != set()
+
+
+def _noncanonical_rip(s: Scenario, a: Observation, b: Observation) -> bool:
+    """L2's RIP (long mode) is not canonical: the CPU's first fetch raises
+    #GP(0) at that RIP (APM vol. 2 4.8.1, 8.2); Unicorn does not check RIP for
+    canonical form and the model ends elsewhere (#PF, then #DF)."""
+    if s.mode != "long" or s.kind != KIND_VMRUN:
+        return False
+    rip = s.vmcb12_image()["rip"]
+    return not (rip < 1 << 47 or rip >= 0xFFFF_8000_0000_0000)
+
+
 RULES: tuple[Known, ...] = (
     Known("exitintinfo-err-unwritten", ("model",), ("exit_int_info",),
           _exitintinfo_err_unwritten,
@@ -262,6 +288,12 @@ RULES: tuple[Known, ...] = (
     Known("efer-lma-unchecked", ("model",), None, _efer_lma_inconsistent,
           "EFER.LMA other than LME && CR0.PG: KVM passes it to the CPU unchecked (nested.c "
           "__nested_vmcb_check_save); docs/findings.md, kvmtest fuzz 5"),
+    Known("model-legacy-idt", ("model",), None, _legacy_idt_delivery,
+          "an exception in L2 outside long mode goes through L1's 64-bit IDT read as 8-byte "
+          "gates (#GP, #DF, into L1's code): the CPU follows that chain, the model does not"),
+    Known("model-noncanonical-rip", ("model",), None, _noncanonical_rip,
+          "a non-canonical RIP in a long-mode L2: the CPU's fetch raises #GP(0) there "
+          "(APM vol. 2 4.8.1); Unicorn does not check RIP and the model ends in #DF"),
     Known("model-rsm-save-area", ("model",), None, _rsm_save_area,
           "SMM handler changed VMCB12's CR0/CR3/CR4/EFER: KVM loads them into L2 before the "
           "SMRAM state (svm_leave_smm, then rsm_load_state_64); the model does not"),

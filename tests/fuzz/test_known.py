@@ -73,3 +73,25 @@ def test_documented_hang_is_explained_only_where_it_applies():
     panic = oracles.Signal("crash:kernel", "Kernel panic - not syncing: Fatal exception")
     assert explain_signal(panic, "gif1", targets) is None
     targets.close()
+
+
+def test_legacy_idt_rule_only_outside_long_mode():
+    """The 6.1.192 observation of `gif1 mode=prot32 l2=l2_ud` (KVM_EXIT_HLT
+    after the gate chain) against the model's (vector 0), as the seed-7
+    campaign measured them (docs/findings.md, model-legacy-idt)."""
+    k = obs(outcome="unexpected_exit", exit_code=0, exits=["HltExit"])
+    m = obs(outcome="exception", vector=0, error_code=0x1002E0, rip=0, exits=["IoExit"])
+    assert oracles.differential("model", k, m, parse("gif1 mode=prot32 l2=l2_ud")) is None
+    assert oracles.differential("model", k, m, parse("gif1 l2=l2_ud")) is not None
+    assert oracles.differential("against", k, m, parse("gif1 mode=prot32 l2=l2_ud")) is not None
+
+
+def test_noncanonical_rip_rule_needs_a_noncanonical_rip():
+    """6.1.192: #GP at the non-canonical RIP; the model: #DF elsewhere."""
+    k = obs(outcome="exception", vector=13, error_code=0, rip=0x8000001002A0)
+    m = obs(outcome="exception", vector=8, error_code=0, rip=0x3FFFFF20)
+    bad = parse("gif1 vmcb:cs.selector=0x9,rip=0x8000001002a0")
+    assert oracles.differential("model", k, m, bad) is None
+    assert oracles.differential("model", k, m, parse("gif1 vmcb:cs.selector=0x9")) is not None
+    assert oracles.differential("model", k, m, parse(
+        "gif1 vmcb:rip=0xffff8000001002a0")) is not None  # canonical: no excuse
