@@ -49,8 +49,10 @@ def seeded(root: Path, spec: str) -> Entry:
     return Entry(root / "kernels" / key(spec))
 
 
-def kvmtest(cache: Path, *args: str, **popen) -> subprocess.Popen:
+def kvmtest(cache: Path, *args: str, path: Path | None = None, **popen) -> subprocess.Popen:
     env = dict(os.environ, KVMTEST_CACHE=str(cache))
+    if path is not None:  # tools found here first
+        env["PATH"] = f"{path}:{env['PATH']}"
     return subprocess.Popen([sys.executable, "-m", "kvmtest", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
@@ -298,7 +300,19 @@ def test_disk_filling_up_during_the_unpack_is_one_line(mount_tmpfs):
 
 
 def test_ctrl_c_during_the_unpack_stops_every_child(tmp_path):
-    proc = kvmtest(tmp_path, "run", "--backend", "qemu", "--kernel", CLOUD, "-k", "control/asid0")
+    """^C while dpkg-deb unpacks.  A dpkg-deb first on PATH waits 30 s, then
+    runs the real one: the unpack stays open long enough to be seen and
+    interrupted on a loaded machine (a real unpack of 27 MB takes well under
+    a second, between two polls of /proc)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    real = shutil.which("dpkg-deb")
+    assert real, "dpkg-deb (Debian's dpkg) is needed"
+    wrapper = bin_dir / "dpkg-deb"
+    wrapper.write_text(f'#!/bin/sh\nsleep 30\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    proc = kvmtest(tmp_path / "cache", "run", "--backend", "qemu", "--kernel", CLOUD,
+                   "-k", "control/asid0", path=bin_dir)
     watch = Descendants(proc.pid)
     try:
         watch.wait_for("dpkg-deb")
@@ -310,7 +324,7 @@ def test_ctrl_c_during_the_unpack_stops_every_child(tmp_path):
     assert proc.returncode == 130 and err == "kvmtest: interrupted\n", err
     assert "dpkg-deb" in watch.seen.values() and "apt-get" in watch.seen.values()
     assert watch.remaining() == {}
-    assert leftovers(tmp_path, CLOUD) == []
+    assert leftovers(tmp_path / "cache", CLOUD) == []
 
 
 @pytest.mark.parametrize("spec, message", [
