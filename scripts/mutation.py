@@ -113,11 +113,15 @@ NO_TESTS = {5, 33}
 
 
 def equivalent_names() -> set[str]:
-    """Mutant names docs/mutation.md lists as equivalent (first column)."""
+    """Mutant names docs/mutation.md lists as equivalent: the first column of
+    the table under "## Equivalent mutants" (and of no other section)."""
     if not EQUIVALENT_DOC.exists():
         return set()
-    return set(re.findall(r"^\| `(kvmtest\.[^`]+__mutmut_\d+)`", EQUIVALENT_DOC.read_text(),
-                          re.MULTILINE))
+    text = EQUIVALENT_DOC.read_text()
+    section = re.search(r"^## Equivalent mutants\n(.*?)(?=^## |\Z)", text, re.MULTILINE | re.DOTALL)
+    if section is None:
+        return set()
+    return set(re.findall(r"^\| `(kvmtest\.[^`]+__mutmut_\d+)`", section.group(1), re.MULTILINE))
 
 
 def results(module: Module) -> dict[str, int | None]:
