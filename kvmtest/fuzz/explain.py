@@ -52,6 +52,18 @@ def _rsm_unchecked(s: Scenario) -> bool:
     return s.kind == "smm"
 
 
+def _soft_event_injected(s: Scenario) -> bool:
+    """EVENTINJ holds a software interrupt (TYPE 4) or #BP/#OF (TYPE 3,
+    vector 3 or 4): KVM re-injects those through svm_update_soft_interrupt_rip."""
+    ev = _vmcb(s)["event_inj"]
+    kind, vector = (ev >> 8) & 7, ev & 0xFF
+    return bool(ev & 1 << 31) and (kind == 4 or (kind == 3 and vector in (3, 4)))
+
+
+def _pae_l2_under_np(s: Scenario) -> bool:
+    return s.mode == "pae" and bool(_vmcb(s)["nested_ctl"] & 1)
+
+
 # (oracle family, signature pattern, scenario condition or None, explanation
 # with its docs/findings.md entry).  Oracle "warn" matches warn:kernel and
 # warn:against.
@@ -74,6 +86,14 @@ DOCUMENTED: list[tuple[str, re.Pattern[str], Callable[[Scenario], bool] | None, 
     ("model", re.compile(r"^outcome=timeout\|"), _cr3_unbacked,
      "L2's page tables in memory no memslot backs: the #PF is re-injected forever on 6.1 "
      "and 6.12 (docs/findings.md, kvmtest fuzz 2)"),
+    ("model", re.compile(r"^outcome=sync\|"), _soft_event_injected,
+     "an injected software interrupt, #BP or #OF is dropped when its delivery exits to "
+     "L0 or the entry is cancelled (svm_update_soft_interrupt_rip finds no INTn to skip): "
+     "docs/findings.md section 6 and kvmtest fuzz 8"),
+    ("model", re.compile(r"^outcome=internal_error\|"), _pae_l2_under_np,
+     "a legacy-PAE L2 under nested paging: without NRIPS KVM cannot emulate the skip of "
+     "an instruction it completed (KVM_EXIT_INTERNAL_ERROR): docs/findings.md, kvmtest "
+     "fuzz 9"),
     ("crash", re.compile(r"^qemu: fatal: "), None,
      "QEMU TCG itself aborted (the emulator under the kernel, not KVM): "
      "docs/findings.md, kvmtest fuzz 3"),
