@@ -30,13 +30,37 @@ SVM_EXIT_SMI = 0x62
 CONFIGS = {"npt1": {"npt": "Y"}, "npt0": {"npt": "0"}}
 
 
+def _fits(case: Case, config: str) -> bool:
+    """The case is about this npt setting (or either)."""
+    npt = CONFIGS[config]["npt"] != "0"
+    return not ((NEED_NPT in case.needs and not npt) or (NEED_NO_NPT in case.needs and npt))
+
+
+# Every (profile, npt setting, SMM case) the model runs: the `*-shadow` cases
+# under npt=0 only, the `*-npt` ones under npt=1 only.
+RUNS = [(p, c, case) for p in j.PROFILES for c in CONFIGS for case in SMM_CASES
+        if _fits(case, c)]
+
+
+@pytest.fixture(scope="module")
+def backends():
+    """backends(profile, config) -> one ModelBackend each, shared by the module."""
+    made: dict[tuple[str, str], ModelBackend] = {}
+
+    def get(profile: str, config: str) -> ModelBackend:
+        if (profile, config) not in made:
+            made[profile, config] = ModelBackend(profile, kvm_amd_params=CONFIGS[config])
+        return made[profile, config]
+
+    yield get
+    for b in made.values():
+        b.close()
+
+
 @pytest.fixture(scope="module", params=[(p, c) for p in j.PROFILES for c in CONFIGS],
                 ids=lambda pc: f"{pc[0]}-{pc[1]}")
-def backend(request: pytest.FixtureRequest) -> ModelBackend:
-    profile, config = request.param
-    b = ModelBackend(profile, kvm_amd_params=CONFIGS[config])
-    yield b
-    b.close()
+def backend(request: pytest.FixtureRequest, backends) -> ModelBackend:
+    return backends(*request.param)
 
 
 def test_model_runs_smm():
@@ -59,12 +83,10 @@ def test_model_runs_smm():
     shadow.close()
 
 
-@pytest.mark.parametrize("case", SMM_CASES, ids=lambda c: c.id)
-def test_smm_case_matches_measured_kernel(backend: ModelBackend, case: Case):
-    profile = backend.profile.name
-    npt = backend.kvm_amd_params["npt"] != "0"
-    if (NEED_NPT in case.needs and not npt) or (NEED_NO_NPT in case.needs and npt):
-        pytest.skip("a case of the other npt setting")
+@pytest.mark.parametrize(("profile", "config", "case"), RUNS,
+                         ids=[f"{p}-{c}-{case.id}" for p, c, case in RUNS])
+def test_smm_case_matches_measured_kernel(backends, profile: str, config: str, case: Case):
+    backend = backends(profile, config)
     obs = run_case(backend, case)
     # The SMI came from L2 and the handler ran once, as on the kernels
     # (tests/qemu/test_smm.py checks the same detail there).
