@@ -17,6 +17,19 @@ def real_kvm():
     b.close()
 
 
+@pytest.fixture(params=["kvm", "model"])
+def kvm_or_model(request):
+    """This host's /dev/kvm, then the model (7.x): payloads without SVM run
+    on both, and their observations must agree."""
+    if request.param == "kvm":
+        return request.getfixturevalue("real_kvm")["backend"]
+    from kvmtest.backends.model import ModelBackend
+
+    b = ModelBackend("7.x")
+    request.addfinalizer(b.close)
+    return b
+
+
 @pytest.fixture(scope="session")
 def qemu_available():
     import shutil

@@ -13,7 +13,6 @@ from __future__ import annotations
 import pytest
 
 from kvmtest import params
-from kvmtest.backends.model import ModelBackend
 from kvmtest.case import INSN, NEED_NO_SVM, Case, Expect
 from kvmtest.observation import EXCEPTION, GUEST_ASSERT, SYNC, UNEXPECTED_EXIT
 from kvmtest.runner import run_case
@@ -39,13 +38,9 @@ def echo(mode: int, **values: int) -> Case:
                 needs=frozenset({NEED_NO_SVM}))
 
 
-@pytest.fixture(params=["kvm", "model"])
-def backend(request):
-    if request.param == "kvm":
-        return request.getfixturevalue("real_kvm")["backend"]
-    b = ModelBackend("7.x")
-    request.addfinalizer(b.close)
-    return b
+@pytest.fixture
+def backend(kvm_or_model):
+    return kvm_or_model
 
 
 def test_result_block_full_64_bit(backend):

@@ -25,14 +25,9 @@ from kvmtest.vmcb import POISON, SVM_EXIT_ERR, SVM_EXIT_VMMCALL
 CASES = by_id()
 
 
-@pytest.fixture(params=["kvm", "model"])
-def any_backend(request):
-    """Payloads without SVM run on both; their observations must agree."""
-    if request.param == "kvm":
-        return request.getfixturevalue("real_kvm")["backend"]
-    b = ModelBackend("7.x")
-    request.addfinalizer(b.close)
-    return b
+@pytest.fixture
+def any_backend(kvm_or_model):
+    return kvm_or_model
 
 
 @pytest.fixture(scope="module")
