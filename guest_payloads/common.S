@@ -15,6 +15,26 @@ l1_entry:
 1:	hlt
 	jmp 1b
 
+/* L1's SVM set-up asked for by the params' flags: EFER.SVME (PF_SET_SVME)
+ * and MSR_VM_HSAVE_PA = P_HSAVE_PA (PF_SET_HSAVE).  Returns the flags in rbx;
+ * clobbers rax, rcx, rdx.  A #GP here is L1's own (fuzz: l1:hsave_pa). */
+	.globl l1_svm_setup
+l1_svm_setup:
+	mov rbx, [P_FLAGS]
+	test rbx, PF_SET_SVME
+	jz 1f
+	mov ecx, MSR_EFER
+	rdmsr
+	or eax, EFER_SVME
+	wrmsr
+1:	test rbx, PF_SET_HSAVE
+	jz 2f
+	mov ecx, MSR_VM_HSAVE_PA
+	mov eax, [P_HSAVE_PA]
+	mov edx, [P_HSAVE_PA + 4]
+	wrmsr
+2:	ret
+
 /* ucall(cmd=rdi, args[0..4]=rsi, rdx, rcx, r8, r9): fill struct ucall, then
  * OUT the command.  Preserves every register but the flags. */
 	.globl ucall

@@ -36,20 +36,8 @@
 	.globl l1_main
 l1_main:
 	mov qword ptr [LOG_GPA], 0
-	mov rbx, [P_FLAGS]
-	test rbx, PF_SET_SVME
-	jz 1f
-	mov ecx, MSR_EFER
-	rdmsr
-	or eax, EFER_SVME
-	wrmsr
-1:	test rbx, PF_SET_HSAVE
-	jz 2f
-	mov ecx, MSR_VM_HSAVE_PA
-	mov eax, [P_HSAVE_PA]
-	mov edx, [P_HSAVE_PA + 4]
-	wrmsr
-2:	mov edi, 1
+	call l1_svm_setup		/* rbx = the params' flags */
+	mov edi, 1
 	lea rsi, [rip + db_handler]
 	call set_gate
 	mov edi, 2

@@ -34,20 +34,8 @@
 
 	.globl l1_main
 l1_main:
-	mov rbx, [P_FLAGS]
-	test rbx, PF_SET_SVME
-	jz 1f
-	mov ecx, MSR_EFER
-	rdmsr
-	or eax, EFER_SVME
-	wrmsr
-1:	test rbx, PF_SET_HSAVE
-	jz 2f
-	mov ecx, MSR_VM_HSAVE_PA
-	mov eax, [P_HSAVE_PA]
-	mov edx, [P_HSAVE_PA + 4]
-	wrmsr
-2:	/* The shared GDT's TSS descriptor (TR stays loaded from it). */
+	call l1_svm_setup		/* rbx = the params' flags */
+	/* The shared GDT's TSS descriptor (TR stays loaded from it). */
 	mov rax, [GDT_GPA + SEL_TSS]
 	mov [rip + perm_gdt + SEL_TSS], rax
 	mov rax, [GDT_GPA + SEL_TSS + 8]

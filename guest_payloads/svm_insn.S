@@ -11,20 +11,9 @@
 
 	.globl l1_main
 l1_main:
-	mov r12, [P_FLAGS]
-	test r12, PF_SET_SVME
-	jz 1f
-	mov ecx, MSR_EFER
-	rdmsr
-	or eax, EFER_SVME
-	wrmsr
-1:	test r12, PF_SET_HSAVE
-	jz 2f
-	mov ecx, MSR_VM_HSAVE_PA
-	mov eax, [P_HSAVE_PA]
-	mov edx, [P_HSAVE_PA + 4]
-	wrmsr
-2:	mov rbx, [P_INSN]
+	call l1_svm_setup
+	mov r12, rbx			/* the params' flags */
+	mov rbx, [P_INSN]
 	cmp rbx, INSN_WRMSR
 	ja bad_insn
 	lea rax, [rip + insn_table]

@@ -106,10 +106,10 @@ def _vmrun_operand_fault(s: Scenario) -> str | None:
     return None
 
 
-# Where L1's own code runs before and at VMRUN (vmrun.S, smm.S): an
-# exception reported from anywhere else was taken by L2 itself (not
-# intercepted), through the IDT it shares with L1.
-L1_CODE = ("l1_main", "vmrun_l1_main", "insn_vmrun")
+# Where L1's own code runs before and at VMRUN (vmrun.S, smm.S, and the
+# flag-driven set-up in common.S): an exception reported from anywhere else
+# was taken by L2 itself (not intercepted), through the IDT it shares with L1.
+L1_CODE = ("l1_main", "vmrun_l1_main", "insn_vmrun", "l1_svm_setup")
 
 
 def _in_l2(obs: Observation) -> bool:
