@@ -262,6 +262,18 @@ ucall32:
 	out dx, eax
 	ret
 
+/* The end of exc32_common and exc16_common (assembled in each mode): the
+ * EXCEPTION ucall whose arguments are already in place, then stay put. */
+.macro EXCEPTION_UCALL_AND_HALT
+	mov dword ptr [UCALL_GPA], UCALL_EXCEPTION
+	mov dword ptr [UCALL_GPA + 4], 0
+	mov eax, UCALL_EXCEPTION
+	mov dx, UCALL_PORT
+	out dx, eax
+1:	hlt
+	jmp 1b
+.endm
+
 /* 32-bit exception stubs: [esp] vector, +4 error code, +8 EIP. */
 .macro STUB32 vec, has_err
 	.balign 16
@@ -315,13 +327,7 @@ exc32_common:
 	mov eax, [esp + 8]
 	mov [UCALL_GPA + 24], eax
 	mov dword ptr [UCALL_GPA + 28], 0
-	mov dword ptr [UCALL_GPA], UCALL_EXCEPTION
-	mov dword ptr [UCALL_GPA + 4], 0
-	mov eax, UCALL_EXCEPTION
-	mov dx, UCALL_PORT
-	out dx, eax
-1:	hlt
-	jmp 1b
+	EXCEPTION_UCALL_AND_HALT
 
 /* ---- 16-bit: real mode ------------------------------------------------------ */
 	.code16
@@ -459,13 +465,7 @@ exc16_common:
 	mov dword ptr [UCALL_GPA + 20], 0
 	mov [UCALL_GPA + 24], eax
 	mov dword ptr [UCALL_GPA + 28], 0
-	mov dword ptr [UCALL_GPA], UCALL_EXCEPTION
-	mov dword ptr [UCALL_GPA + 4], 0
-	mov eax, UCALL_EXCEPTION
-	mov dx, UCALL_PORT
-	out dx, eax
-1:	hlt
-	jmp 1b
+	EXCEPTION_UCALL_AND_HALT
 	.code64
 
 	.data
