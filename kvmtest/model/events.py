@@ -35,15 +35,14 @@ from unicorn import UC_HOOK_CODE
 from unicorn import x86_const as x86
 
 from ..exits import Exit, ShutdownExit
+from ..layout import CR0_PE
 from ..vmcb import INTERCEPT_INTR, INTERCEPT_NMI, SVM_EXIT_INTR, SVM_EXIT_NMI
+from .modes import RFLAGS_IF, RFLAGS_TF
 
 if TYPE_CHECKING:
     from .machine import ModelMachine
     from .svm import Raise, VmExit
 
-CR0_PE = 1 << 0
-RFLAGS_IF = 1 << 9
-RFLAGS_TF = 1 << 8
 DR6_BS = 1 << 14
 NMI_VECTOR = 2
 DB_VECTOR = 1

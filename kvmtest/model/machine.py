@@ -71,6 +71,7 @@ from ..vmcb import Vmcb
 from . import events, modes, nested, paging, smm
 from .cpuid import GuestCpu
 from .hwstate import KvmAmd
+from .modes import RFLAGS_IF, RFLAGS_NT, RFLAGS_RF, RFLAGS_TF, RFLAGS_VM
 from .profiles import Profile
 from .svm import NestedSvm, Raise, VmExit
 from .unicorn_fixups import OldExceptionReset
@@ -110,11 +111,6 @@ GPRS = (x86.UC_X86_REG_RBX, x86.UC_X86_REG_RCX, x86.UC_X86_REG_RDX, x86.UC_X86_R
         x86.UC_X86_REG_R10, x86.UC_X86_REG_R11, x86.UC_X86_REG_R12, x86.UC_X86_REG_R13,
         x86.UC_X86_REG_R14, x86.UC_X86_REG_R15)
 
-RFLAGS_IF = 1 << 9
-RFLAGS_TF = 1 << 8
-RFLAGS_NT = 1 << 14
-RFLAGS_RF = 1 << 16
-RFLAGS_VM = 1 << 17
 
 VEC_DF = 8
 VEC_GP = 13

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 # Present, DPL 0, 64-bit code (type 0xB, S, L, G): the VMCB attrib layout.
 CODE64_ATTRIB = 0xB | 1 << 4 | 1 << 7 | 1 << 9 | 1 << 11
+# RFLAGS bits (APM vol. 2 3.1.6), for machine.py, svm.py and events.py too.
 RFLAGS_IF = 1 << 9
 RFLAGS_TF = 1 << 8
 RFLAGS_NT = 1 << 14

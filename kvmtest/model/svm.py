@@ -56,6 +56,7 @@ from ..vmcb import (
 from . import checks, cpuid, hwstate, paging
 from .cpuid import GuestCpu
 from .hwstate import KvmAmd
+from .modes import RFLAGS_VM
 from .profiles import NCR3_NPF, Profile
 
 if TYPE_CHECKING:
@@ -77,7 +78,6 @@ KVM_EPERM = 1
 
 DR6_ACTIVE_LOW = 0xFFFF0FF0
 DR7_FIXED_1 = 0x400
-RFLAGS_VM = 1 << 17
 M64 = (1 << 64) - 1
 
 UD = 6
