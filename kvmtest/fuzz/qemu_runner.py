@@ -78,12 +78,12 @@ class SessionRunner:
         s = QemuSession(self.kernel, config=self.config, kvm_modules=self.kvm_modules,
                         artifacts=self.workdir / f"boot-{self.boots:03d}", keep=True)
         try:
-            s.__enter__()
+            s.__enter__()  # start(), torn down if it fails; open until close()
         except QemuError as e:
             raise KernelError(f"{self.label}: {e}") from None
         facts = s.facts
         if facts is None or facts.error or not facts.svm or not facts.nested_state:
-            s.__exit__(None, None, None)
+            s.close()
             raise KernelError(f"{self.label}: the guest kernel's KVM has no nested SVM "
                               f"(facts: {facts})")
         self.facts, self._session, self._ran = facts, s, []

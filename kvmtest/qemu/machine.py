@@ -248,10 +248,6 @@ class GuestResult:
     qemu_cpu_s: float | None = None  # QEMU's CPU time: the boot's cost on an idle host
 
     @property
-    def console_log(self) -> Path:
-        return self.outdir / "console.log"
-
-    @property
     def ok(self) -> bool:
         """The command ran to completion and the kernel stayed healthy."""
         return self.returncode is not None and not self.panicked and not self.oopses
