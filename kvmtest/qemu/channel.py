@@ -42,7 +42,13 @@ PROTOCOL_VERSION = 1
 
 
 class ProtocolError(Exception):
-    """The guest broke the protocol (the message says how)."""
+    """The guest broke the protocol (the message says how).  ``frames``: the
+    good frames that came before the break in the same read, to be handled
+    first (so that a fault names the case the guest had started)."""
+
+    def __init__(self, message: str, frames: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.frames = frames or []
 
 
 def encode(frame: dict[str, Any]) -> bytes:
@@ -138,20 +144,24 @@ class FrameReader:
         self.total += len(data)
         if self.total > self.max_total:
             raise ProtocolError(f"more than {self.max_total} bytes on the channel")
-        frames = []
+        frames: list[dict[str, Any]] = []
         start = 0
-        while True:
-            end = data.find(b"\n", start)
-            if end < 0:
-                break
-            if len(self._partial) + end - start > self.max_line:
+        try:
+            while True:
+                end = data.find(b"\n", start)
+                if end < 0:
+                    break
+                if len(self._partial) + end - start > self.max_line:
+                    raise ProtocolError(f"a frame longer than {self.max_line} bytes")
+                line = bytes(self._partial) + data[start:end]
+                self._partial.clear()
+                start = end + 1
+                if line:
+                    frames.append(decode(line))
+            if len(self._partial) + len(data) - start > self.max_line:
                 raise ProtocolError(f"a frame longer than {self.max_line} bytes")
-            line = bytes(self._partial) + data[start:end]
-            self._partial.clear()
-            start = end + 1
-            if line:
-                frames.append(decode(line))
-        if len(self._partial) + len(data) - start > self.max_line:
-            raise ProtocolError(f"a frame longer than {self.max_line} bytes")
+        except ProtocolError as e:
+            e.frames = frames
+            raise
         self._partial += data[start:]
         return frames

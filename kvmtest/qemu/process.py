@@ -256,7 +256,9 @@ class QemuProcess:
         self.stderr = Capture(outdir / "qemu.log", STDERR_CAP)
         self.scanner = ConsoleScanner()
         self.reader = channel.FrameReader(self.limits.max_line, self.limits.max_total)
-        self.frames: collections.deque[dict] = collections.deque()
+        # Frames in arrival order; a ProtocolError takes the place of the
+        # broken line, so the frames before it are handled first.
+        self.frames: collections.deque[dict | channel.ProtocolError] = collections.deque()
         self._out = bytearray()
         self._console_host, console_qemu = socket.socketpair()
         self._channel_host, channel_qemu = socket.socketpair()
@@ -419,12 +421,12 @@ class QemuProcess:
             if self.console.total > self.limits.console_max:
                 raise self.fault(f"the guest wrote more than {self.limits.console_max} bytes "
                                  "to the console")
-        else:
+        elif not self.frames or not isinstance(self.frames[-1], channel.ProtocolError):
             try:
                 self.frames.extend(self.reader.feed(data))
             except channel.ProtocolError as e:
-                raise self.fault(f"the guest broke the protocol: {printable(str(e), 300)}") \
-                    from None
+                self.frames.extend(e.frames)
+                self.frames.append(e)  # raised by next_frame in its turn; nothing after it
         return True
 
     def _drain_all(self) -> None:
@@ -482,7 +484,10 @@ class QemuProcess:
             if now >= deadline:
                 raise self.fault(f"timed out after {self.elapsed:.0f} s ({self._state_words()};"
                                  " QEMU killed)")
-        return self.frames.popleft()
+        frame = self.frames.popleft()
+        if isinstance(frame, channel.ProtocolError):
+            raise self.fault(f"the guest broke the protocol: {printable(str(frame), 300)}")
+        return frame
 
     def wait(self, timeout: float) -> None:
         """One round of I/O: read what arrives within TIMEOUT, send what is queued."""

@@ -18,6 +18,16 @@ def test_frames_split_across_reads_are_reassembled() -> None:
     assert frames == [{"t": "start", "id": "a/b[gif1]"}, {"t": "bye"}]
 
 
+def test_frames_before_a_broken_line_are_kept_with_the_error() -> None:
+    """A start frame and garbage in one read: the error carries the start, so
+    the host still knows which case the guest was in."""
+    reader = FrameReader()
+    with pytest.raises(ProtocolError, match="not JSON") as info:
+        reader.feed(encode({"t": "start", "id": "a/b[gif1]"}) + b"{{{{ not json\n"
+                    + encode({"t": "bye"}))
+    assert info.value.frames == [{"t": "start", "id": "a/b[gif1]"}]
+
+
 def test_encoding_is_ascii_and_one_line() -> None:
     line = encode({"t": "fatal", "message": "a\nb\u00e9\x1b[2J"})
     assert line.count(b"\n") == 1 and line.isascii()
