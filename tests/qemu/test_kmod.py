@@ -271,6 +271,15 @@ def gif_bug_cases() -> set[str]:
             and want.known_bug.startswith(GIF_BUG) and not c.needs & _NOT_DEFAULT}
 
 
+def racy_cases() -> set[str]:
+    """Cases where 6.1.192 loses a race now and then that no case can steer
+    (a reserved EVENTINJ TYPE or a software interrupt dropped on a cancelled
+    entry: docs/findings.md sections 5 and 6): the fixed profile lists the
+    lost race as a known-bug alternative, which fails the case when it shows."""
+    return {c.id for c in catalogue() if c.profiles.get("fixed")
+            and any(a.known_bug for a in c.profiles["fixed"].alternatives)}
+
+
 def _software_invalid(case) -> bool:
     want = case.profiles.get("fixed", case.expect)
     return want.kind == "vmexit_invalid" and not want.hw_checked
@@ -290,8 +299,10 @@ def test_boot_revert_patched_modules_fail_gif1_cases(
     gif = {c.id for c in catalogue() if c.gif_mode == "gif1" and not c.needs & _NOT_DEFAULT
            and c.family in ("save", "control") and _software_invalid(c)} | gif_bug_cases()
     assert returncode == 1
-    # ... besides the SMM cases the stock 6.1.192 fails already.
-    assert set(failed) == gif | fixed_bugs()
+    # ... besides the SMM cases the stock 6.1.192 fails already (and a race
+    # it may lose).
+    expected = gif | fixed_bugs()
+    assert expected <= set(failed) <= expected | racy_cases(), sorted(set(failed) ^ expected)
     # ... on the GIF assertion (the legacy profile's known bug, or, for checks
     # 6.1.170 did not make, "GIF=1 after #VMEXIT" among the unmatched clauses).
     assert all("GIF left set" in failed[i] or "GIF=1 after #VMEXIT" in failed[i]
@@ -306,7 +317,8 @@ def test_boot_stock_rebuilt_modules_pass(stock: BuiltModules, tmp_path: Path,
                                       "--kvm-modules", str(stock.out_dir))
     failed = {c["id"] for c in report["cases"] if c["verdict"] in ("fail", "error")}
     assert report["fingerprint"] == "fixed"
-    assert failed == fixed_bugs()  # the SMM known bugs of 6.1, as Debian's own modules
+    # The known bugs of 6.1, as Debian's own modules (and a race it may lose).
+    assert fixed_bugs() <= failed <= fixed_bugs() | racy_cases(), sorted(failed ^ fixed_bugs())
     assert returncode == (1 if failed else 0)
 
 
