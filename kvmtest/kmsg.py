@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 from collections.abc import Iterator
@@ -23,29 +24,69 @@ def _drain(fd: int) -> list[str]:
             rec = os.read(fd, 8192)
         except BlockingIOError:
             return lines
-        except OSError:  # EPIPE: records overwritten while we read; go on
-            continue
+        except OSError as e:
+            if e.errno == errno.EPIPE:  # records overwritten while we read; go on
+                continue
+            return lines
         if not rec:
             return lines
         text = rec.decode("utf-8", "replace")
         lines.append(text.split(";", 1)[-1].rstrip("\n"))
 
 
-@contextlib.contextmanager
-def watch() -> Iterator[list[str] | None]:
-    """Yield a list that receives the bad lines logged during the block, or
-    None when /dev/kmsg cannot be read (then the log was not checked)."""
-    try:
-        fd = os.open(KMSG, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError:
-        yield None
-        return
-    try:
+class Kmsg:
+    """/dev/kmsg opened once for many watches: an open and a close per case
+    cost more than the drain under TCG (docs/qemu.md, section 5)."""
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+        self._unreadable = False
+        self._watching = 0
+        self._close_pending = False  # close() came inside a watch (VM teardown)
+
+    def _open(self) -> int | None:
+        if self._fd is None and not self._unreadable:
+            try:
+                self._fd = os.open(KMSG, os.O_RDONLY | os.O_NONBLOCK)
+            except OSError:
+                self._unreadable = True
+        return self._fd
+
+    @contextlib.contextmanager
+    def watch(self) -> Iterator[list[str] | None]:
+        """Yield a list that receives the bad lines logged during the block,
+        or None when /dev/kmsg cannot be read (then the log was not checked)."""
+        fd = self._open()
+        if fd is None:
+            yield None
+            return
         os.lseek(fd, 0, os.SEEK_END)  # only what comes after this point
         found: list[str] = []
+        self._watching += 1
         try:
             yield found
         finally:
+            self._watching -= 1
             found.extend(line for line in _drain(fd) if BAD.search(line))
+            if self._close_pending and not self._watching:
+                self.close()
+
+    def close(self) -> None:
+        """Close the descriptor, at the end of the outermost watch if inside one."""
+        if self._watching:
+            self._close_pending = True
+        elif self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            self._close_pending = False
+
+
+@contextlib.contextmanager
+def watch() -> Iterator[list[str] | None]:
+    """One watch on its own /dev/kmsg descriptor (Kmsg.watch)."""
+    k = Kmsg()
+    try:
+        with k.watch() as found:
+            yield found
     finally:
-        os.close(fd)
+        k.close()

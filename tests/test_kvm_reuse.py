@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from kvmtest.backends.kvm import KvmBackend
+from kvmtest.backends.kvm import KvmBackend, KvmMachine
 from kvmtest.case import NEED_NO_SVM
 from kvmtest.cases import catalogue
 from kvmtest.runner import run_case
@@ -35,13 +35,55 @@ def test_reused_vcpu_observes_like_a_fresh_vm(real_kvm):
         reused.close()
 
 
-def test_a_timed_out_vcpu_is_not_reused(real_kvm):
+def _spin():
+    return dataclasses.replace(catalogue()[0], id="spin", payload="spin")
+
+
+def test_a_timed_out_vcpu_is_parked_and_the_vm_serves_on_a_fresh_one(real_kvm):
+    """A vCPU reset cannot vouch for (stopped mid-run) is not reused: the next
+    case gets a fresh vCPU in the same VM and observes what a fresh VM does."""
     backend = KvmBackend(reuse=True)
+    fresh = KvmBackend(reuse=False)
     try:
-        spin = dataclasses.replace(catalogue()[0], id="spin", payload="spin")
-        assert run_case(backend, spin, timeout=0.2).outcome == "timeout"
-        assert not backend._pool
+        assert run_case(backend, _spin(), timeout=0.2).outcome == "timeout"
+        (m,) = backend._pool.values()
+        vm, vcpu = m.vm, m.vcpu
+        assert not m.reusable and m.renewable
         ok = run_case(backend, catalogue()[0])
         assert ok.outcome == "exception" and ok.vector == 6
+        assert m.vm is vm and m.vcpu is not vcpu and m.vcpu.id == 1 and m.vcpus == 2
+        after = dataclasses.asdict(ok)
+        expected = dataclasses.asdict(run_case(fresh, catalogue()[0]))
+        after.pop("exits"), expected.pop("exits")
+        assert after == expected
+    finally:
+        backend.close()
+        fresh.close()
+
+
+def test_a_vm_with_max_vcpus_is_replaced(real_kvm, monkeypatch):
+    monkeypatch.setattr(KvmMachine, "MAX_VCPUS", 2)
+    backend = KvmBackend(reuse=True)
+    try:
+        run_case(backend, _spin(), timeout=0.2)
+        (m,) = backend._pool.values()
+        run_case(backend, _spin(), timeout=0.2)  # on vCPU 1: the VM is full
+        assert not m.renewable and not backend._pool
+        ok = run_case(backend, catalogue()[0])
+        assert ok.outcome == "exception" and ok.vector == 6
+        (m2,) = backend._pool.values()
+        assert m2 is not m and m2.vcpu.id == 0
+    finally:
+        backend.close()
+
+
+def test_a_case_with_an_extra_memslot_leaves_no_vm_behind(real_kvm):
+    """Memslots are VM state: neither reset nor a fresh vCPU undoes them."""
+    backend = KvmBackend(reuse=True)
+    try:
+        case = dataclasses.replace(catalogue()[0], extra_memory={0x2000_0000: 0x1000})
+        obs = run_case(backend, case)
+        assert obs.outcome == "exception" and obs.vector == 6
+        assert not backend._pool
     finally:
         backend.close()

@@ -93,6 +93,27 @@ def _set_segment(seg, s: l1.Segment) -> None:
     seg.unusable = s.unusable
 
 
+_LOW_IMAGES: dict[tuple[str, bytes], bytes] = {}
+
+
+def _low_image(payload: Payload) -> bytes:
+    """[0, LOW_MEMORY) as L1 starts: l1.memory_image below the payload's
+    code, zeros elsewhere (one copy per reset instead of a write per table).
+    Keyed by name and image: the symbols come from the same build."""
+    key = (payload.name, payload.image)
+    low = _LOW_IMAGES.get(key)
+    if low is None:
+        image = bytearray(LOW_MEMORY)
+        for gpa, data in l1.memory_image(payload).items():
+            if gpa == layout.CODE_GPA:
+                continue
+            if gpa + len(data) > LOW_MEMORY:  # the reset would not wipe it
+                raise ValueError(f"L1 image at {gpa:#x} ends above LOW_MEMORY")
+            image[gpa:gpa + len(data)] = data
+        low = _LOW_IMAGES[key] = bytes(image)
+    return low
+
+
 DEFAULT_STEP_TIMEOUT = 2.0  # one guest instruction under the host's single-step
 
 # Everything below the payload that a case can write (tables, ucall/params,
@@ -106,18 +127,30 @@ class KvmMachine:
     A machine whose case ended at a ucall (the guest stopped where kvmtest
     expected) can be reset and reused for the next case with the same guest
     CPUID: VM and vCPU creation and teardown dominate a case's cost under
-    nested TCG.  reset() puts back everything a case can change."""
+    nested TCG.  reset() puts back everything a case can change.  Any other
+    ending leaves a vCPU reset cannot vouch for: renew() gives the next case
+    a fresh vCPU in the same VM, unless the case changed VM state (memslots)."""
+
+    # Parked vCPUs a VM may hold before it is replaced (renew()).
+    MAX_VCPUS = 64
 
     def __init__(self, kvm: Kvm, cpuid, payload: Payload, nested_cap: bool) -> None:
         self._deadline: Deadline | None = None
         self.nested_cap = nested_cap
+        self._cpuid = cpuid
         self.vm: Vm = kvm.create_vm()
         try:
             self.mem = self.vm.set_user_memory_region(0, 0, layout.MEM_SIZE)
             self.vcpu: Vcpu = self.vm.create_vcpu(0)
+            self.vcpus = 1
             # KVM_SET_CPUID2 must precede EFER.LME: KVM_SET_SREGS refuses an EFER
             # whose LME/SVME/NX the guest CPUID lacks (x86.c __kvm_valid_efer, 6.1).
             self.vcpu.set_cpuid2(cpuid)
+            # KVM_SET_SREGS from vCPU 0's fresh sregs on every (re)load, on
+            # every vCPU of this VM (the APIC base's BSP bit included): built
+            # once per L1 state (segments, CRs, EFER; RIP is in regs).
+            self._fresh_sregs = bytes(ffi.buffer(self.vcpu.get_sregs()))
+            self._sregs: dict[tuple, object] = {}
             self._load(payload)
         except BaseException:
             self.vm.close()
@@ -145,8 +178,8 @@ class KvmMachine:
         raise ValueError(f"GPA range [{gpa:#x}, {gpa + n:#x}) is not guest memory")
 
     def _load(self, payload: Payload) -> None:
-        for gpa, data in l1.memory_image(payload).items():
-            self.mem.write(gpa, data)
+        self.mem.view[:LOW_MEMORY] = _low_image(payload)  # also wipes the last case's
+        self.mem.write(layout.CODE_GPA, payload.image)
         self._code_len = len(payload.image)
         self._enter_long_mode(l1.initial_state(payload))
         self.last_exit: Exit | None = None
@@ -160,6 +193,29 @@ class KvmMachine:
         return (isinstance(ex, IoExit) and ex.port == ucall.UCALL_PORT
                 and not self.touched_nested_state and not self._extra and not self._deleted)
 
+    @property
+    def renewable(self) -> bool:
+        """Only the vCPU is dirty: the VM can serve the next case on a fresh
+        vCPU (a case's extra or deleted memslots are VM state: not renewable)."""
+        return not self._extra and not self._deleted and self.vcpus < self.MAX_VCPUS
+
+    def renew(self, payload: Payload) -> None:
+        """A fresh vCPU in this VM for the next case, when the last one ended
+        in a state reset() cannot undo (not at a ucall, or with host-made
+        nested, SMM or event state).  The old vCPU is parked: KVM destroys
+        vCPUs only with their VM (kvm_destroy_vm), and a VM's destruction
+        waits for an RCU grace period (rcu_barrier() in
+        kvm_mmu_uninit_tdp_mmu), ~10 ms of idle guest per VM under TCG.  The
+        parked vCPUs go with the VM, at the end of the run (docs/qemu.md,
+        section 5)."""
+        self._end_deadline()
+        vcpu = self.vm.create_vcpu(self.vcpus)
+        self.vcpus += 1
+        vcpu.set_cpuid2(self._cpuid)
+        self.vcpu = vcpu
+        self.mem.view[layout.CODE_GPA:layout.CODE_GPA + self._code_len] = bytes(self._code_len)
+        self._load(payload)
+
     def reset(self, payload: Payload) -> None:
         """Back to a fresh vCPU's state for the next case."""
         self._end_deadline()
@@ -171,7 +227,6 @@ class KvmMachine:
             # drops the STGI intercept even while EFER.SVME=0), and a reused
             # vCPU must behave like a fresh one.
             self.vcpu.set_nested_state(NestedState.svm(KVM_STATE_NESTED_GIF_SET, 0))
-        self.mem.view[:LOW_MEMORY] = bytes(LOW_MEMORY)
         self.mem.view[layout.CODE_GPA:layout.CODE_GPA + self._code_len] = bytes(self._code_len)
         self._load(payload)  # EFER without SVME: KVM leaves nested mode, GIF=1
         # MSRs a case can change: HSAVE, and what a (wrongly executed) VMLOAD loads.
@@ -187,15 +242,20 @@ class KvmMachine:
         "flags": lib.KVM_VCPUEVENT_VALID_NMI_PENDING | lib.KVM_VCPUEVENT_VALID_SHADOW})
 
     def _enter_long_mode(self, st: l1.L1State) -> None:
-        sregs = self.vcpu.get_sregs()
-        sregs.interrupt_bitmap = [0] * len(sregs.interrupt_bitmap)
-        for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr"):
-            _set_segment(getattr(sregs, name), getattr(st, name))
-        _set_segment(sregs.ldt, st.ldt)
-        sregs.gdt.base, sregs.gdt.limit = st.gdt
-        sregs.idt.base, sregs.idt.limit = st.idt
-        sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer = st.cr0, st.cr3, st.cr4, st.efer
-        sregs.cr2 = 0
+        key = (st.cr0, st.cr3, st.cr4, st.efer, st.cs, st.ds, st.es, st.fs, st.gs, st.ss,
+               st.tr, st.ldt, st.gdt, st.idt)  # what KVM_SET_SREGS takes of st
+        sregs = self._sregs.get(key)
+        if sregs is None:
+            sregs = self._sregs[key] = ffi.new("struct kvm_sregs *")
+            ffi.memmove(sregs, self._fresh_sregs, len(self._fresh_sregs))
+            sregs.interrupt_bitmap = [0] * len(sregs.interrupt_bitmap)
+            for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr"):
+                _set_segment(getattr(sregs, name), getattr(st, name))
+            _set_segment(sregs.ldt, st.ldt)
+            sregs.gdt.base, sregs.gdt.limit = st.gdt
+            sregs.idt.base, sregs.idt.limit = st.idt
+            sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer = st.cr0, st.cr3, st.cr4, st.efer
+            sregs.cr2 = 0
         self.vcpu.set_sregs(sregs)
         # Every other GPR zero: a reused vCPU must not carry the last case's.
         self.vcpu.set_regs(rip=st.rip, rsp=st.rsp, rflags=st.rflags)
@@ -391,6 +451,7 @@ class KvmBackend:
         # KVMTEST_FRESH_VM=1: a new VM for every case (slower, for comparison).
         self.reuse = os.environ.get("KVMTEST_FRESH_VM") != "1" if reuse is None else reuse
         self._pool: dict[tuple, KvmMachine] = {}
+        self._kmsg = kmsg.Kmsg()
         self.kvm = Kvm(dev_kvm())  # raises KvmUnavailable with an actionable message
         try:
             if not self.kvm.check_extension(lib.KVM_CAP_EXT_CPUID):
@@ -417,6 +478,7 @@ class KvmBackend:
         for m in self._pool.values():
             m.close()
         self._pool.clear()
+        self._kmsg.close()
         self.kvm.close()
 
     def no_svm_reason(self) -> str:
@@ -454,7 +516,10 @@ class KvmBackend:
         m = self._pool.pop(key, None)
         if m is not None:
             try:
-                m.reset(payload)
+                if m.reusable:
+                    m.reset(payload)
+                else:
+                    m.renew(payload)
             except BaseException as e:
                 m.close()
                 if not isinstance(e, KvmError):
@@ -467,14 +532,14 @@ class KvmBackend:
         except BaseException:
             m.close()
             raise
-        if self.reuse and m.reusable:
+        if self.reuse and (m.reusable or m.renewable):
             m._end_deadline()
             self._pool[key] = m
         else:
             m.close()
 
     def kernel_log(self):
-        return kmsg.watch()
+        return self._kmsg.watch()
 
     def describe(self) -> dict[str, str]:
         return {"backend": self.name, "kernel": platform.release(),

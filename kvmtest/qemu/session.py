@@ -164,10 +164,13 @@ class QemuSession:
         files: Mapping[str, bytes] | None = None,
         limits: Limits | None = None,
         case_silence: float = CASE_SILENCE,
+        kvm_params: Mapping[str, str] | None = None,
     ) -> None:
         self.kernel = kernel if isinstance(kernel, Kernel) else resolve_kernel(kernel,
                                                                               modules=modules)
         self.config = config or Config()
+        # kvm.ko's; one named here replaces initramfs.OPTIONAL_KVM_PARAMS' value.
+        self.kvm_params = dict(kvm_params or {})
         self.kvm_modules = Path(kvm_modules) if kvm_modules else None
         self.accel, self.cpu = choose_accel(accel, self.config.cpu)
         self.machine_type = machine
@@ -229,7 +232,7 @@ class QemuSession:
                                                  self.kernel)
         boot_config = BootConfig(
             kvm_amd_params={**DEFAULT_KVM_AMD_PARAMS, **self.config.kvm_amd_params},
-            kvm_params={},
+            kvm_params=self.kvm_params,
             command=self.command,
             env=GUEST_ENV,
             kvm_modules_dir=self.kvm_modules,
