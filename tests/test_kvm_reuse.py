@@ -61,6 +61,18 @@ def test_a_timed_out_vcpu_is_parked_and_the_vm_serves_on_a_fresh_one(real_kvm):
         fresh.close()
 
 
+def test_without_parking_a_dirty_vcpu_takes_its_vm_along(real_kvm):
+    backend = KvmBackend(reuse=True, park=False)
+    try:
+        assert run_case(backend, _spin(), timeout=0.2).outcome == "timeout"
+        assert not backend._pool
+        ok = run_case(backend, catalogue()[0])
+        assert ok.outcome == "exception" and ok.vector == 6
+        assert backend._pool
+    finally:
+        backend.close()
+
+
 def test_a_vm_with_max_vcpus_is_replaced(real_kvm, monkeypatch):
     monkeypatch.setattr(KvmMachine, "MAX_VCPUS", 2)
     backend = KvmBackend(reuse=True)

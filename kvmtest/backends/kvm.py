@@ -446,10 +446,14 @@ class KvmMachine:
 class KvmBackend:
     name = "kvm"
 
-    def __init__(self, profile: str | None = None, reuse: bool | None = None) -> None:
+    def __init__(self, profile: str | None = None, reuse: bool | None = None,
+                 park: bool | None = None) -> None:
         self.profile = profile
         # KVMTEST_FRESH_VM=1: a new VM for every case (slower, for comparison).
         self.reuse = os.environ.get("KVMTEST_FRESH_VM") != "1" if reuse is None else reuse
+        # KVMTEST_PARK_VCPUS=0: a new VM after every case that leaves its vCPU
+        # dirty, instead of a fresh vCPU in the same VM (KvmMachine.renew).
+        self.park = os.environ.get("KVMTEST_PARK_VCPUS") != "0" if park is None else park
         self._pool: dict[tuple, KvmMachine] = {}
         self._kmsg = kmsg.Kmsg()
         self.kvm = Kvm(dev_kvm())  # raises KvmUnavailable with an actionable message
@@ -532,7 +536,7 @@ class KvmBackend:
         except BaseException:
             m.close()
             raise
-        if self.reuse and (m.reusable or m.renewable):
+        if self.reuse and (m.reusable or (self.park and m.renewable)):
             m._end_deadline()
             self._pool[key] = m
         else:

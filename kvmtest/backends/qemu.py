@@ -42,7 +42,7 @@ class QemuBackend:
     def __init__(self, kernel: str, modules: str | None = None, kvm_modules: str | None = None,
                  cpu: str | None = None, kvm_amd_params: dict[str, str] | None = None,
                  artifacts: str | None = None, profile: str | None = None,
-                 keep: bool = False, kvm_params: dict[str, str] | None = None) -> None:
+                 keep: bool = False, guest_env: dict[str, str] | None = None) -> None:
         try:
             self.kernel = resolve_kernel(kernel, modules=modules)
         except QemuError as e:
@@ -54,7 +54,7 @@ class QemuBackend:
                 raise BackendError(str(e)) from None
         self.profile = profile
         self.config = Config.from_options(cpu, kvm_amd_params)
-        self.kvm_params = kvm_params  # kvm.ko's (the bench's before/after), not a config axis
+        self.guest_env = guest_env  # e.g. the bench's KVMTEST_PARK_VCPUS=0
         self.cpu = cpu
         self.kvm_modules = kvm_modules
         self.artifacts = Path(artifacts) if artifacts else None
@@ -79,8 +79,7 @@ class QemuBackend:
     def run_batch(self, cases: Sequence[Case], timeout: float) -> dict[str, Observation | str]:
         """Observations by case id; a str value is a skip reason."""
         session = QemuSession(self.kernel, config=self.config, kvm_modules=self.kvm_modules,
-                              artifacts=self.artifacts, keep=self.keep,
-                              kvm_params=self.kvm_params)
+                              artifacts=self.artifacts, keep=self.keep, guest_env=self.guest_env)
         try:
             with session:
                 self._record(session)

@@ -54,14 +54,6 @@ TRANSPORT_MODULES = {
 }
 # kvm_amd pulls kvm, irqbypass and (with SEV) ccp through its depends= field.
 KVM_MODULES = ("kvm_amd",)
-# Speed, not configuration: nx_huge_pages=never skips the NX huge page
-# recovery thread KVM starts for every VM (kvm_mmu_post_init_vm in
-# arch/x86/kvm/mmu/mmu.c: a kthread on 6.1, a vhost_task on 6.12 and 7.x) and
-# stops at its destruction, ~11 ms per VM under TCG.  The mitigation itself is
-# off either way on the guest's AMD CPU, which has no X86_BUG_ITLB_MULTIHIT
-# ("auto" reads N; vulnerabilities/itlb_multihit: "Not affected").  A kvm.ko
-# older than the "never" value loads without it.  docs/qemu.md, "Speed".
-OPTIONAL_KVM_PARAMS = {"nx_huge_pages": "never"}
 FATAL = "KVMTEST-FATAL"
 OUTPUT_CAP = 64 * 1024  # bytes of the command's stdout/stderr sent back
 
@@ -116,19 +108,13 @@ exec 3<>"$CH" || { CH=; fatal "cannot open $CH"; }
 mark init "$T_INIT"
 mark channel
 
-# 2. kvm modules, each line: name status file optional [params...]; OPTIONAL
-# (comma-separated, or -) is tried first and dropped if the module refuses it.
-while read -r name status file optional params; do
+# 2. kvm modules, each line: name status file [params...]
+while read -r name status file params; do
     if [ "$status" != load ]; then
         send "{\"t\":\"module\",\"name\":\"$name\",\"status\":\"$status\"}"
         continue
     fi
-    [ "$optional" = - ] && optional=
-    optional=$(echo "$optional" | tr , ' ')
-    used=$(echo $params $optional)
-    if [ -n "$optional" ] && insmod "/lib/kvmtest/kvm/$file" $used 2>/dev/null; then
-        send "{\"t\":\"module\",\"name\":\"$name\",\"status\":\"ok\",\"detail\":\"$used\"}"
-    elif err=$(insmod "/lib/kvmtest/kvm/$file" $params 2>&1); then
+    if err=$(insmod "/lib/kvmtest/kvm/$file" $params 2>&1); then
         send "{\"t\":\"module\",\"name\":\"$name\",\"status\":\"ok\",\"detail\":\"$params\"}"
     else
         detail=$(clean "$err | $(dmesg | tail -n 3)")
@@ -348,7 +334,6 @@ class PlannedModule:
     status: str  # "load", "missing" or "builtin"
     path: Path | None = None
     params: str = ""
-    optional: str = ""  # tried first; /init loads without them if refused
 
 
 def plan_kvm_modules(kernel: Kernel, config: BootConfig) -> list[PlannedModule]:
@@ -364,14 +349,11 @@ def plan_kvm_modules(kernel: Kernel, config: BootConfig) -> list[PlannedModule]:
     tree = _modules_tree(kernel, *extra)
     order, missing = tree.load_order(list(KVM_MODULES))
     params = {"kvm_amd": config.kvm_amd_params, "kvm": config.kvm_params}
-    optional = {"kvm": {k: v for k, v in OPTIONAL_KVM_PARAMS.items()
-                        if k not in config.kvm_params}}
     plan = [PlannedModule(name, "missing") for name in missing]
     for name in order:
         _check_vermagic(tree, name, kernel.release)
-        joined, extra = (" ".join(f"{key}={value}" for key, value in table.get(name, {}).items())
-                         for table in (params, optional))
-        plan.append(PlannedModule(name, "load", tree.files[name], joined, extra))
+        joined = " ".join(f"{key}={value}" for key, value in params.get(name, {}).items())
+        plan.append(PlannedModule(name, "load", tree.files[name], joined))
     for name in KVM_MODULES:
         if name in tree.builtin and name not in tree.files:
             plan.append(PlannedModule(name, "builtin"))
@@ -410,8 +392,7 @@ def boot_archive(plan: list[PlannedModule], config: BootConfig) -> bytes:
             file = f"{index:02d}-{module.name}.ko"
             cpio.add_file(f"lib/kvmtest/kvm/{file}", read_module(module.path))
         params = " ".join(_check_param(p) for p in module.params.split())
-        optional = ",".join(_check_param(p) for p in module.optional.split()) or "-"
-        lines.append(f"{module.name} {module.status} {file} {optional} {params}".rstrip() + "\n")
+        lines.append(f"{module.name} {module.status} {file} {params}".rstrip() + "\n")
     cpio.add_file("lib/kvmtest/kvm.list", "".join(lines).encode())
     other = "mmio" if config.transport == "pci" else "pci"
     settings = {

@@ -164,13 +164,12 @@ class QemuSession:
         files: Mapping[str, bytes] | None = None,
         limits: Limits | None = None,
         case_silence: float = CASE_SILENCE,
-        kvm_params: Mapping[str, str] | None = None,
+        guest_env: Mapping[str, str] | None = None,
     ) -> None:
         self.kernel = kernel if isinstance(kernel, Kernel) else resolve_kernel(kernel,
                                                                               modules=modules)
         self.config = config or Config()
-        # kvm.ko's; one named here replaces initramfs.OPTIONAL_KVM_PARAMS' value.
-        self.kvm_params = dict(kvm_params or {})
+        self.guest_env = {**GUEST_ENV, **(guest_env or {})}  # the agent's environment
         self.kvm_modules = Path(kvm_modules) if kvm_modules else None
         self.accel, self.cpu = choose_accel(accel, self.config.cpu)
         self.machine_type = machine
@@ -232,9 +231,9 @@ class QemuSession:
                                                  self.kernel)
         boot_config = BootConfig(
             kvm_amd_params={**DEFAULT_KVM_AMD_PARAMS, **self.config.kvm_amd_params},
-            kvm_params=self.kvm_params,
+            kvm_params={},
             command=self.command,
-            env=GUEST_ENV,
+            env=self.guest_env,
             kvm_modules_dir=self.kvm_modules,
             transport=MACHINES[machine],
             files=self.files,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmtest.qemu import GUEST_PYTHON, Kernel, QemuError, boot, initramfs, resolve_kernel
+from kvmtest.qemu import GUEST_PYTHON, Kernel, QemuError, boot, resolve_kernel
 from kvmtest.qemu.initramfs import BASE_MODULES, iter_cpio
 from kvmtest.qemu.runtime import GUEST_AGENT, build_runtime
 
@@ -39,7 +39,6 @@ print(json.dumps({
     "api": fcntl.ioctl(fd, 0xAE00, 0),               # KVM_GET_API_VERSION
     "nested_state": fcntl.ioctl(fd, 0xAE03, 157),    # KVM_CHECK_EXTENSION(NESTED_STATE)
     "nested": open("/sys/module/kvm_amd/parameters/nested").read().strip(),
-    "nx_huge_pages": open("/sys/module/kvm/parameters/nx_huge_pages").read().strip(),
     "svm": " svm" in open("/proc/cpuinfo").read(),
     "release": os.uname().release,
 }))
@@ -74,28 +73,11 @@ def test_guest_has_nested_svm_kvm(kernel: Kernel, tmp_path: Path) -> None:
     assert probe["svm"] is True
     assert probe["nested_state"] > 0
     assert probe["release"] == kernel.release
-    # The optional speed parameter took (initramfs.OPTIONAL_KVM_PARAMS).
-    assert probe["nx_huge_pages"] == "never"
-    assert {m.name: m.detail for m in result.modules}["kvm"] == "nx_huge_pages=never"
     timings = result.timings()
     assert all(value is not None for value in timings.values()), timings
     # Everything here was written by the host: the guest has no share.
     assert _only_regular_files(tmp_path) == ["console.log", "qemu.log"]
     assert "Run /init as init process" in (tmp_path / "console.log").read_text()
-
-
-def test_refused_optional_kvm_param_is_dropped(kernel: Kernel, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """A kvm.ko that refuses an optional parameter (as one older than
-    nx_huge_pages=never would) loads without it.  The refused value is a real
-    one this kernel rejects; only the table naming it is patched."""
-    monkeypatch.setitem(initramfs.OPTIONAL_KVM_PARAMS, "nx_huge_pages", "sometimes")
-    result = boot(kernel, ["/bin/cat", "/sys/module/kvm/parameters/nx_huge_pages"],
-                  outdir=tmp_path, timeout=120)
-    assert result.returncode == 0, result.console_tail()
-    assert [m.status for m in result.modules] == ["ok"] * len(result.modules)
-    assert {m.name: m.detail for m in result.modules}["kvm"] == ""
-    assert result.stdout.strip() == "N"  # "auto" on a CPU without iTLB multihit
 
 
 def test_qemu_runs_unprivileged(kernel: Kernel, tmp_path: Path) -> None:
