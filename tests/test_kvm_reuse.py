@@ -2,12 +2,14 @@
 backend resets VM memory and vCPU state between cases)."""
 
 import dataclasses
+import os
 
 import pytest
 
 from kvmtest.backends.kvm import KvmBackend, KvmMachine
 from kvmtest.case import NEED_NO_SVM
 from kvmtest.cases import catalogue
+from kvmtest.cpuid_features import FEATURES
 from kvmtest.runner import run_case
 
 pytestmark = pytest.mark.kvm
@@ -99,3 +101,21 @@ def test_a_case_with_an_extra_memslot_leaves_no_vm_behind(real_kvm):
         assert not backend._pool
     finally:
         backend.close()
+
+
+def test_close_destroys_every_pooled_vm_and_releases_its_fds(real_kvm):
+    """close() destroys the pool's VMs side by side (they share the RCU grace
+    period each destruction waits for): every fd and mapping is released."""
+    before = set(os.listdir("/proc/self/fd"))
+    backend = KvmBackend(reuse=True)
+    cases = [catalogue()[0]] + [dataclasses.replace(catalogue()[0], id=f"cpuid-{name}",
+                                                    cpuid={name: False})
+                                for name in sorted(FEATURES)[:2]]
+    for case in cases:
+        assert run_case(backend, case).outcome == "exception"
+    assert len(backend._pool) == 3
+    machines = list(backend._pool.values())
+    backend.close()
+    assert not backend._pool
+    assert all(m.vm.closed for m in machines)
+    assert set(os.listdir("/proc/self/fd")) == before

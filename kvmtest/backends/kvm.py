@@ -11,6 +11,7 @@ import contextlib
 import errno
 import os
 import platform
+import threading
 from collections.abc import Iterator
 
 from .. import cpuid_features, kmsg, l1, layout, ucall
@@ -479,11 +480,26 @@ class KvmBackend:
                        for svm in (False, True)}
 
     def close(self) -> None:
-        for m in self._pool.values():
-            m.close()
+        # Each VM's destruction waits for an RCU grace period (rcu_barrier()
+        # in kvm_mmu_uninit_tdp_mmu): closed side by side, they share it.
+        errors: list[BaseException] = []
+
+        def close(m: KvmMachine) -> None:
+            try:
+                m.close()
+            except BaseException as e:  # re-raised below, in the caller's thread
+                errors.append(e)
+
+        closers = [threading.Thread(target=close, args=(m,)) for m in self._pool.values()]
+        for t in closers:
+            t.start()
+        for t in closers:
+            t.join()
         self._pool.clear()
         self._kmsg.close()
         self.kvm.close()
+        if errors:
+            raise errors[0]
 
     def no_svm_reason(self) -> str:
         return (f"host KVM has no SVM: {host_vendor() or 'unknown vendor'}, "

@@ -197,7 +197,13 @@ def _replay():
 
 _replay()
 from kvmtest.agent import main
-sys.exit(main())
+_status = main()
+# The interpreter's finalization (tens of ms under TCG) has nothing to do:
+# channel writes are unbuffered, and /init reads only the exit status.
+sys.stdout.flush()
+sys.stderr.flush()
+import os
+os._exit(_status)
 """
 # -c, not -m: runpy and its imports are not needed (nor shipped).
 GUEST_AGENT = (GUEST_PYTHON, "-S", "-I", "-c", f"import {GUEST_BOOT_MODULE}")
