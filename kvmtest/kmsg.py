@@ -53,9 +53,10 @@ class Kmsg:
         return self._fd
 
     @contextlib.contextmanager
-    def watch(self) -> Iterator[list[str] | None]:
-        """Yield a list that receives the bad lines logged during the block,
-        or None when /dev/kmsg cannot be read (then the log was not checked)."""
+    def watch(self, pattern: re.Pattern[str] = BAD) -> Iterator[list[str] | None]:
+        """Yield a list that receives the lines matching PATTERN (bad ones by
+        default) logged during the block, or None when /dev/kmsg cannot be
+        read (then the log was not checked)."""
         fd = self._open()
         if fd is None:
             yield None
@@ -67,7 +68,7 @@ class Kmsg:
             yield found
         finally:
             self._watching -= 1
-            found.extend(line for line in _drain(fd) if BAD.search(line))
+            found.extend(line for line in _drain(fd) if pattern.search(line))
             if self._close_pending and not self._watching:
                 self.close()
 
@@ -82,11 +83,11 @@ class Kmsg:
 
 
 @contextlib.contextmanager
-def watch() -> Iterator[list[str] | None]:
+def watch(pattern: re.Pattern[str] = BAD) -> Iterator[list[str] | None]:
     """One watch on its own /dev/kmsg descriptor (Kmsg.watch)."""
     k = Kmsg()
     try:
-        with k.watch() as found:
+        with k.watch(pattern) as found:
             yield found
     finally:
         k.close()

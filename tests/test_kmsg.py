@@ -1,13 +1,20 @@
 """kvmtest.kmsg on this host's real /dev/kmsg: a record written during a
-watch is seen by that watch only, through one descriptor kept across watches."""
+watch is seen by that watch only, through one descriptor kept across watches.
+
+The records written here are harmless info lines that only this module's
+pattern matches: other tests running in parallel (pytest-xdist) watch the
+same log for WARN/BUG lines and must not see a planted one."""
 
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
 from kvmtest import kmsg
+
+MARK = re.compile(r"kvmtest-test-kmsg \S+")
 
 
 def _writable() -> bool:
@@ -23,39 +30,46 @@ pytestmark = pytest.mark.skipif(
     not _writable(), reason="needs to read and write /dev/kmsg (root, kernel.dmesg_restrict)")
 
 
-def _log(text: str) -> None:
+def _log(word: str) -> str:
+    line = f"kvmtest-test-kmsg {word}-{os.getpid()}"
     fd = os.open(kmsg.KMSG, os.O_WRONLY)
     try:
-        os.write(fd, f"<4>{text}\n".encode())
+        os.write(fd, f"<6>{line}\n".encode())
     finally:
         os.close(fd)
+    return line
+
+
+def test_bad_lines_are_the_kernels_warn_bug_and_oops_headers() -> None:
+    assert kmsg.BAD.search("WARNING: CPU: 0 PID: 1 at arch/x86/kvm/svm/nested.c:940")
+    assert kmsg.BAD.search("BUG: kernel NULL pointer dereference, address: 0")
+    assert not kmsg.BAD.search("kvm: Nested Virtualization enabled")
 
 
 def test_each_watch_sees_its_own_records_on_one_descriptor() -> None:
     k = kmsg.Kmsg()
     try:
-        _log("WARNING: kvmtest test_kmsg before any watch")
-        with k.watch() as first:
-            _log("WARNING: kvmtest test_kmsg first")
-            _log("kvmtest test_kmsg harmless line")
+        _log("before")
+        with k.watch(MARK) as first:
+            one = _log("first")
         fd = k._fd
-        with k.watch() as second:
-            _log("WARNING: kvmtest test_kmsg second")
-        with k.watch() as third:
+        with k.watch(MARK) as second:
+            two = _log("second")
+        with k.watch(MARK) as third:
             pass
     finally:
         k.close()
-    assert first == ["WARNING: kvmtest test_kmsg first"]
-    assert second == ["WARNING: kvmtest test_kmsg second"]
+    assert first == [one]
+    assert second == [two]
     assert third == []
     assert fd is not None and k._fd is None
 
 
 def test_module_watch_opens_and_closes_its_descriptor() -> None:
     before = set(os.listdir("/proc/self/fd"))
-    with kmsg.watch() as found:
-        _log("BUG: kvmtest test_kmsg module watch")
-    assert found == ["BUG: kvmtest test_kmsg module watch"]
+    with kmsg.watch(MARK) as found:
+        line = _log("module")
+    assert found == [line]
     assert set(os.listdir("/proc/self/fd")) == before
 
 
@@ -63,9 +77,9 @@ def test_close_inside_a_watch_waits_for_its_end() -> None:
     """The backend closes its Kmsg while the CLI watches the VM teardown:
     the teardown's records are still read, then the descriptor closes."""
     k = kmsg.Kmsg()
-    with k.watch() as found:
+    with k.watch(MARK) as found:
         k.close()
-        _log("WARNING: kvmtest test_kmsg teardown")
+        line = _log("teardown")
         assert k._fd is not None
-    assert found == ["WARNING: kvmtest test_kmsg teardown"]
+    assert found == [line]
     assert k._fd is None
