@@ -267,13 +267,21 @@ def _promote(args: argparse.Namespace) -> int:
 
 def run_scenario(args: argparse.Namespace) -> int:
     """Replay one scenario on the chosen backend: the contract oracle's
-    verdict and the observation field by field."""
+    verdict and the observation field by field (and as JSON with --json)."""
+    from .. import outputs
     from . import oracles
     from .spec import SpecError, parse
 
+    if getattr(args, "ktap", None) or getattr(args, "junit", None):
+        print("kvmtest: error: --scenario writes --json only (KTAP and JUnit report "
+              "catalogue runs)", file=sys.stderr)
+        return EXIT_USAGE
+    path = getattr(args, "json", None)
     try:
         s = parse(args.scenario)
-    except SpecError as e:
+        if path:
+            outputs.check_writable(path)
+    except (SpecError, OSError) as e:
         print(f"kvmtest: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:
@@ -288,28 +296,38 @@ def run_scenario(args: argparse.Namespace) -> int:
         return EXIT_KERNEL
     finally:
         runner.close()
-    print(f"scenario: {s.format()}  ({runner.label})")
-    if result.skipped:
-        print(f"SKIP: {result.skipped}")
-        return 125
-    if result.crash:
-        print(f"FAIL: the kernel died\n{result.crash}")
-        return EXIT_FINDINGS
+    lines = [f"scenario: {s.format()}  ({runner.label})"]
+    doc: dict = {"scenario": s.format(), "runner": runner.label}
     obs = result.observation
-    assert obs is not None
-    for name, value in sorted(obs.to_json().items()):
-        if name == "l1":
-            for reg, v in value.items():
-                print(f"  l1.{reg:<10} {oracles.show('l1', v)}")
-        else:
-            print(f"  {name:<14} {oracles.show(name, value)}")
-    signals = oracles.contract(s, s.to_case(), obs) + oracles.warnings(runner.label, obs)
-    if signals:
-        for sig in signals:
-            print(f"FAIL: {sig.oracle}: {sig.details[0] if sig.details else sig.signature}")
-        return EXIT_FINDINGS
-    print("PASS: the contract holds")
-    return EXIT_OK
+    if result.skipped:
+        lines.append(f"SKIP: {result.skipped}")
+        doc.update(result="skip", skip=result.skipped)
+        status = 125
+    elif result.crash:
+        lines.append(f"FAIL: the kernel died\n{result.crash}")
+        doc.update(result="crash", crash=result.crash)
+        status = EXIT_FINDINGS
+    else:
+        assert obs is not None  # a run that neither skipped nor crashed observed
+        for name, value in sorted(obs.to_json().items()):
+            if name == "l1":
+                lines += [f"  l1.{reg:<10} {oracles.show('l1', v)}" for reg, v in value.items()]
+            else:
+                lines.append(f"  {name:<14} {oracles.show(name, value)}")
+        signals = oracles.contract(s, s.to_case(), obs) + oracles.warnings(runner.label, obs)
+        lines += [f"FAIL: {sig.oracle}: {sig.details[0] if sig.details else sig.signature}"
+                  for sig in signals]
+        if not signals:
+            lines.append("PASS: the contract holds")
+        doc.update(result="fail" if signals else "pass", observation=obs.to_json(),
+                   signals=[{"oracle": sig.oracle, "signature": sig.signature,
+                             "details": list(sig.details)} for sig in signals])
+        status = EXIT_FINDINGS if signals else EXIT_OK
+    if path != outputs.STDOUT:  # the JSON alone on stdout with --json -
+        print("\n".join(lines))
+    if path:
+        outputs.write_text(path, json.dumps(doc, indent=2) + "\n")
+    return status
 
 
 def _scenario_runner(args: argparse.Namespace):

@@ -118,6 +118,33 @@ def test_run_scenario_prints_fields_and_the_contract_verdict():
     assert "Traceback" not in p.stderr
 
 
+def test_run_scenario_json_holds_the_verdict_observation_and_signals(tmp_path):
+    out = tmp_path / "s.json"
+    p = kvmtest("run", "--backend", "model", "--profile", "legacy", "--scenario",
+                "gif1 vmcb:asid=0", "--json", str(out))
+    assert p.returncode == 1 and "FAIL: contract" in p.stdout
+    doc = json.loads(out.read_text())
+    assert doc["scenario"] == "gif1 vmcb:asid=0x0" and doc["result"] == "fail"
+    assert doc["observation"]["gif"] == 1
+    assert [s["oracle"] for s in doc["signals"]] == ["contract"]
+    # '-': the JSON alone on stdout.
+    p = kvmtest("run", "--backend", "model", "--profile", "fixed", "--scenario",
+                "gif1 vmcb:asid=0", "--json", "-")
+    assert p.returncode == 0
+    doc = json.loads(p.stdout)
+    assert doc["result"] == "pass" and doc["signals"] == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ktap", "-"], "--scenario writes --json only"),
+    (["--json", "/nonexistent-dir/s.json"], "no such directory"),
+])
+def test_run_scenario_output_errors_are_one_line_exit_2(args, message):
+    p = kvmtest("run", "--backend", "model", "--scenario", "gif1", *args)
+    assert p.returncode == 2 and message in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
 def test_promote_gives_a_row_whose_cases_judge_like_the_kernels(findings, tmp_path):
     """The promoted row, built by the catalogue's own helpers, fails on the
     legacy model as a known bug and passes on fixed; its negative controls
