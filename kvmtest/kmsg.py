@@ -41,8 +41,8 @@ class Kmsg:
     def __init__(self) -> None:
         self._fd: int | None = None
         self._unreadable = False
-        self._watching = 0
-        self._close_pending = False  # close() came inside a watch (VM teardown)
+        self._watching = False
+        self._close_pending = False  # close() came inside the watch (VM teardown)
 
     def _open(self) -> int | None:
         if self._fd is None and not self._unreadable:
@@ -56,24 +56,27 @@ class Kmsg:
     def watch(self, pattern: re.Pattern[str] = BAD) -> Iterator[list[str] | None]:
         """Yield a list that receives the lines matching PATTERN (bad ones by
         default) logged during the block, or None when /dev/kmsg cannot be
-        read (then the log was not checked)."""
+        read (then the log was not checked).  Watches do not nest: they would
+        share the descriptor's read position."""
+        if self._watching:
+            raise RuntimeError("Kmsg.watch inside a watch of the same Kmsg")
         fd = self._open()
         if fd is None:
             yield None
             return
         os.lseek(fd, 0, os.SEEK_END)  # only what comes after this point
         found: list[str] = []
-        self._watching += 1
+        self._watching = True
         try:
             yield found
         finally:
-            self._watching -= 1
+            self._watching = False
             found.extend(line for line in _drain(fd) if pattern.search(line))
-            if self._close_pending and not self._watching:
+            if self._close_pending:
                 self.close()
 
     def close(self) -> None:
-        """Close the descriptor, at the end of the outermost watch if inside one."""
+        """Close the descriptor, at the end of the watch if inside one."""
         if self._watching:
             self._close_pending = True
         elif self._fd is not None:

@@ -83,3 +83,14 @@ def test_close_inside_a_watch_waits_for_its_end() -> None:
         assert k._fd is not None
     assert found == [line]
     assert k._fd is None
+
+
+def test_watches_do_not_nest() -> None:
+    """One descriptor, one read position: an inner watch would take the outer one's records."""
+    k = kmsg.Kmsg()
+    try:
+        with k.watch(MARK), pytest.raises(RuntimeError, match="inside a watch"), \
+                k.watch(MARK):
+            pass
+    finally:
+        k.close()

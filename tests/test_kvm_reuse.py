@@ -53,7 +53,7 @@ def test_a_timed_out_vcpu_is_parked_and_the_vm_serves_on_a_fresh_one(real_kvm):
         assert not m.reusable and m.renewable
         ok = run_case(backend, catalogue()[0])
         assert ok.outcome == "exception" and ok.vector == 6
-        assert m.vm is vm and m.vcpu is not vcpu and m.vcpu.id == 1 and m.vcpus == 2
+        assert m.vm is vm and m.vcpu is not vcpu and m.vcpu.id == 1 and m.vm.nr_vcpus == 2
         after = dataclasses.asdict(ok)
         expected = dataclasses.asdict(run_case(fresh, catalogue()[0]))
         after.pop("exits"), expected.pop("exits")

@@ -143,7 +143,6 @@ class KvmMachine:
         try:
             self.mem = self.vm.set_user_memory_region(0, 0, layout.MEM_SIZE)
             self.vcpu: Vcpu = self.vm.create_vcpu(0)
-            self.vcpus = 1
             # KVM_SET_CPUID2 must precede EFER.LME: KVM_SET_SREGS refuses an EFER
             # whose LME/SVME/NX the guest CPUID lacks (x86.c __kvm_valid_efer, 6.1).
             self.vcpu.set_cpuid2(cpuid)
@@ -152,6 +151,7 @@ class KvmMachine:
             # once per L1 state (segments, CRs, EFER; RIP is in regs).
             self._fresh_sregs = bytes(ffi.buffer(self.vcpu.get_sregs()))
             self._sregs: dict[tuple, object] = {}
+            self._code_len = 0
             self._load(payload)
         except BaseException:
             self.vm.close()
@@ -179,7 +179,9 @@ class KvmMachine:
         raise ValueError(f"GPA range [{gpa:#x}, {gpa + n:#x}) is not guest memory")
 
     def _load(self, payload: Payload) -> None:
-        self.mem.view[:LOW_MEMORY] = _low_image(payload)  # also wipes the last case's
+        """Guest memory and vCPU state as L1 starts, wiping what the last case left."""
+        self.mem.view[:LOW_MEMORY] = _low_image(payload)
+        self.mem.view[layout.CODE_GPA:layout.CODE_GPA + self._code_len] = bytes(self._code_len)
         self.mem.write(layout.CODE_GPA, payload.image)
         self._code_len = len(payload.image)
         self._enter_long_mode(l1.initial_state(payload))
@@ -198,7 +200,8 @@ class KvmMachine:
     def renewable(self) -> bool:
         """Only the vCPU is dirty: the VM can serve the next case on a fresh
         vCPU (a case's extra or deleted memslots are VM state: not renewable)."""
-        return not self._extra and not self._deleted and self.vcpus < self.MAX_VCPUS
+        return (not self.vm.closed and not self._extra and not self._deleted
+                and self.vm.nr_vcpus < self.MAX_VCPUS)
 
     def renew(self, payload: Payload) -> None:
         """A fresh vCPU in this VM for the next case, when the last one ended
@@ -210,11 +213,9 @@ class KvmMachine:
         parked vCPUs go with the VM, at the end of the run (docs/qemu.md,
         section 5)."""
         self._end_deadline()
-        vcpu = self.vm.create_vcpu(self.vcpus)
-        self.vcpus += 1
+        vcpu = self.vm.create_vcpu(self.vm.nr_vcpus)
         vcpu.set_cpuid2(self._cpuid)
         self.vcpu = vcpu
-        self.mem.view[layout.CODE_GPA:layout.CODE_GPA + self._code_len] = bytes(self._code_len)
         self._load(payload)
 
     def reset(self, payload: Payload) -> None:
@@ -228,7 +229,6 @@ class KvmMachine:
             # drops the STGI intercept even while EFER.SVME=0), and a reused
             # vCPU must behave like a fresh one.
             self.vcpu.set_nested_state(NestedState.svm(KVM_STATE_NESTED_GIF_SET, 0))
-        self.mem.view[layout.CODE_GPA:layout.CODE_GPA + self._code_len] = bytes(self._code_len)
         self._load(payload)  # EFER without SVME: KVM leaves nested mode, GIF=1
         # MSRs a case can change: HSAVE, and what a (wrongly executed) VMLOAD loads.
         msrs = dict.fromkeys(RESET_MSRS, 0)

@@ -104,7 +104,8 @@ def sample(cases: list, n: int) -> list:
 def _verdict(kernel: str, modules: str | None = None, config: str = "default",
              guest_env: dict[str, str] | None = None, n: int | None = None) -> dict:
     """One per-kernel verdict as `kvmtest run` gives it: boot + the whole
-    catalogue, judged, with its parts (host clock, and guest uptime marks)."""
+    catalogue (or N cases spread over it), judged, with its parts (host
+    clock, and guest uptime marks).  GUEST_ENV goes to the guest's agent."""
     from ..backends.qemu import QemuBackend
     from ..cases import catalogue
     from ..config import Config

@@ -268,7 +268,7 @@ def _promote(args: argparse.Namespace) -> int:
 def run_scenario(args: argparse.Namespace) -> int:
     """Replay one scenario on the chosen backend: the contract oracle's
     verdict and the observation field by field (and as JSON with --json)."""
-    from .. import outputs
+    from .. import argcheck, outputs
     from . import oracles
     from .spec import SpecError, parse
 
@@ -280,8 +280,8 @@ def run_scenario(args: argparse.Namespace) -> int:
     try:
         s = parse(args.scenario)
         if path:
-            outputs.check_writable(path)
-    except (SpecError, OSError) as e:
+            argcheck.report_path("json", path)
+    except (SpecError, argcheck.UsageError) as e:
         print(f"kvmtest: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:
@@ -326,7 +326,12 @@ def run_scenario(args: argparse.Namespace) -> int:
     if path != outputs.STDOUT:  # the JSON alone on stdout with --json -
         print("\n".join(lines))
     if path:
-        outputs.write_text(path, json.dumps(doc, indent=2) + "\n")
+        try:
+            outputs.write_text(path, json.dumps(doc, indent=2) + "\n")
+        except OSError as e:
+            print(f"kvmtest: error: cannot write --json {path}: {e.strerror or e}",
+                  file=sys.stderr)
+            return EXIT_ENV
     return status
 
 

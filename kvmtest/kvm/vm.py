@@ -85,7 +85,12 @@ class Vm(FdObject):
         self._regions.clear()
 
     def __repr__(self) -> str:
-        return f"<Vm fd={self._fd} slots={sorted(self._regions)} vcpus={len(self._vcpus)}>"
+        return f"<Vm fd={self._fd} slots={sorted(self._regions)} vcpus={self.nr_vcpus}>"
+
+    @property
+    def nr_vcpus(self) -> int:
+        """vCPUs created so far (KVM destroys them only with the VM)."""
+        return len(self._vcpus)
 
     # -- memory ---------------------------------------------------------------
 
