@@ -6,10 +6,12 @@ import os
 
 import pytest
 
-from kvmtest.backends.kvm import KvmBackend, KvmMachine
+from kvmtest.backends.kvm import KvmBackend, KvmMachine, guest_cpuid
 from kvmtest.case import NEED_NO_SVM
 from kvmtest.cases import catalogue
 from kvmtest.cpuid_features import FEATURES
+from kvmtest.kvm import Vcpu, ffi
+from kvmtest.kvm.cpuid import pack_cpuid2
 from kvmtest.runner import run_case
 
 pytestmark = pytest.mark.kvm
@@ -103,15 +105,55 @@ def test_a_case_with_an_extra_memslot_leaves_no_vm_behind(real_kvm):
         backend.close()
 
 
+def _cpuid_cases():
+    """catalogue()[0] as it is, then with two guest CPUID features off."""
+    return [catalogue()[0]] + [dataclasses.replace(catalogue()[0], id=f"cpuid-{name}",
+                                                   cpuid={name: False})
+                               for name in sorted(FEATURES)[:2]]
+
+
+def test_another_guest_cpuid_gets_a_fresh_vcpu_in_the_same_vm(real_kvm, monkeypatch):
+    """KVM refuses a different KVM_SET_CPUID2 once a vCPU ran: a case with
+    other CPUID overrides runs on a new vCPU of the pooled VM, given exactly
+    its guest CPUID, and observes what a fresh VM does.  (The CPUID is
+    recorded on its way to KVM_SET_CPUID2: kvm_pvm's KVM_GET_CPUID2 does not
+    return what was set.)"""
+    given: dict[int, bytes] = {}
+    real_set = Vcpu.set_cpuid2
+
+    def recording_set(vcpu, cpuid):
+        given[vcpu.id] = bytes(ffi.buffer(cpuid))
+        return real_set(vcpu, cpuid)
+
+    monkeypatch.setattr(Vcpu, "set_cpuid2", recording_set)
+    backend = KvmBackend(reuse=True)
+    fresh = KvmBackend(reuse=False)
+    try:
+        cases = _cpuid_cases()
+        for i, case in enumerate(cases + cases[:1]):
+            obs = dataclasses.asdict(run_case(backend, case))
+            (m,) = backend._pool.values()
+            assert m.vm.nr_vcpus == i + 1 and m.vcpu.id == i
+            overrides = tuple(sorted(case.cpuid.items()))
+            want = pack_cpuid2(guest_cpuid(backend.supported, False, overrides))
+            assert given[i] == bytes(ffi.buffer(want))
+            expected = dataclasses.asdict(run_case(fresh, case))
+            obs.pop("exits"), expected.pop("exits")
+            assert obs == expected
+        # The same CPUID again: the vCPU is reset, not replaced.
+        run_case(backend, cases[0])
+        assert backend._pool[()].vm.nr_vcpus == len(cases) + 1
+    finally:
+        backend.close()
+        fresh.close()
+
+
 def test_close_destroys_every_pooled_vm_and_releases_its_fds(real_kvm):
     """close() destroys the pool's VMs side by side (they share the RCU grace
     period each destruction waits for): every fd and mapping is released."""
     before = set(os.listdir("/proc/self/fd"))
-    backend = KvmBackend(reuse=True)
-    cases = [catalogue()[0]] + [dataclasses.replace(catalogue()[0], id=f"cpuid-{name}",
-                                                    cpuid={name: False})
-                                for name in sorted(FEATURES)[:2]]
-    for case in cases:
+    backend = KvmBackend(reuse=True, park=False)  # without parking: a VM per guest CPUID
+    for case in _cpuid_cases():
         assert run_case(backend, case).outcome == "exception"
     assert len(backend._pool) == 3
     machines = list(backend._pool.values())

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import platform
 import threading
 from collections.abc import Iterator
 
@@ -135,10 +134,11 @@ class KvmMachine:
     # Parked vCPUs a VM may hold before it is replaced (renew()).
     MAX_VCPUS = 64
 
-    def __init__(self, kvm: Kvm, cpuid, payload: Payload, nested_cap: bool) -> None:
+    def __init__(self, kvm: Kvm, cpuid, payload: Payload, nested_cap: bool,
+                 cpuid_key: tuple = ()) -> None:
         self._deadline: Deadline | None = None
         self.nested_cap = nested_cap
-        self._cpuid = cpuid
+        self.cpuid_key = cpuid_key  # which guest CPUID the current vCPU has
         self.vm: Vm = kvm.create_vm()
         try:
             self.mem = self.vm.set_user_memory_region(0, 0, layout.MEM_SIZE)
@@ -203,10 +203,13 @@ class KvmMachine:
         return (not self.vm.closed and not self._extra and not self._deleted
                 and self.vm.nr_vcpus < self.MAX_VCPUS)
 
-    def renew(self, payload: Payload) -> None:
+    def renew(self, payload: Payload, cpuid, cpuid_key: tuple) -> None:
         """A fresh vCPU in this VM for the next case, when the last one ended
         in a state reset() cannot undo (not at a ucall, or with host-made
-        nested, SMM or event state).  The old vCPU is parked: KVM destroys
+        nested, SMM or event state), or when the next case wants another
+        guest CPUID (KVM refuses a different KVM_SET_CPUID2 after KVM_RUN,
+        x86.c kvm_set_cpuid; CPUID is per vCPU, the VM does not depend on
+        it).  The old vCPU is parked: KVM destroys
         vCPUs only with their VM (kvm_destroy_vm), and a VM's destruction
         waits for an RCU grace period (rcu_barrier() in
         kvm_mmu_uninit_tdp_mmu), ~10 ms of idle guest per VM under TCG.  The
@@ -214,8 +217,8 @@ class KvmMachine:
         section 5)."""
         self._end_deadline()
         vcpu = self.vm.create_vcpu(self.vm.nr_vcpus)
-        vcpu.set_cpuid2(self._cpuid)
-        self.vcpu = vcpu
+        vcpu.set_cpuid2(cpuid)
+        self.vcpu, self.cpuid_key = vcpu, cpuid_key
         self._load(payload)
 
     def reset(self, payload: Payload) -> None:
@@ -533,20 +536,27 @@ class KvmBackend:
         key = (svm, tuple(sorted((cpuid or {}).items())))
         if key not in self._cpuid:
             self._cpuid[key] = pack_cpuid2(guest_cpuid(self.supported, svm, key[1]))
-        m = self._pool.pop(key, None)
+        # Parking: one VM for every guest CPUID (a vCPU per CPUID change);
+        # without it, a VM per guest CPUID.
+        pool_key = () if self.park else key
+        m = self._pool.pop(pool_key, None)
         if m is not None:
             try:
-                if m.reusable:
+                if m.reusable and m.cpuid_key == key:
                     m.reset(payload)
+                elif self.park and m.renewable:
+                    m.renew(payload, self._cpuid[key], key)
                 else:
-                    m.renew(payload)
+                    m.close()
+                    m = None
             except BaseException as e:
-                m.close()
+                if m is not None:
+                    m.close()
                 if not isinstance(e, KvmError):
                     raise
                 m = None  # a vCPU that cannot be reset is replaced
         if m is None:
-            m = KvmMachine(self.kvm, self._cpuid[key], payload, bool(self.nested_cap))
+            m = KvmMachine(self.kvm, self._cpuid[key], payload, bool(self.nested_cap), key)
         try:
             yield m
         except BaseException:
@@ -554,7 +564,7 @@ class KvmBackend:
             raise
         if self.reuse and (m.reusable or (self.park and m.renewable)):
             m._end_deadline()
-            self._pool[key] = m
+            self._pool[pool_key] = m
         else:
             m.close()
 
@@ -562,5 +572,5 @@ class KvmBackend:
         return self._kmsg.watch()
 
     def describe(self) -> dict[str, str]:
-        return {"backend": self.name, "kernel": platform.release(),
+        return {"backend": self.name, "kernel": os.uname().release,
                 "detail": f"{host_vendor()}, {kvm_module()}"}
