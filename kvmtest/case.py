@@ -164,12 +164,17 @@ ACCEPTED = Expect("accepted")
 SHUTDOWN = Expect("shutdown")
 
 
+_EMPTY: Mapping = MappingProxyType({})
+_PARAM_NAMES = frozenset(params.PARAMS)
+
+
 def _frozen(m: Mapping | None) -> Mapping:
-    return MappingProxyType(dict(m or {}))
+    return MappingProxyType(dict(m)) if m else _EMPTY
 
 
 @dataclass(frozen=True)
 class Case:
+    """One test case: the VMCB12 and L1 setup, the scenario, what to expect."""
     id: str  # e.g. "save/cr0-cd0-nw1[gif1]"
     family: str  # insn, save, control, late, negative, nested_state, smm
     scenario: str  # VMRUN, INSN, SET_NESTED_STATE, SMM
@@ -210,10 +215,11 @@ class Case:
         for name in ("params", "vmcb", "memory", "profiles", "smm_vmcb", "cpuid", "on_sync",
                      "extra_memory", "nested"):
             object.__setattr__(self, name, _frozen(getattr(self, name)))
-        unknown = set(self.params) - set(params.PARAMS)
+        unknown = self.params.keys() - _PARAM_NAMES
         if unknown:
             raise ValueError(f"{self.id}: unknown params {sorted(unknown)}")
-        cpuid_features.check(self.cpuid)
+        if self.cpuid:
+            cpuid_features.check(self.cpuid)
 
     @property
     def configs(self) -> list[str]:

@@ -56,7 +56,15 @@ def to_json(obj: Any) -> Any:
     return _encode_value(obj)
 
 
+_PLAIN = frozenset({type(None), bool, int, float, str})
+
+
 def _encode_value(value: Any) -> Any:
+    kind = type(value)
+    if kind in _PLAIN:  # the common case first: the guest encodes under TCG
+        return value
+    if kind is list and all(type(v) in _PLAIN for v in value):
+        return value
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, bytes):
@@ -146,6 +154,22 @@ def _dataclass_converter(cls: type, strict: bool) -> Convert:
     required = {name for name, (f, _) in fields.items()
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
 
+    if not strict:
+        # Trusted data (the host's cases, read in the guest): no per-field
+        # location strings, no identity calls (interpreted under TCG).
+        loose = {name: conv for name, (_, conv) in fields.items()}
+
+        def convert_loose(value: Any, where: str) -> Any:
+            kwargs = {}
+            for key, item in value.items():
+                conv = loose.get(key)
+                if conv is None:
+                    raise CodecError(f"{where}: unknown field {key!r}")
+                kwargs[key] = item if conv is _identity else conv(item, where)
+            return cls(**kwargs)
+
+        return convert_loose
+
     def convert(value: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise CodecError(f"{where}: expected an object, got {_kind(value)}")
@@ -183,6 +207,8 @@ def _converter(tp: Any, where: str, strict: bool) -> Convert:
         if len(options) != 1 or len(args) != 2:
             raise CodecError(f"{where}: unsupported union type {tp}")
         inner = _converter(options[0], where, strict)
+        if inner is _identity:  # loose: None passes through as it is
+            return inner
         return lambda v, w: None if v is None else inner(v, w)
     if tp is Any:
         return _any(strict)

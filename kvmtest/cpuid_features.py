@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Feature:
+    """A guest CPUID feature bit: CPUID(leaf, subleaf).register[bit]."""
     leaf: int
     subleaf: int
     register: str  # "eax", "ebx", "ecx" or "edx"

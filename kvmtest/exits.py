@@ -14,6 +14,7 @@ KVM_EXIT_IO_OUT = 1
 
 @dataclass(frozen=True)
 class IoExit:
+    """KVM_EXIT_IO: a port access (the ucall port among others)."""
     direction: int  # KVM_EXIT_IO_IN / KVM_EXIT_IO_OUT
     port: int
     size: int
@@ -27,7 +28,7 @@ class IoExit:
 
 @dataclass(frozen=True)
 class HltExit:
-    pass
+    """KVM_EXIT_HLT."""
 
 
 @dataclass(frozen=True)
@@ -37,18 +38,21 @@ class ShutdownExit:
 
 @dataclass(frozen=True)
 class FailEntryExit:
+    """KVM_EXIT_FAIL_ENTRY: the hardware refused the entry."""
     reason: int
     cpu: int
 
 
 @dataclass(frozen=True)
 class InternalErrorExit:
+    """KVM_EXIT_INTERNAL_ERROR: KVM gave up (suberror, data)."""
     suberror: int
     data: tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class MmioExit:
+    """KVM_EXIT_MMIO: an access to a GPA no memslot backs."""
     phys_addr: int
     data: bytes
     len: int
@@ -62,6 +66,7 @@ class InterruptedExit:
 
 @dataclass(frozen=True)
 class SystemEventExit:
+    """KVM_EXIT_SYSTEM_EVENT (shutdown, reset, crash)."""
     type: int
     data: tuple[int, ...]
 
@@ -84,6 +89,7 @@ class IrqWindowExit:
 
 @dataclass(frozen=True)
 class UnknownExit:
+    """Any other KVM exit reason."""
     reason: int
 
 

@@ -6,7 +6,7 @@ get are ``None`` and ``kvm_error`` says why in one actionable line.
 
 from __future__ import annotations
 
-import platform
+import os
 import re
 from pathlib import Path
 
@@ -147,7 +147,7 @@ def backends_usable(facts: dict) -> dict:
 def host_facts(path: str = DEV_KVM) -> dict:
     """Facts about this host's KVM; the lead adds the qemu/model backends."""
     facts: dict = {
-        "kernel": platform.release(),
+        "kernel": os.uname().release,
         "vendor": host_vendor(),
         "kvm_module": kvm_module(),
         "nested": nested_param(),

@@ -50,6 +50,7 @@ LDT_NULL = Segment(0, limit=0, type=0x2, s=0, present=0, g=0, unusable=1)
 
 @dataclass(frozen=True)
 class L1State:
+    """L1's registers as it starts (long mode, set by KVM_SET_SREGS/REGS)."""
     rip: int
     rsp: int = layout.L1_STACK_TOP
     rflags: int = layout.L1_RFLAGS

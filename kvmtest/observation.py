@@ -45,6 +45,7 @@ ACTION_FAILED = "action_failed"  # a host action (kvmtest.actions) was refused
 
 @dataclass
 class Observation:
+    """What one run of a case showed, as every backend reports it."""
     outcome: str
     detail: str = ""
     # L1 exception (EXCEPTION outcome)

@@ -7,6 +7,8 @@ of truth for the layout.
 
 from __future__ import annotations
 
+import struct
+
 from . import layout
 
 # struct params at PARAMS_GPA, written by the host before the run.
@@ -108,6 +110,5 @@ def pack(struct_fields: tuple[str, ...], values: dict[str, int]) -> bytes:
 
 
 def unpack(struct_fields: tuple[str, ...], raw: bytes) -> dict[str, int]:
-    return {
-        f: int.from_bytes(raw[8 * i : 8 * i + 8], "little") for i, f in enumerate(struct_fields)
-    }
+    return dict(zip(struct_fields, struct.unpack_from(f"<{len(struct_fields)}Q", raw),
+                    strict=True))

@@ -27,6 +27,7 @@ class PayloadError(RuntimeError):
 
 @dataclass(frozen=True)
 class Payload:
+    """A built guest payload: its flat image and symbol addresses."""
     name: str
     image: bytes  # loaded at layout.CODE_GPA
     symbols: dict[str, int]  # name -> GPA

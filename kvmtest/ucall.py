@@ -10,6 +10,7 @@ struct ucall (u64 fields):  +0x00 cmd, +0x08 args[0] ... +0x38 args[6]
 from __future__ import annotations
 
 import enum
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from . import layout
 
 UCALL_PORT = 0x1000
 UCALL_NARGS = 7
+_ARGS = struct.Struct(f"<{UCALL_NARGS}Q")  # struct ucall's args[], after cmd
 
 
 class Ucall(enum.IntEnum):
@@ -29,6 +31,7 @@ class Ucall(enum.IntEnum):
 
 @dataclass(frozen=True)
 class UcallExit:
+    """A ucall: the guest's command and arguments (struct ucall)."""
     cmd: int
     args: tuple[int, ...]
 
@@ -55,6 +58,7 @@ class GuestException:
 
 @dataclass(frozen=True)
 class GuestAssert:
+    """A failed GUEST_ASSERT: where, the message and the two values."""
     line: int
     message: str
     file: str
@@ -67,9 +71,7 @@ class GuestAssert:
 
 def decode(read: Callable[[int, int], bytes], cmd: int) -> UcallExit:
     """Decode the ucall in guest memory; ``read(gpa, n)`` reads guest memory."""
-    raw = read(layout.UCALL_GPA + 8, 8 * UCALL_NARGS)
-    args = tuple(int.from_bytes(raw[i : i + 8], "little") for i in range(0, len(raw), 8))
-    return UcallExit(cmd, args)
+    return UcallExit(cmd, _ARGS.unpack(read(layout.UCALL_GPA + 8, _ARGS.size)))
 
 
 def read_cstring(read: Callable[[int, int], bytes], gpa: int, limit: int = 256) -> str:

@@ -15,6 +15,7 @@ SAVE_AREA = 0x400
 
 @dataclass(frozen=True)
 class Field:
+    """A VMCB field: name, byte offset and size (APM vol. 2, appendix B)."""
     name: str
     offset: int
     size: int  # bytes: 1, 2, 4 or 8

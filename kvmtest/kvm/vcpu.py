@@ -335,9 +335,7 @@ class Vcpu(FdObject):
         """KVM_GET_NESTED_STATE.  ``size`` defaults to KVM_CAP_NESTED_STATE's value
         (or header + one VMCB when the VM is unknown); KVM reports E2BIG if short."""
         if size is None:
-            size = 0
-            if self.vm is not None:
-                size = self.vm.kvm.check_extension(lib.KVM_CAP_NESTED_STATE)
+            size = 0 if self.vm is None else self.vm.nested_state_size
             size = max(size, HEADER_SIZE + lib.KVM_STATE_NESTED_SVM_VMCB_SIZE)
         buf = ffi.new("char[]", size)
         ffi.cast("struct kvm_nested_state *", buf).size = size

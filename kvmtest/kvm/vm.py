@@ -66,6 +66,7 @@ class Vm(FdObject):
         self._fd = fd
         self._regions: dict[int, GuestMemory] = {}
         self._vcpus: list[Vcpu] = []
+        self._nested_state_size: int | None = None
 
     @classmethod
     def from_fd(cls, fd: int, kvm: Kvm | None = None) -> Vm:
@@ -86,6 +87,14 @@ class Vm(FdObject):
 
     def __repr__(self) -> str:
         return f"<Vm fd={self._fd} slots={sorted(self._regions)} vcpus={self.nr_vcpus}>"
+
+    @property
+    def nested_state_size(self) -> int:
+        """KVM_CAP_NESTED_STATE's value (0: none), asked once: it is fixed
+        while kvm_amd is loaded, and a VM keeps kvm_amd loaded."""
+        if self._nested_state_size is None:
+            self._nested_state_size = self.kvm.check_extension(lib.KVM_CAP_NESTED_STATE)
+        return self._nested_state_size
 
     @property
     def nr_vcpus(self) -> int:
