@@ -11,7 +11,12 @@ frames of kvmtest.qemu.channel:
 2. for each ``batch`` (whole cases, kvmtest.casecodec JSON, plus the per-case
    timeout): ``start`` and one ``result`` per case, in order: the
    Observation, a skip reason, or the error the case raised;
-3. on ``bye``: the VMs are destroyed, ``bye`` is answered, the agent exits
+3. on ``reload`` (kvm_amd parameters): the VMs are destroyed, kvm_amd is
+   unloaded and loaded again from the boot's module plan with those
+   parameters, and ``reloaded`` (ok or the error) is followed by a new
+   ``hello`` when it worked: the matrix runs the configurations that differ
+   only in kvm_amd parameters on one boot (kvmtest.matrix);
+4. on ``bye``: the VMs are destroyed, ``bye`` is answered, the agent exits
    and /init powers the guest off.
 
 The observations are judged on the host.  The host is trusted here: its
@@ -33,7 +38,11 @@ from .kvm_amd import module_params
 from .runner import run_case
 from .smm import drive_smm  # noqa: F401  (run_case imports it lazily; load it now)
 
-PROTOCOL_VERSION = 1  # kvmtest.qemu.channel.PROTOCOL_VERSION
+PROTOCOL_VERSION = 2  # kvmtest.qemu.channel.PROTOCOL_VERSION
+KVM_LIST = "/lib/kvmtest/kvm.list"  # /init's module plan: name status file [params...]
+KVM_DIR = "/lib/kvmtest/kvm"
+BUSYBOX = "/bin/busybox"
+OUTPUT_CAP = 2000  # bytes of a failed rmmod/insmod's output reported
 
 
 def uptime() -> float:
@@ -140,15 +149,56 @@ def run_batch(ch: Channel, backend: KvmBackend, frame: dict) -> None:
         ch.send(result)
 
 
+def busybox(*argv: str) -> str:
+    """Run a busybox applet; '' on success, else its output or exit status."""
+    r, w = os.pipe()
+    try:
+        pid = os.posix_spawn(BUSYBOX, ["busybox", *argv], {"PATH": "/bin"},
+                             file_actions=[(os.POSIX_SPAWN_DUP2, w, 1),
+                                           (os.POSIX_SPAWN_DUP2, w, 2)])
+    finally:
+        os.close(w)
+    out = b""
+    try:
+        while chunk := os.read(r, 4096):
+            out = (out + chunk)[:OUTPUT_CAP]
+    finally:
+        os.close(r)
+    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if status == 0:
+        return ""
+    return out.decode("ascii", "replace").strip() or f"exit status {status}"
+
+
+def reload_kvm_amd(params: dict[str, str]) -> str:
+    """kvm_amd unloaded and loaded again with PARAMS (the host checked their
+    characters); '' or what went wrong.  /dev/kvm must be closed: an open
+    VM or /dev/kvm holds kvm_amd."""
+    with open(KVM_LIST) as plan:
+        files = [f for name, status, f, *_ in (line.split() for line in plan)
+                 if name == "kvm_amd" and status == "load"]
+    if not files:
+        return "kvm_amd is not a module this boot loaded"
+    # Not loaded after a reload that failed: only insmod then.
+    error = busybox("rmmod", "kvm_amd") if os.path.isdir("/sys/module/kvm_amd") else ""
+    if error:
+        return f"rmmod kvm_amd: {error}"
+    error = busybox("insmod", f"{KVM_DIR}/{files[0]}",
+                    *(f"{k}={v}" for k, v in params.items()))
+    return f"insmod kvm_amd: {error}" if error else ""
+
+
+def open_backend() -> tuple[KvmBackend | None, str | None]:
+    try:
+        return KvmBackend(), None
+    except KvmUnavailable as e:
+        return None, str(e)
+
+
 def serve(ch: Channel) -> int:
     ch.send({"t": "mark", "stage": "python", "uptime": process_start()})
     ch.send({"t": "mark", "stage": "agent", "uptime": uptime()})
-    try:
-        backend: KvmBackend | None = KvmBackend()
-    except KvmUnavailable as e:
-        backend, error = None, str(e)
-    else:
-        error = None
+    backend, error = open_backend()
     ch.send({"t": "hello", "v": PROTOCOL_VERSION, "facts": facts(backend, error)})
     try:
         while True:
@@ -157,6 +207,16 @@ def serve(ch: Channel) -> int:
                 return 3  # the host hung up without bye
             if frame["t"] == "batch" and backend is not None:
                 run_batch(ch, backend, frame)
+            elif frame["t"] == "reload":
+                if backend is not None:
+                    backend.close()  # VM teardown: its kernel log lands before the reload
+                    backend = None
+                problem = reload_kvm_amd(frame["kvm_amd"])
+                ch.send({"t": "reloaded", "error": problem})
+                if not problem:
+                    backend, error = open_backend()
+                    ch.send({"t": "hello", "v": PROTOCOL_VERSION,
+                             "facts": facts(backend, error)})
             elif frame["t"] == "bye":
                 break
             else:

@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Callable
 
 from . import argcheck, outputs
 from . import report as rep
@@ -102,7 +103,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_PASS
 
 
-def _kvm_amd_params(args: argparse.Namespace) -> dict[str, str]:
+def kvm_amd_params(args: argparse.Namespace) -> dict[str, str]:
     params = {}
     for p in getattr(args, "kvm_amd_param", None) or []:
         name, eq, value = p.partition("=")
@@ -120,12 +121,12 @@ def _backend_options(args: argparse.Namespace) -> dict:
         if getattr(args, "kvm_amd_param", None):
             if args.backend != "model":  # the model emulates kvm_amd's parameters
                 raise CliError("--kvm-amd-param needs --backend qemu or model", EXIT_USAGE)
-            return {"kvm_amd_params": _kvm_amd_params(args)}
+            return {"kvm_amd_params": kvm_amd_params(args)}
         return {}
     if not args.kernel:
         raise CliError("--backend qemu needs --kernel SPEC (e.g. debian:"
                        "linux-image-6.1.0-56-amd64-unsigned)", EXIT_USAGE)
-    params = _kvm_amd_params(args)
+    params = kvm_amd_params(args)
     return {"kernel": args.kernel, "modules": args.modules, "kvm_modules": args.kvm_modules,
             "cpu": args.cpu, "kvm_amd_params": params, "artifacts": args.artifacts,
             "keep": getattr(args, "keep", False)}
@@ -175,19 +176,30 @@ def write_reports(report: Report, paths: dict[str, str]) -> None:
         raise CliError("; ".join(failed), EXIT_ENV)
 
 
-def run_report(args: argparse.Namespace, quiet: bool = False,
-               display: RunDisplay | None = None) -> Report:
-    """Run the selection on the chosen backend; display shows progress."""
-    if display is None and not quiet:
-        display = RunDisplay(verbose=getattr(args, "verbose", False))
+def make_backend(args: argparse.Namespace, **extra) -> tuple[object, str]:
+    """The backend ARGS ask for and how it was chosen (CliError if it cannot start)."""
     try:
-        backend, note = make(args.backend, args.profile, **_backend_options(args))
+        return make(args.backend, args.profile, **_backend_options(args), **extra)
     except BackendError as e:
         raise CliError(str(e), EXIT_ENV) from None
+
+
+def run_report(args: argparse.Namespace, quiet: bool = False,
+               display: RunDisplay | None = None,
+               backend_note: tuple[object, str] | None = None,
+               finish: Callable[[object], list[str]] | None = None) -> Report:
+    """Run the selection on the chosen backend; display shows progress.
+    BACKEND_NOTE: an open backend to use (kvmtest.cellgroup: a shared boot);
+    FINISH ends its run and returns the kernel-log lines no case saw
+    (default: close_watched)."""
+    if display is None and not quiet:
+        display = RunDisplay(verbose=getattr(args, "verbose", False))
+    backend, note = backend_note or make_backend(args)
+    finish = finish or close_watched
     maxphy = getattr(backend, "maxphyaddr", DEFAULT_MAXPHYADDR)
     cases = select(catalogue(maxphy), args.k)
     if not cases:
-        close_watched(backend)
+        finish(backend)
         raise CliError(f"no case matches -k {args.k!r}", EXIT_USAGE)
     progress = None
     if display is not None:
@@ -201,7 +213,7 @@ def run_report(args: argparse.Namespace, quiet: bool = False,
     finally:
         if display is not None:
             display.status.clear()
-        outside = close_watched(backend)
+        outside = finish(backend)
     desc = backend.describe()  # the qemu guest reports its release only now
     notes = [note]
     if outside:
@@ -379,7 +391,7 @@ def _unexpected(exc: Exception) -> int:
     return code
 
 
-def _dispatch(args: argparse.Namespace) -> int:
+def dispatch(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except CliError as e:
@@ -415,6 +427,10 @@ def main(argv: list[str] | None = None) -> int:
     # ^C: QEMU stopped, temporary directories removed, exit 130.
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminated)
+    if argv[:1] == ["cells"]:  # a matrix group on one boot (kvmtest.matrix; not for users)
+        from .cellgroup import main as cells_main
+
+        return cells_main(argv[1:])
     with pipe_safe():
         try:
             ap = parser()
@@ -425,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         except ParseError as e:
             print(f"kvmtest: error: {e} (see {e.parser.prog} -h)", file=sys.stderr)
             return e.parser.usage_exit
-        code = _dispatch(args)
+        code = dispatch(args)
         # A command may speak another language (bisect-run: git bisect's).
         translate = getattr(args, "exit_code", None)
         return translate(code) if translate else code

@@ -7,14 +7,23 @@ exact applies to a cell unchanged.  Cells run in parallel, at most -j at a
 time; a cell that breaks (panic, no modules) is an error cell and the others
 still run.
 
+Shared boots: qemu cells of one kernel and CPU model differ only in kvm_amd
+parameters, so they run as one group on one boot (`kvmtest cells`,
+kvmtest.cellgroup): kvm_amd is reloaded between them instead of booting
+again (docs/qemu.md section 5).  Each cell is still the `kvmtest run` of its
+own options, with its own JSON, log and exit code.  KVMTEST_SHARE_BOOT=0
+boots every cell.
+
 Sharding (--shard K/N): the planned cells sorted by key are dealt round-robin
 to N shards, so every machine that is given the same plan computes the same
-slice; `kvmtest report merge` puts the shards back in plan order.
+slice; `kvmtest report merge` puts the shards back in plan order.  Groups
+are formed within a shard.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import signal
@@ -261,55 +270,126 @@ class Runner:
         self._lock = threading.Lock()
         self._stopping = False
 
+    @property
+    def budget(self) -> float:
+        """Seconds a cell's run may take before it is killed."""
+        return CELL_BUDGET_BASE + len(self.plan.case_ids) * (
+            CELL_BUDGET_PER_CASE + self.plan.timeout)
+
+    def _argv(self, spec: CellSpec, tmp: Path, name: str) -> tuple[list[str], Path, Path]:
+        """(the cell's `kvmtest run` argv, its JSON, its log)."""
+        where = tmp
+        if self.artifacts:
+            where = self.artifacts / _slug(spec.key)
+            where.mkdir(parents=True, exist_ok=True)
+        out, log_path = tmp / f"{name}.json", where / "kvmtest-run.log"
+        argv = spec.run_argv(self.plan.k, self.plan.timeout, out,
+                             where / "qemu" if self.artifacts else None)
+        return argv, out, log_path
+
+    def _collect(self, spec: CellSpec, out: Path, log_path: Path, rc: int,
+                 duration: float) -> dict:
+        """The cell from its run's exit code, JSON and log."""
+        if out.is_file() and rc in (0, res.RC_FAIL, res.RC_UNTESTED):
+            run = json.loads(out.read_text())
+            return res.cell_from_run(run, key=spec.key, target=spec.target, exit_code=rc,
+                                     duration_s=duration, package=_package(spec))
+        return self._error(spec, _error_text(log_path.read_text()), rc, duration)
+
     def run_cell(self, spec: CellSpec) -> dict:
         start = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="kvmtest-cell-") as tmp:
-            where = Path(tmp)
-            if self.artifacts:
-                where = self.artifacts / _slug(spec.key)
-                where.mkdir(parents=True, exist_ok=True)
-            out, log_path = Path(tmp) / "run.json", where / "kvmtest-run.log"
-            argv = spec.run_argv(self.plan.k, self.plan.timeout, out,
-                                 where / "qemu" if self.artifacts else None)
-            budget = CELL_BUDGET_BASE + len(self.plan.case_ids) * (
-                CELL_BUDGET_PER_CASE + self.plan.timeout)
-            with open(log_path, "w+") as log:
-                rc = self._spawn(argv, log, budget)
-                log.seek(0)
-                text = log.read()
+            argv, out, log_path = self._argv(spec, Path(tmp), "run")
+            with open(log_path, "w") as log:
+                rc = self._spawn(argv, log, self.budget)
             duration = round(time.monotonic() - start, 3)
             if rc is None:
-                return self._error(spec, f"no result within {budget:.0f} s: the cell's run "
-                                   "was killed", res.RC_KERNEL, duration)
-            if out.is_file() and rc in (0, res.RC_FAIL, res.RC_UNTESTED):
-                import json
+                return self._error(spec, f"no result within {self.budget:.0f} s: the cell's "
+                                   "run was killed", res.RC_KERNEL, duration)
+            return self._collect(spec, out, log_path, rc, duration)
 
-                run = json.loads(out.read_text())
-                return res.cell_from_run(run, key=spec.key, target=spec.target, exit_code=rc,
-                                         duration_s=duration, package=_package(spec))
-            return self._error(spec, _error_text(text), rc, duration)
+    def run_group(self, specs: list[CellSpec], started: Callable[[CellSpec], None],
+                  finished: Callable[[CellSpec, dict], None]) -> None:
+        """SPECS on one boot (`kvmtest cells`); STARTED and FINISHED are called
+        as each cell starts and ends, FINISHED for every cell."""
+        with tempfile.TemporaryDirectory(prefix="kvmtest-group-") as tmp_name:
+            tmp = Path(tmp_name)
+            entries, paths = [], {}
+            for i, spec in enumerate(specs):
+                argv, out, log_path = self._argv(spec, tmp, str(i))
+                status = tmp / f"{i}.status"
+                entries.append({"key": spec.key, "argv": argv[4:], "log": str(log_path),
+                                "status": str(status)})  # argv[:4]: python -m kvmtest run
+                paths[spec.key] = (spec, out, log_path, status)
+            # Kept with the first cell's artifacts, if any: what ran on that boot.
+            plan_dir = self.artifacts / _slug(specs[0].key) if self.artifacts else tmp
+            (plan_dir / "group.json").write_text(json.dumps({"cells": entries}, indent=1))
+            argv = [sys.executable, "-m", "kvmtest", "cells", str(plan_dir / "group.json")]
+            left = {spec.key: spec for spec in specs}
+            clock = time.monotonic()
+
+            def line(text: str) -> None:
+                nonlocal clock
+                what, _, key = text.strip().partition(" ")
+                if key not in left:
+                    return
+                spec, out, log_path, status = paths[key]
+                if what == "start":
+                    started(spec)
+                elif what == "done":
+                    del left[key]
+                    rc = json.loads(status.read_text())["exit_code"]
+                    now = time.monotonic()
+                    duration, clock = round(now - clock, 3), now
+                    finished(spec, self._collect(spec, out, log_path, rc, duration))
+
+            with open(tmp / "group.log", "w+") as log:
+                rc = self._spawn(argv, log, self.budget * len(specs), lines=line)
+                log.seek(0)
+                text = log.read()
+            for spec in list(left.values()):  # the group's process ended before them
+                why = (f"no result within {self.budget * len(specs):.0f} s: the shared boot's "
+                       "run was killed" if rc is None else
+                       f"the shared boot's run ended (exit {rc}) before this cell: "
+                       f"{_error_text(text)}")
+                finished(spec, self._error(spec, why, rc or res.RC_KERNEL, 0.0))
 
     def _error(self, spec: CellSpec, text: str, rc: int, duration: float) -> dict:
         return res.error_cell(key=spec.key, target=spec.target, backend=spec.backend,
                               profile=spec.profile, config=spec.config.to_json(), error=text,
                               exit_code=rc, duration_s=duration)
 
-    def _spawn(self, argv: list[str], log, budget: float) -> int | None:
-        """The child's exit code, or None if it outlived its budget."""
+    def _spawn(self, argv: list[str], log, budget: float,
+               lines: Callable[[str], None] | None = None) -> int | None:
+        """The child's exit code, or None if it outlived its budget.  LINES
+        gets each line of its stdout (else stdout is discarded)."""
         with self._lock:
             if self._stopping:
                 raise KeyboardInterrupt
             # Its own session: a kill reaches QEMU too, and the terminal's ^C
             # reaches only us (we stop the children ourselves).
-            p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                 stderr=log, start_new_session=True)
+            p = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE if lines else subprocess.DEVNULL,
+                                 stderr=log, start_new_session=True, text=bool(lines))
             self._procs.add(p)
-        try:
-            return p.wait(timeout=budget)
-        except subprocess.TimeoutExpired:
+        killed = threading.Event()
+
+        def kill() -> None:
+            killed.set()
             _kill(p)
-            return None
+
+        timer = threading.Timer(budget, kill)
+        timer.start()
+        try:
+            if lines and p.stdout is not None:
+                for text in p.stdout:
+                    lines(text)
+            p.wait()
+            return None if killed.is_set() else p.returncode
         finally:
+            timer.cancel()
+            if p.stdout is not None:
+                p.stdout.close()
             with self._lock:
                 self._procs.discard(p)
 
@@ -343,33 +423,65 @@ def describe_done(cell: dict) -> str:
             f"{s['errors']} errors; fingerprint {cell['fingerprint']}")
 
 
+def boot_groups(cells: list[CellSpec], share: bool | None = None) -> list[list[CellSpec]]:
+    """The cells that share a boot: qemu cells of one kernel and CPU model
+    (kvm_amd parameters apart), each group in plan order; larger groups
+    first, so that the last to start are the shortest.  Not SHARE (default:
+    unless KVMTEST_SHARE_BOOT=0): a cell per group."""
+    if share is None:
+        share = os.environ.get("KVMTEST_SHARE_BOOT") != "0"
+    if not share:
+        return [[c] for c in cells]
+    groups: dict[tuple, list[CellSpec]] = {}
+    for c in cells:
+        key = ("qemu", c.target, c.config.cpu) if c.backend == "qemu" else ("cell", c.key)
+        groups.setdefault(key, []).append(c)
+    return sorted(groups.values(), key=len, reverse=True)
+
+
 def run(plan: Plan, cells: list[CellSpec], *, jobs: int, shard: str | None = None,
-        artifacts: Path | None = None, progress: Progress | None = None) -> dict:
+        artifacts: Path | None = None, progress: Progress | None = None,
+        share: bool | None = None) -> dict:
     """Run CELLS (all of the plan, or one shard) and return the matrix result."""
     say = progress or (lambda _line: None)
     runner = Runner(plan, artifacts)
-    started = time.monotonic()
+    began = time.monotonic()
     n = len(cells)
     width = len(str(n))
     counter = iter(range(1, n + 1))
     counter_lock = threading.Lock()
 
-    def one(spec: CellSpec) -> dict:
+    numbers: dict[str, int] = {}
+    finished_cells: dict[str, dict] = {}
+
+    def started(spec: CellSpec) -> None:
         with counter_lock:
-            i = next(counter)
+            i = numbers[spec.key] = next(counter)
         say(f"[{i:>{width}}/{n}] start  {spec.key}")
-        cell = runner.run_cell(spec)
+
+    def finished(spec: CellSpec, cell: dict) -> None:
+        if spec.key not in numbers:  # its group ended before it started
+            started(spec)
         mark = {res.PASS: "PASS", res.FAIL: "FAIL", res.UNTESTED: "NONE"}.get(
             cell["status"], "ERROR")
-        say(f"[{i:>{width}}/{n}] {mark:<6} {spec.key}: {describe_done(cell)} "
+        say(f"[{numbers[spec.key]:>{width}}/{n}] {mark:<6} {spec.key}: {describe_done(cell)} "
             f"({cell['duration_s']:.1f} s)")
-        return cell
+        finished_cells[spec.key] = cell
+
+    def one(group: list[CellSpec]) -> None:
+        if len(group) > 1:
+            runner.run_group(group, started, finished)
+            return
+        started(group[0])
+        finished(group[0], runner.run_cell(group[0]))
 
     pool = ThreadPoolExecutor(max_workers=max(1, min(jobs, n or 1)),
                               thread_name_prefix="kvmtest-cell")
     try:
-        futures = [pool.submit(one, c) for c in cells]
-        done = [f.result() for f in futures]
+        futures = [pool.submit(one, g) for g in boot_groups(cells, share)]
+        for f in futures:
+            f.result()
+        done = [finished_cells[c.key] for c in cells]
     except BaseException:
         runner.stop()
         pool.shutdown(wait=True, cancel_futures=True)
@@ -383,6 +495,6 @@ def run(plan: Plan, cells: list[CellSpec], *, jobs: int, shard: str | None = Non
         "selection": plan.selection(),
         "cells": done,
         "cases": [infos[i] for i in plan.case_ids if i in infos],
-        "wall_s": round(time.monotonic() - started, 3),
+        "wall_s": round(time.monotonic() - began, 3),
     }
     return res.finish(result)

@@ -277,3 +277,27 @@ def test_schema_keys(full):
     for case in full["cases"]:
         assert set(case) == {"id", "family", "gif_mode", "scenario", "expected", "source",
                              "control_of", "configs", "vmcb", "smm_vmcb", "params", "memory"}
+
+
+def test_boot_groups_share_a_boot_per_kernel_and_cpu_model(monkeypatch):
+    """qemu cells that differ only in kvm_amd parameters share a boot (kvm_amd
+    is reloaded between them); a CPU model is its own boot; larger groups
+    first, each in plan order; model cells and KVMTEST_SHARE_BOOT=0 never share."""
+    monkeypatch.delenv("KVMTEST_SHARE_BOOT", raising=False)
+    plan = matrix.make_plan(kernels=["debian:a", "debian:b"],
+                            configs=["default", "npt=0", "cpu=EPYC,+vgif",
+                                     "npt=0 cpu=EPYC,+vgif", "vgif=0"])
+    groups = [[c.key for c in g] for g in matrix.boot_groups(plan.cells)]
+    assert groups == [
+        ["debian:a [default]", "debian:a [npt=0]", "debian:a [vgif=0]"],
+        ["debian:b [default]", "debian:b [npt=0]", "debian:b [vgif=0]"],
+        ["debian:a [cpu=EPYC,+vgif]", "debian:a [npt=0 cpu=EPYC,+vgif]"],
+        ["debian:b [cpu=EPYC,+vgif]", "debian:b [npt=0 cpu=EPYC,+vgif]"],
+    ]
+    shard = plan.shard(1, 2)
+    assert sorted(c.key for g in matrix.boot_groups(shard) for c in g) == \
+        sorted(c.key for c in shard)
+    model = matrix.make_plan(backend="model", configs=CONFIGS)
+    assert all(len(g) == 1 for g in matrix.boot_groups(model.cells))
+    monkeypatch.setenv("KVMTEST_SHARE_BOOT", "0")
+    assert [len(g) for g in matrix.boot_groups(plan.cells)] == [1] * len(plan.cells)

@@ -1,6 +1,8 @@
 """The qemu backend: boot a chosen kernel, run the cases on its KVM, judge here.
 
-One boot runs the whole selection through a kvmtest.qemu.session.QemuSession:
+One boot runs the whole selection through a kvmtest.qemu.session.QemuSession
+(with share_boot, several configurations that differ only in kvm_amd
+parameters: finish_config() reloads kvm_amd for the next one):
 the guest agent (kvmtest.agent) uses the kvm backend against the guest
 kernel's /dev/kvm and streams observations back over the channel; they are
 judged on the host.  The guest sees nothing of the host's filesystem.
@@ -11,11 +13,12 @@ or a temporary one kept with --keep or after a failure).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ..case import CONFIG_NEEDS, Case
@@ -42,7 +45,8 @@ class QemuBackend:
     def __init__(self, kernel: str, modules: str | None = None, kvm_modules: str | None = None,
                  cpu: str | None = None, kvm_amd_params: dict[str, str] | None = None,
                  artifacts: str | None = None, profile: str | None = None,
-                 keep: bool = False, guest_env: dict[str, str] | None = None) -> None:
+                 keep: bool = False, guest_env: dict[str, str] | None = None,
+                 share_boot: bool = False) -> None:
         try:
             self.kernel = resolve_kernel(kernel, modules=modules)
         except QemuError as e:
@@ -65,6 +69,16 @@ class QemuBackend:
         self.timings: dict = {}
         self.outdir: Path | None = None
         self.run_as = ""
+        # share_boot: the guest stays up after a batch; finish_config() ends
+        # a configuration (kvm_amd reloaded for the next, or power-off).
+        self.share_boot = share_boot
+        self._session: QemuSession | None = None
+        self._console_mark = 0  # console WARN/BUG lines before this configuration
+        self._reload_error: str | None = None  # the next batch's configuration did not load
+        self._cases_seen: set[str] = set()  # kernel-log lines the last batch's cases saw
+        # Where result.json goes (kept artifacts): the session's directory, or
+        # on a shared boot each configuration's own (kvmtest.cellgroup).
+        self.results_dir: Path | None = None
 
     def capabilities(self) -> dict[str, str | None]:
         # Known only once the guest said hello (facts, kvm_amd's effective
@@ -78,31 +92,87 @@ class QemuBackend:
 
     def run_batch(self, cases: Sequence[Case], timeout: float) -> dict[str, Observation | str]:
         """Observations by case id; a str value is a skip reason."""
-        session = QemuSession(self.kernel, config=self.config, kvm_modules=self.kvm_modules,
-                              artifacts=self.artifacts, keep=self.keep, guest_env=self.guest_env)
-        try:
-            with session:
-                self._record(session)
-                out = self._run(session, cases, timeout)
-                self._write_results(session, out)
+        if self._reload_error is not None:
+            error, self._reload_error = self._reload_error, None
+            raise KernelError(error)
+        session = self._session
+        if session is None:
+            session = QemuSession(self.kernel, config=self.config, kvm_modules=self.kvm_modules,
+                                  artifacts=self.artifacts, keep=self.keep,
+                                  guest_env=self.guest_env)
+        self._session = None  # back only when the guest is still up for the next config
+        with self._faults(session):
+            if not session.started:
+                session.start()
+                self._console_mark = 0
+            self._record(session)
+            out = self._run(session, cases, timeout)
+            self._write_results(session, out)
+            if self.share_boot:
+                self._session = session
+            else:
                 session.close()  # power-off: a panic or WARN at teardown still counts
-        except GuestFault as e:
-            self._record(session)
-            raise KernelError(str(e)) from None
-        except NoSpaceError as e:  # a full disk is this machine's problem, not the kernel's
-            self._record(session)
-            raise BackendError(str(e)) from None
-        except QemuError as e:
-            self._record(session)
-            raise KernelError(str(e)) from None
         self._record(session)
-        seen = {w for o in out.values() if isinstance(o, Observation)
-                for w in o.kernel_warnings or []}
-        # WARN/BUG/oops on the console that no case's kernel-log window saw
-        # (VM teardown, the agent's own start or exit) still fail the run.
-        self.unattributed_warnings = [w for w in session.console_warnings()
-                                      if HEADLINE.match(w) and w not in seen]
+        self._cases_seen = {w for o in out.values() if isinstance(o, Observation)
+                            for w in o.kernel_warnings or []}
+        if not self.share_boot:
+            self.unattributed_warnings = self._unattributed(session)
         return out
+
+    @property
+    def live(self) -> bool:
+        """share_boot: a guest is up, and the next batch runs on it."""
+        return self._session is not None
+
+    def finish_config(self, kvm_amd_params: dict[str, str] | None) -> list[str]:
+        """share_boot: end this configuration; load kvm_amd with KVM_AMD_PARAMS
+        for the next one (None: this was the last, power off).  Returns the
+        WARN/BUG lines of this configuration that no case saw (its VMs are
+        destroyed here).  KernelError if the guest breaks on the way; a
+        configuration that does not load fails its own batch."""
+        session, self._session = self._session, None
+        if kvm_amd_params is not None:
+            self.config = Config.from_options(self.cpu, kvm_amd_params)
+        if session is None:  # the batch failed and took the guest along: boot afresh
+            return []
+        with self._faults(session):
+            if kvm_amd_params is None:
+                session.close()
+            else:
+                try:
+                    session.reload(kvm_amd_params)
+                except GuestFault:
+                    raise
+                except QemuError as e:
+                    self._reload_error = str(e)
+                self._session = session
+        self._record(session)
+        outside = self._unattributed(session)
+        self._console_mark = session.console_mark()
+        return outside
+
+    @contextlib.contextmanager
+    def _faults(self, session: QemuSession) -> Iterator[None]:
+        """A broken guest or QEMU as KernelError (a full disk: BackendError);
+        the session is torn down then."""
+        try:
+            yield
+        except BaseException as e:
+            self._session = None
+            session.abort()
+            self._record(session)
+            if isinstance(e, NoSpaceError):  # this machine's problem, not the kernel's
+                raise BackendError(str(e)) from None
+            if isinstance(e, QemuError):  # GuestFault included
+                raise KernelError(str(e)) from None
+            raise
+
+    def _unattributed(self, session: QemuSession) -> list[str]:
+        """WARN/BUG/oops on the console since this configuration began that no
+        case's kernel-log window saw (VM teardown, the agent's own start or
+        exit): they still fail the run."""
+        return [w for w in session.console_warnings(since=self._console_mark)
+                if HEADLINE.match(w) and w not in self._cases_seen]
 
     def _write_results(self, session: QemuSession, out: dict[str, Observation | str]) -> None:
         """result.json in a kept artifacts directory: the facts and every case's
@@ -112,7 +182,9 @@ class QemuBackend:
         results = {cid: {"observation": to_json(o)} if isinstance(o, Observation) else {"skip": o}
                    for cid, o in out.items()}
         data = json.dumps({"facts": dataclasses.asdict(session.facts), "results": results})
-        fd = open_output(session.outdir / "result.json")
+        where = self.results_dir or session.outdir
+        where.mkdir(parents=True, exist_ok=True)
+        fd = open_output(where / "result.json")
         try:
             os.write(fd, data.encode())
         finally:
@@ -162,7 +234,9 @@ class QemuBackend:
         return out
 
     def close(self) -> None:
-        pass
+        if self._session is not None:  # share_boot, and finish_config(None) never came
+            session, self._session = self._session, None
+            session.abort()
 
 
 def _need_order(need: str) -> int:

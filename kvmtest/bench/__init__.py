@@ -185,29 +185,54 @@ def bench_qemu(args: argparse.Namespace) -> bool:
     return ok
 
 
-def _bench_qemu_matrix() -> bool:
-    from concurrent.futures import ThreadPoolExecutor
+def _matrix(specs: list[str], share: bool) -> tuple[dict, float, float]:
+    """`kvmtest matrix -j 2` over SPECS x QEMU_MATRIX_CONFIGS, as users run it
+    (a process per cell or per shared boot): (result, wall s, CPU s of
+    kvmtest and every QEMU it ran)."""
+    from .. import matrix
 
-    _section(f"qemu backend: {len(QEMU_MATRIX_KERNELS)} kernels x "
-             f"{len(QEMU_MATRIX_CONFIGS)} configurations, 2 at a time")
-    kernels = [k for k in (_qemu_kernel(spec) for spec in QEMU_MATRIX_KERNELS) if k]
-    jobs = [(spec, mods, cfg) for spec, mods in kernels for cfg in QEMU_MATRIX_CONFIGS]
-    t0, host0 = time.monotonic(), resource.getrusage(resource.RUSAGE_SELF)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        rows = list(pool.map(lambda job: _verdict(*job), jobs))
-    wall, host1 = time.monotonic() - t0, resource.getrusage(resource.RUSAGE_SELF)
-    for v in rows:
-        print(f"  {v['kernel']:28} {v['config']:16} {v['wall']:5.1f} s  "
-              f"{v['passed']:3}/{v['cases']} pass" + (f"  {v['error']}" if v["error"] else ""))
-    # Where a wall-time floor comes from: every cell's CPU over the 2 cores.
-    qemu_cpu = sum(v.get("qemu_cpu_s") or 0.0 for v in rows)
-    host_cpu = (host1.ru_utime + host1.ru_stime) - (host0.ru_utime + host0.ru_stime)
-    print(f"CPU: QEMU {qemu_cpu:.1f} s + kvmtest {host_cpu:.1f} s = "
-          f"{qemu_cpu + host_cpu:.1f} s; over 2 cores no less than "
-          f"{(qemu_cpu + host_cpu) / 2:.1f} s wall")
-    ok = wall <= QEMU_MATRIX_TARGET and len(kernels) == len(QEMU_MATRIX_KERNELS)
-    print(f"{len(jobs)} verdicts in {wall:.1f} s wall (target <= {QEMU_MATRIX_TARGET:.0f} s)"
-          f"  {_mark(ok)}")
+    plan = matrix.make_plan(kernels=specs, configs=list(QEMU_MATRIX_CONFIGS))
+    usage = (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    before = [resource.getrusage(who) for who in usage]
+    t0 = time.monotonic()
+    result = matrix.run(plan, plan.cells, jobs=2, share=share)
+    wall = time.monotonic() - t0
+    after = [resource.getrusage(who) for who in usage]
+    # Children's usage includes the QEMUs they waited for.
+    cpu = sum((a.ru_utime + a.ru_stime) - (b.ru_utime + b.ru_stime)
+              for a, b in zip(after, before, strict=True))
+    return result, wall, cpu
+
+
+def _verdicts(result: dict) -> dict[str, object]:
+    return {c["key"]: c.get("error") or {r["id"]: r["verdict"] for r in c["results"]}
+            for c in result["cells"]}
+
+
+def _bench_qemu_matrix() -> bool:
+    _section(f"qemu backend: `kvmtest matrix -j 2`, {len(QEMU_MATRIX_KERNELS)} kernels x "
+             f"{len(QEMU_MATRIX_CONFIGS)} configurations ({', '.join(QEMU_MATRIX_CONFIGS)})")
+    specs = []
+    for spec in QEMU_MATRIX_KERNELS:
+        found = _qemu_kernel(spec)
+        if found and found[1] is None:  # a matrix takes debian: specs and kernel files
+            specs.append(spec)
+    result, wall, cpu = _matrix(specs, share=True)
+    for c in result["cells"]:
+        s = c["summary"]
+        print(f"  {c['key']:76} {c['duration_s']:5.1f} s  "
+              + (c["error"].splitlines()[0] if c["error"] else
+                 f"{s['passed']:3}/{sum(s.values())} pass"))
+    alone, alone_wall, alone_cpu = _matrix(specs, share=False)
+    same = _verdicts(alone) == _verdicts(result)
+    print("  (a cell's time: its boot, or its kvm_amd reload on a shared boot, and its cases)")
+    print(f"a boot per cell (KVMTEST_SHARE_BOOT=0): {alone_wall:.1f} s wall, CPU {alone_cpu:.1f} s;"
+          f" shared boots: {wall:.1f} s wall, CPU {cpu:.1f} s: {alone_wall / wall:.2f}x "
+          f"(CPU {alone_cpu / cpu:.2f}x); same verdicts: {'yes' if same else 'NO'}")
+    print(f"CPU over the 2 cores: no less than {cpu / 2:.1f} s wall")
+    ok = wall <= QEMU_MATRIX_TARGET and len(specs) == len(QEMU_MATRIX_KERNELS) and same
+    print(f"{len(result['cells'])} cells in {wall:.1f} s wall (target <= "
+          f"{QEMU_MATRIX_TARGET:.0f} s)  {_mark(ok)}")
     return ok
 
 

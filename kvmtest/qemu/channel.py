@@ -11,7 +11,9 @@ Guest -> host (everything the guest sends is hostile; the host checks it):
     {"t": "dev_kvm", "present": true}
     {"t": "output", "stream": "stdout", "hex": "..."}        boot(): command output
     {"t": "exit", "rc": 0}                                   the guest command ended
-    {"t": "hello", "v": 1, "facts": {...}}                   the agent is ready
+    {"t": "hello", "v": 2, "facts": {...}}                   the agent is ready
+    {"t": "reloaded", "error": ""}                           kvm_amd reloaded ("" or
+                                                             why not); a hello follows
     {"t": "start", "id": "save/efer-svme0[gif1]"}            a case begins
     {"t": "result", "id": ..., "observation": {...}}         ... or "skip": reason,
                                                              ... or "error": text
@@ -20,6 +22,7 @@ Guest -> host (everything the guest sends is hostile; the host checks it):
 Host -> guest:
 
     {"t": "batch", "timeout": 5.0, "cases": [<casecodec JSON>, ...]}
+    {"t": "reload", "kvm_amd": {"nested": "1", "npt": "0"}}  kvm_amd's parameters
     {"t": "bye"}
 
 The host side (``FrameReader``) enforces a maximum line length and a total
@@ -38,7 +41,7 @@ from typing import Any
 MAX_LINE = 256 * 1024  # one guest frame; an observation is ~1 KB
 MAX_TOTAL = 64 * 1024 * 1024  # all guest frames of one boot
 PORT_NAME = "org.kvmtest.0"  # the virtio-serial port's name (/sys/class/virtio-ports/*/name)
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class ProtocolError(Exception):
@@ -83,6 +86,7 @@ FRAMES: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "start": {"id": ((str,), True)},
     "result": {"id": ((str,), True), "observation": ((dict,), False), "skip": ((str,), False),
                "error": ((str,), False), "seconds": (_NUM, False)},
+    "reloaded": {"error": ((str,), True)},
     "bye": {},
 }
 MAX_STRING = 192 * 1024  # any string field (/init's output frames: 64 KiB as hex)

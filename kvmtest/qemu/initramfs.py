@@ -373,7 +373,7 @@ def _check_vermagic(tree: ModuleTree, name: str, release: str) -> None:
 _SAFE_WORD = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.,+-=:/")
 
 
-def _check_param(text: str) -> str:
+def check_param(text: str) -> str:
     # Module parameters end up inside JSON strings written by /init: keep them
     # to a character set that needs no escaping (they come from the user).
     if not text or not set(text) <= _SAFE_WORD:
@@ -391,7 +391,7 @@ def boot_archive(plan: list[PlannedModule], config: BootConfig) -> bytes:
         if module.status == "load" and module.path is not None:
             file = f"{index:02d}-{module.name}.ko"
             cpio.add_file(f"lib/kvmtest/kvm/{file}", read_module(module.path))
-        params = " ".join(_check_param(p) for p in module.params.split())
+        params = " ".join(check_param(p) for p in module.params.split())
         lines.append(f"{module.name} {module.status} {file} {params}".rstrip() + "\n")
     cpio.add_file("lib/kvmtest/kvm.list", "".join(lines).encode())
     other = "mmio" if config.transport == "pci" else "pci"

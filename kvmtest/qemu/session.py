@@ -54,7 +54,7 @@ from kvmtest.kvm_amd import config_capabilities, cpu_capabilities
 from kvmtest.observation import Observation
 from kvmtest.qemu import channel
 from kvmtest.qemu.errors import GuestFault, QemuError
-from kvmtest.qemu.initramfs import BootConfig
+from kvmtest.qemu.initramfs import BootConfig, check_param
 from kvmtest.qemu.kernels import Kernel, resolve_kernel
 from kvmtest.qemu.machine import (
     DEFAULT_KVM_AMD_PARAMS,
@@ -78,6 +78,7 @@ SILENCE = {"boot": 30.0, "modules": 30.0, "agent": 60.0}  # s without any output
 CASE_SILENCE = 30.0  # s over the case timeout without a frame, per case
 PER_CASE_BUDGET = 2.0  # s per case on top of the batch's timeout
 SHUTDOWN_BUDGET = 15.0  # s for bye + power-off
+RELOAD_BUDGET = 60.0  # s for VM teardown, rmmod + insmod kvm_amd and the new hello
 TRANSCRIPT_CAP = 16 * 1024 * 1024
 
 
@@ -255,7 +256,13 @@ class QemuSession:
         self._vm.start()
         self.timings["host_prep_s"] = round(self._vm.started - self._host_start, 3)
         deadline = self._vm.started + self.boot_timeout
-        hello = self._expect({"hello"}, deadline)
+        self._hello(deadline)
+        self._phase("idle")
+        self.timings["hello_s"] = round(self._vm.elapsed, 3)
+        self.timings["first_output_s"] = self._vm.first_output_s
+
+    def _hello(self, deadline: float, silence: float | None = None) -> None:
+        hello = self._expect({"hello"}, deadline, silence)
         if hello["v"] != channel.PROTOCOL_VERSION:
             raise self._fault(f"the guest agent speaks protocol {hello['v']}, "
                               f"the host {channel.PROTOCOL_VERSION}")
@@ -264,9 +271,37 @@ class QemuSession:
         except CodecError as e:
             why = printable(str(e), 300)
             raise self._fault(f"the guest agent sent malformed facts: {why}") from None
+
+    def reload(self, kvm_amd_params: Mapping[str, str]) -> None:
+        """Another configuration without a boot: the agent destroys its VMs and
+        loads kvm_amd again with KVM_AMD_PARAMS (over DEFAULT_KVM_AMD_PARAMS),
+        then says hello with the new facts.  QemuError if kvm_amd did not load
+        (the session can try another reload); GuestFault if the guest broke."""
+        vm = self._vm
+        if vm is None or vm.phase != "idle" or self.failed:
+            raise QemuError("the session is not ready for a reload (not started, busy or "
+                            "failed)")
+        params = {**DEFAULT_KVM_AMD_PARAMS, **kvm_amd_params}
+        for name, value in params.items():
+            check_param(f"{name}={value}")
+        t0 = time.monotonic()
+        self._phase("reload")
+        self.facts = None  # until the new hello
+        self.config = Config(cpu=self.config.cpu, kvm_amd=tuple(sorted(kvm_amd_params.items())))
+        vm.send({"t": "reload", "kvm_amd": params})
+        frame = self._expect({"reloaded"}, t0 + RELOAD_BUDGET, RELOAD_BUDGET)
+        if frame["error"]:
+            self._phase("idle")
+            raise QemuError(f"kvm_amd did not load again with "
+                            f"{' '.join(f'{k}={v}' for k, v in params.items())}: "
+                            f"{printable(frame['error'], 500)}")
+        self._hello(t0 + RELOAD_BUDGET, RELOAD_BUDGET)
         self._phase("idle")
-        self.timings["hello_s"] = round(self._vm.elapsed, 3)
-        self.timings["first_output_s"] = self._vm.first_output_s
+        self.timings["reload_s"] = round(time.monotonic() - t0, 3)
+
+    @property
+    def started(self) -> bool:
+        return self._vm is not None
 
     @property
     def qemu_pid(self) -> int | None:
@@ -459,6 +494,11 @@ class QemuSession:
         finally:
             self._teardown()
 
+    def abort(self) -> None:
+        """End the session after a failure: QEMU stopped, artifacts kept."""
+        self.failed = True
+        self._teardown()
+
     def _teardown(self) -> None:
         if self.closed:
             return
@@ -477,11 +517,16 @@ class QemuSession:
             shutil.rmtree(self.outdir, ignore_errors=True)
             self.outdir = None
 
-    def console_warnings(self) -> list[str]:
-        """WARN/BUG/oops lines the console showed (the whole boot)."""
+    def console_warnings(self, since: int = 0) -> list[str]:
+        """WARN/BUG/oops lines the console showed (the whole boot, or since a
+        console_mark())."""
         if self._vm is None:
             return []
-        return sorted(set(self._vm.scanner.oopses))
+        return sorted(set(self._vm.scanner.oopses[since:]))
+
+    def console_mark(self) -> int:
+        """Where console_warnings(since=...) starts: after every line so far."""
+        return len(self._vm.scanner.oopses) if self._vm is not None else 0
 
     def console_tail(self, lines: int = 30) -> str:
         return self._vm.console.tail_text(lines) if self._vm else ""

@@ -77,7 +77,7 @@ def plant_symlinks():
                     pass
 
 def first_case():
-    send({"t": "hello", "v": 1, "facts": FACTS})
+    send({"t": "hello", "v": 2, "facts": FACTS})
     batch = recv()
     case_id = batch["cases"][0]["id"]
     send({"t": "start", "id": case_id})
@@ -129,7 +129,7 @@ elif MODE == "exit-early":
     print("hostile: leaving before hello", file=sys.stderr)
     sys.exit(3)
 elif MODE == "bad-facts":
-    send({"t": "hello", "v": 1, "facts": dict(FACTS, svm="yes", extra=1)})
+    send({"t": "hello", "v": 2, "facts": dict(FACTS, svm="yes", extra=1)})
     time.sleep(3600)
 elif MODE == "flood-line":       # 2 GiB without a newline
     first_case()

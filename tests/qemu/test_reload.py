@@ -1,0 +1,105 @@
+"""A shared boot (kvm_amd reloaded in a running guest, as `kvmtest matrix`
+does for configurations that differ only in kvm_amd parameters) observes what
+a boot of that configuration observes.
+
+On 7.3.4: the whole catalogue with npt=0, once on a guest booted with npt=0,
+once on a guest booted in the default configuration after a batch there and
+a reload to npt=0.  Every observation must agree field by field (the PID in
+a WARN line apart: the agent is another process), and the reloaded guest's
+facts must say npt=0 (a reload that kept the old parameters would observe
+the default configuration).  Then a reload that cannot load (a bad value) is
+an error the session survives.  Two boots, ~25 s under TCG.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import signal
+
+import pytest
+
+from kvmtest.backends import KernelError
+from kvmtest.backends.qemu import QemuBackend
+from kvmtest.cases import catalogue
+
+pytestmark = pytest.mark.qemu
+
+KERNEL = "debian:linux-image-7.3.4+deb13-amd64@trixie-backports"
+NPT0 = {"npt": "0"}
+PID = re.compile(r"PID: \d+")
+
+
+def _comparable(out: dict) -> dict[str, object]:
+    result = {}
+    for case_id, obs in out.items():
+        if isinstance(obs, str):  # a skip reason
+            result[case_id] = obs
+            continue
+        data = dataclasses.asdict(obs)
+        data["kernel_warnings"] = [PID.sub("PID: -", w) for w in data["kernel_warnings"] or []]
+        result[case_id] = data
+    return result
+
+
+def test_reloaded_kvm_amd_observes_what_a_boot_observes(qemu_available):
+    cases = list(catalogue())
+    booted = QemuBackend(KERNEL, kvm_amd_params=NPT0)
+    fresh = _comparable(booted.run_batch(cases, 5.0))
+
+    shared = QemuBackend(KERNEL, share_boot=True)
+    try:
+        # The default configuration first, with dirty vCPUs and VMs to tear down.
+        warm = [c for c in cases if c.id.startswith(("save/efer-svme0", "nested_state/"))]
+        shared.run_batch(warm, 5.0)
+        assert shared.finish_config(NPT0) == []
+        assert shared.live
+        reloaded = _comparable(shared.run_batch(cases, 5.0))
+        facts = shared._session.facts  # the agent's new hello
+        assert facts.kvm_amd["npt"] in ("N", "0")
+        assert shared.config.kvm_amd_params == NPT0
+
+        assert reloaded.keys() == fresh.keys()
+        differ = {case_id: [field for field in obs if obs[field] != fresh[case_id][field]]
+                  if isinstance(obs, dict) else obs
+                  for case_id, obs in reloaded.items() if obs != fresh[case_id]}
+        assert differ == {}
+        # npt=0's own case ran (it is skipped with npt=1).
+        assert isinstance(reloaded["control/np-enable-without-npt[gif1]"], dict)
+
+        # A configuration that does not load fails its own batch, and the
+        # guest serves the next one.
+        assert shared.finish_config({"npt": "banana"}) == []
+        with pytest.raises(KernelError, match=r"kvm_amd did not load again with .*npt=banana"):
+            shared.run_batch(warm, 5.0)
+        assert shared.finish_config({}) == []
+        back = shared.run_batch(warm, 5.0)
+        assert shared._session.facts.kvm_amd["npt"] in ("Y", "1")
+        assert all(not isinstance(o, str) for o in back.values())
+        assert shared.finish_config(None) == []  # power-off
+        assert not shared.live
+    finally:
+        shared.close()
+
+
+def test_a_guest_that_dies_between_configurations_is_booted_again(qemu_available):
+    """QEMU killed after a configuration's batch: ending that configuration
+    (the reload) is a KernelError, and the next configuration boots afresh
+    with its own parameters."""
+    warm = [c for c in catalogue() if c.id.startswith("save/efer-svme0")]
+    shared = QemuBackend(KERNEL, share_boot=True)
+    try:
+        shared.run_batch(warm, 5.0)
+        first_pid = shared._session.qemu_pid
+        os.kill(first_pid, signal.SIGKILL)
+        with pytest.raises(KernelError):
+            shared.finish_config(NPT0)
+        assert not shared.live
+        out = shared.run_batch(warm, 5.0)
+        assert shared._session.qemu_pid != first_pid
+        assert shared._session.facts.kvm_amd["npt"] in ("N", "0")
+        assert all(not isinstance(o, str) for o in out.values())
+        shared.finish_config(None)
+    finally:
+        shared.close()
