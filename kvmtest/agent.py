@@ -11,11 +11,12 @@ frames of kvmtest.qemu.channel:
 2. for each ``batch`` (whole cases, kvmtest.casecodec JSON, plus the per-case
    timeout): ``start`` and one ``result`` per case, in order: the
    Observation, a skip reason, or the error the case raised;
-3. on ``reload`` (kvm_amd parameters): the VMs are destroyed, kvm_amd is
-   unloaded and loaded again from the boot's module plan with those
-   parameters, and ``reloaded`` (ok or the error) is followed by a new
-   ``hello`` when it worked: the matrix runs the configurations that differ
-   only in kvm_amd parameters on one boot (kvmtest.matrix);
+3. on ``reload`` (kvm_amd parameters): the VMs are destroyed, the host's
+   marker goes to the kernel log, kvm and kvm_amd are unloaded and loaded
+   again from the boot's module plan (kvm_amd with those parameters), and
+   ``reloaded`` (ok or the error) is followed by a new ``hello`` when it
+   worked: the matrix runs the configurations that differ only in kvm_amd
+   parameters on one boot (kvmtest.matrix);
 4. on ``bye``: the VMs are destroyed, ``bye`` is answered, the agent exits
    and /init powers the guest off.
 
@@ -42,6 +43,7 @@ PROTOCOL_VERSION = 2  # kvmtest.qemu.channel.PROTOCOL_VERSION
 KVM_LIST = "/lib/kvmtest/kvm.list"  # /init's module plan: name status file [params...]
 KVM_DIR = "/lib/kvmtest/kvm"
 BUSYBOX = "/bin/busybox"
+RELOADED = ("kvm", "kvm_amd")  # a reload's modules, in load order
 OUTPUT_CAP = 2000  # bytes of a failed rmmod/insmod's output reported
 
 
@@ -170,22 +172,40 @@ def busybox(*argv: str) -> str:
     return out.decode("ascii", "replace").strip() or f"exit status {status}"
 
 
-def reload_kvm_amd(params: dict[str, str]) -> str:
-    """kvm_amd unloaded and loaded again with PARAMS (the host checked their
-    characters); '' or what went wrong.  /dev/kvm must be closed: an open
-    VM or /dev/kvm holds kvm_amd."""
-    with open(KVM_LIST) as plan:
-        files = [f for name, status, f, *_ in (line.split() for line in plan)
-                 if name == "kvm_amd" and status == "load"]
-    if not files:
+def reload_kvm(params: dict[str, str]) -> str:
+    """kvm and kvm_amd unloaded and loaded again from the boot's module plan:
+    kvm_amd with PARAMS (the host checked their characters), kvm with its
+    own.  Both, so that the next configuration starts from fresh module
+    state (WARN_ON_ONCE flags included), as after a boot.  '' or what went
+    wrong.  /dev/kvm must be closed: an open VM or /dev/kvm holds kvm_amd."""
+    with open(KVM_LIST) as f:
+        plan = {name: (file, rest) for name, status, file, *rest in (line.split() for line in f)
+                if status == "load"}
+    if "kvm_amd" not in plan:
         return "kvm_amd is not a module this boot loaded"
-    # Not loaded after a reload that failed: only insmod then.
-    error = busybox("rmmod", "kvm_amd") if os.path.isdir("/sys/module/kvm_amd") else ""
-    if error:
-        return f"rmmod kvm_amd: {error}"
-    error = busybox("insmod", f"{KVM_DIR}/{files[0]}",
-                    *(f"{k}={v}" for k, v in params.items()))
-    return f"insmod kvm_amd: {error}" if error else ""
+    with open("/proc/modules") as f:
+        loaded = {line.split()[0] for line in f}
+    for name in reversed(RELOADED):  # not loaded after a reload that failed
+        if name in plan and name in loaded:
+            error = busybox("rmmod", name)
+            if error:
+                return f"rmmod {name}: {error}"
+    for name in RELOADED:
+        if name in plan:  # else built in
+            file, own = plan[name]
+            args = [f"{k}={v}" for k, v in params.items()] if name == "kvm_amd" else own
+            error = busybox("insmod", f"{KVM_DIR}/{file}", *args)
+            if error:
+                return f"insmod {name}: {error}"
+    return ""
+
+
+def kernel_log_marker(sync: str) -> None:
+    """SYNC in the kernel log, hence on the console: where the host stops
+    counting console WARNs for the configuration that ended (the console
+    runs behind the channel).  Level 4: printed at the default loglevel."""
+    with open("/dev/kmsg", "w") as kmsg:
+        kmsg.write(f"<4>kvmtest-sync {sync}\n")
 
 
 def open_backend() -> tuple[KvmBackend | None, str | None]:
@@ -211,7 +231,8 @@ def serve(ch: Channel) -> int:
                 if backend is not None:
                     backend.close()  # VM teardown: its kernel log lands before the reload
                     backend = None
-                problem = reload_kvm_amd(frame["kvm_amd"])
+                kernel_log_marker(frame["sync"])
+                problem = reload_kvm(frame["kvm_amd"])
                 ch.send({"t": "reloaded", "error": problem})
                 if not problem:
                     backend, error = open_backend()

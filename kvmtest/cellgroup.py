@@ -80,7 +80,7 @@ def _report(args: argparse.Namespace, group: SharedBoot, finish) -> int:
     backend.results_dir = Path(args.artifacts) if args.artifacts else None  # type: ignore[attr-defined]
     label = Config.from_options(args.cpu, cli.kvm_amd_params(args)).label
     if backend.live:  # type: ignore[attr-defined]
-        note += f"; shared boot: kvm_amd reloaded in the guest booted for {group.booted_by}"
+        note += f"; shared boot: kvm and kvm_amd reloaded in the guest booted for {group.booted_by}"
     else:
         group.booted_by = label
     report = cli.run_report(args, display=display, backend_note=(backend, note), finish=finish)

@@ -9,8 +9,8 @@ still run.
 
 Shared boots: qemu cells of one kernel and CPU model differ only in kvm_amd
 parameters, so they run as one group on one boot (`kvmtest cells`,
-kvmtest.cellgroup): kvm_amd is reloaded between them instead of booting
-again (docs/qemu.md section 5).  Each cell is still the `kvmtest run` of its
+kvmtest.cellgroup): kvm and kvm_amd are reloaded between them instead of
+booting again (docs/qemu.md section 5).  Each cell is still the `kvmtest run` of its
 own options, with its own JSON, log and exit code.  KVMTEST_SHARE_BOOT=0
 boots every cell.
 
@@ -282,7 +282,9 @@ class Runner:
         if self.artifacts:
             where = self.artifacts / _slug(spec.key)
             where.mkdir(parents=True, exist_ok=True)
-        out, log_path = tmp / f"{name}.json", where / "kvmtest-run.log"
+        # A group's cells share TMP: each its own log there.
+        out = tmp / f"{name}.json"
+        log_path = where / "kvmtest-run.log" if self.artifacts else tmp / f"{name}.log"
         argv = spec.run_argv(self.plan.k, self.plan.timeout, out,
                              where / "qemu" if self.artifacts else None)
         return argv, out, log_path

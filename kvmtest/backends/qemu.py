@@ -2,7 +2,7 @@
 
 One boot runs the whole selection through a kvmtest.qemu.session.QemuSession
 (with share_boot, several configurations that differ only in kvm_amd
-parameters: finish_config() reloads kvm_amd for the next one):
+parameters: finish_config() reloads kvm and kvm_amd for the next one):
 the guest agent (kvmtest.agent) uses the kvm backend against the guest
 kernel's /dev/kvm and streams observations back over the channel; they are
 judged on the host.  The guest sees nothing of the host's filesystem.
@@ -70,7 +70,7 @@ class QemuBackend:
         self.outdir: Path | None = None
         self.run_as = ""
         # share_boot: the guest stays up after a batch; finish_config() ends
-        # a configuration (kvm_amd reloaded for the next, or power-off).
+        # a configuration (kvm, kvm_amd reloaded for the next, or power-off).
         self.share_boot = share_boot
         self._session: QemuSession | None = None
         self._console_mark = 0  # console WARN/BUG lines before this configuration
@@ -138,6 +138,7 @@ class QemuBackend:
         with self._faults(session):
             if kvm_amd_params is None:
                 session.close()
+                end = None  # the whole console: QEMU exited
             else:
                 try:
                     session.reload(kvm_amd_params)
@@ -146,9 +147,10 @@ class QemuBackend:
                 except QemuError as e:
                     self._reload_error = str(e)
                 self._session = session
+                end = session.reload_mark  # the agent's marker after the teardown
         self._record(session)
-        outside = self._unattributed(session)
-        self._console_mark = session.console_mark()
+        outside = self._unattributed(session, end)
+        self._console_mark = session.console_mark() if end is None else end
         return outside
 
     @contextlib.contextmanager
@@ -167,11 +169,11 @@ class QemuBackend:
                 raise KernelError(str(e)) from None
             raise
 
-    def _unattributed(self, session: QemuSession) -> list[str]:
-        """WARN/BUG/oops on the console since this configuration began that no
-        case's kernel-log window saw (VM teardown, the agent's own start or
-        exit): they still fail the run."""
-        return [w for w in session.console_warnings(since=self._console_mark)
+    def _unattributed(self, session: QemuSession, end: int | None = None) -> list[str]:
+        """WARN/BUG/oops on the console from this configuration's start to END
+        (a console mark) that no case's kernel-log window saw (VM teardown,
+        the agent's own start or exit): they still fail the run."""
+        return [w for w in session.console_warnings(since=self._console_mark, until=end)
                 if HEADLINE.match(w) and w not in self._cases_seen]
 
     def _write_results(self, session: QemuSession, out: dict[str, Observation | str]) -> None:

@@ -12,7 +12,7 @@ Guest -> host (everything the guest sends is hostile; the host checks it):
     {"t": "output", "stream": "stdout", "hex": "..."}        boot(): command output
     {"t": "exit", "rc": 0}                                   the guest command ended
     {"t": "hello", "v": 2, "facts": {...}}                   the agent is ready
-    {"t": "reloaded", "error": ""}                           kvm_amd reloaded ("" or
+    {"t": "reloaded", "error": ""}                           kvm, kvm_amd reloaded ("" or
                                                              why not); a hello follows
     {"t": "start", "id": "save/efer-svme0[gif1]"}            a case begins
     {"t": "result", "id": ..., "observation": {...}}         ... or "skip": reason,
@@ -22,7 +22,8 @@ Guest -> host (everything the guest sends is hostile; the host checks it):
 Host -> guest:
 
     {"t": "batch", "timeout": 5.0, "cases": [<casecodec JSON>, ...]}
-    {"t": "reload", "kvm_amd": {"nested": "1", "npt": "0"}}  kvm_amd's parameters
+    {"t": "reload", "kvm_amd": {"nested": "1", "npt": "0"}, "sync": "reload-1"}
+                                  kvm_amd's parameters; SYNC goes to the kernel log
     {"t": "bye"}
 
 The host side (``FrameReader``) enforces a maximum line length and a total

@@ -56,6 +56,9 @@ OOPS_RE = re.compile(
     r"|Unable to handle kernel|RIP: ).*"
 )
 FATAL_RE = re.compile(re.escape(FATAL) + r" (.*)")
+# The agent's marker in the kernel log at a shared boot's reload: the console
+# lines before it belong to the configuration that ended (kvmtest.agent).
+SYNC_RE = re.compile(r"kvmtest-sync (reload-\d+)")
 MAX_OOPSES = 200
 
 # --------------------------------------------------------------------------
@@ -192,6 +195,7 @@ class ConsoleScanner:
         self.panic: str | None = None
         self.fatal: str | None = None
         self.oopses: list[str] = []
+        self.syncs: dict[str, int] = {}  # marker -> len(oopses) when it came
 
     def feed(self, data: bytes) -> None:
         lines = (self._partial + data).split(b"\n")
@@ -204,6 +208,8 @@ class ConsoleScanner:
                 self.fatal = m.group(1).strip()
             if len(self.oopses) < MAX_OOPSES and (m := OOPS_RE.search(line)):
                 self.oopses.append(m.group(0).strip())
+            if len(self.syncs) < MAX_OOPSES and (m := SYNC_RE.search(line)):
+                self.syncs.setdefault(m.group(1), len(self.oopses))
 
 
 # --------------------------------------------------------------------------

@@ -69,7 +69,15 @@ from kvmtest.qemu.machine import (
     module_from_frame,
     qemu_argv,
 )
-from kvmtest.qemu.process import Limits, QemuProcess, open_output, printable, qemu_identity
+from kvmtest.qemu.process import (
+    POLL,
+    Limits,
+    QemuProcess,
+    exit_status,
+    open_output,
+    printable,
+    qemu_identity,
+)
 from kvmtest.qemu.runtime import GUEST_AGENT
 
 AGENT = GUEST_AGENT
@@ -199,6 +207,8 @@ class QemuSession:
         self._transcript: int | None = None
         self._transcript_size = 0
         self._host_start = 0.0
+        self._reloads = 0
+        self.reload_mark = 0  # console_mark() at the last reload's marker
 
     # -- lifecycle
 
@@ -273,10 +283,11 @@ class QemuSession:
             raise self._fault(f"the guest agent sent malformed facts: {why}") from None
 
     def reload(self, kvm_amd_params: Mapping[str, str]) -> None:
-        """Another configuration without a boot: the agent destroys its VMs and
-        loads kvm_amd again with KVM_AMD_PARAMS (over DEFAULT_KVM_AMD_PARAMS),
-        then says hello with the new facts.  QemuError if kvm_amd did not load
-        (the session can try another reload); GuestFault if the guest broke."""
+        """Another configuration without a boot: the agent destroys its VMs,
+        loads kvm and kvm_amd again, kvm_amd with KVM_AMD_PARAMS (over
+        DEFAULT_KVM_AMD_PARAMS), then says hello with the new facts.
+        QemuError if they did not load (the session can try another reload);
+        GuestFault if the guest broke."""
         vm = self._vm
         if vm is None or vm.phase != "idle" or self.failed:
             raise QemuError("the session is not ready for a reload (not started, busy or "
@@ -288,16 +299,37 @@ class QemuSession:
         self._phase("reload")
         self.facts = None  # until the new hello
         self.config = Config(cpu=self.config.cpu, kvm_amd=tuple(sorted(kvm_amd_params.items())))
-        vm.send({"t": "reload", "kvm_amd": params})
+        self._reloads += 1
+        sync = f"reload-{self._reloads}"
+        vm.send({"t": "reload", "kvm_amd": params, "sync": sync})
         frame = self._expect({"reloaded"}, t0 + RELOAD_BUDGET, RELOAD_BUDGET)
+        self.reload_mark = self._await_sync(sync, t0 + RELOAD_BUDGET)
         if frame["error"]:
             self._phase("idle")
-            raise QemuError(f"kvm_amd did not load again with "
+            raise QemuError(f"kvm/kvm_amd did not load again with kvm_amd "
                             f"{' '.join(f'{k}={v}' for k, v in params.items())}: "
                             f"{printable(frame['error'], 500)}")
         self._hello(t0 + RELOAD_BUDGET, RELOAD_BUDGET)
         self._phase("idle")
         self.timings["reload_s"] = round(time.monotonic() - t0, 3)
+
+    def _await_sync(self, sync: str, deadline: float) -> int:
+        """console_mark() at the agent's kernel-log marker SYNC: the console
+        runs behind the channel, and a WARN printed while the last
+        configuration's VMs were destroyed must be counted for it."""
+        vm = self._vm
+        assert vm is not None
+        while sync not in vm.scanner.syncs:
+            if vm.exited():
+                vm.wait_exit(0.0)  # drains the console
+                if sync in vm.scanner.syncs:
+                    break
+                raise self._fault(f"the guest powered off during the reload "
+                                  f"({exit_status(vm.returncode)})")
+            if time.monotonic() >= deadline:
+                raise self._fault(f"the console never showed the reload's marker {sync!r}")
+            vm.wait(min(POLL, max(0.0, deadline - time.monotonic())))
+        return vm.scanner.syncs[sync]
 
     @property
     def started(self) -> bool:
@@ -517,12 +549,12 @@ class QemuSession:
             shutil.rmtree(self.outdir, ignore_errors=True)
             self.outdir = None
 
-    def console_warnings(self, since: int = 0) -> list[str]:
-        """WARN/BUG/oops lines the console showed (the whole boot, or since a
-        console_mark())."""
+    def console_warnings(self, since: int = 0, until: int | None = None) -> list[str]:
+        """WARN/BUG/oops lines the console showed (the whole boot, or between
+        two console marks)."""
         if self._vm is None:
             return []
-        return sorted(set(self._vm.scanner.oopses[since:]))
+        return sorted(set(self._vm.scanner.oopses[since:until]))
 
     def console_mark(self) -> int:
         """Where console_warnings(since=...) starts: after every line so far."""

@@ -1,6 +1,6 @@
-"""A shared boot (kvm_amd reloaded in a running guest, as `kvmtest matrix`
-does for configurations that differ only in kvm_amd parameters) observes what
-a boot of that configuration observes.
+"""A shared boot (kvm and kvm_amd reloaded in a running guest, as `kvmtest
+matrix` does for configurations that differ only in kvm_amd parameters)
+observes what a boot of that configuration observes.
 
 On 7.3.4: the whole catalogue with npt=0, once on a guest booted with npt=0,
 once on a guest booted in the default configuration after a batch there and
@@ -14,6 +14,7 @@ an error the session survives.  Two boots, ~25 s under TCG.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import signal
@@ -21,8 +22,11 @@ import signal
 import pytest
 
 from kvmtest.backends import KernelError
+from kvmtest.backends import qemu as qemu_backend
 from kvmtest.backends.qemu import QemuBackend
 from kvmtest.cases import catalogue
+from kvmtest.qemu import GUEST_PYTHON
+from kvmtest.qemu.session import QemuSession
 
 pytestmark = pytest.mark.qemu
 
@@ -71,7 +75,7 @@ def test_reloaded_kvm_amd_observes_what_a_boot_observes(qemu_available):
         # A configuration that does not load fails its own batch, and the
         # guest serves the next one.
         assert shared.finish_config({"npt": "banana"}) == []
-        with pytest.raises(KernelError, match=r"kvm_amd did not load again with .*npt=banana"):
+        with pytest.raises(KernelError, match=r"kvm/kvm_amd did not load again with .*npt=banana"):
             shared.run_batch(warm, 5.0)
         assert shared.finish_config({}) == []
         back = shared.run_batch(warm, 5.0)
@@ -101,5 +105,72 @@ def test_a_guest_that_dies_between_configurations_is_booted_again(qemu_available
         assert shared._session.facts.kvm_amd["npt"] in ("N", "0")
         assert all(not isinstance(o, str) for o in out.values())
         shared.finish_config(None)
+    finally:
+        shared.close()
+
+
+# A stand-in for the agent (real kernel, QEMU and console): it skips every
+# case, and prints WARNs around the reload's marker, whose console lines come
+# a second after its reloaded and hello frames.
+FAKE_AGENT = r"""
+import json, os, sys, time
+FD = int(os.environ["KVMTEST_CHANNEL_FD"])
+def send(frame):
+    os.write(FD, json.dumps(frame).encode() + b"\n")
+buf = b""
+def recv():
+    global buf
+    while b"\n" not in buf:
+        chunk = os.read(FD, 65536)
+        if not chunk:
+            sys.exit(3)
+        buf += chunk
+    line, _, buf = buf.partition(b"\n")
+    return json.loads(line)
+def kmsg(text):
+    with open("/dev/kmsg", "w") as f:
+        f.write("<4>" + text + "\n")
+def hello(kvm_amd):
+    send({"t": "hello", "v": 2, "facts": {"kernel": os.uname().release, "kvm_module": "kvm_amd",
+          "kvm_amd": kvm_amd, "maxphyaddr": 40, "svm": True, "nested_state": 4224, "smm": 1}})
+hello({"nested": "1"})
+while True:
+    frame = recv()
+    if frame["t"] == "batch":
+        for case in frame["cases"]:
+            send({"t": "start", "id": case["id"]})
+            send({"t": "result", "id": case["id"], "skip": "fake agent"})
+    elif frame["t"] == "reload":
+        send({"t": "reloaded", "error": ""})
+        hello(frame["kvm_amd"])
+        time.sleep(1)
+        kmsg("WARNING: CPU: 0 PID: 1 at fake.c:1 teardown of the first configuration")
+        kmsg("kvmtest-sync " + frame["sync"])
+        kmsg("WARNING: CPU: 0 PID: 1 at fake.c:2 after the marker")
+    elif frame["t"] == "bye":
+        kmsg("WARNING: CPU: 0 PID: 1 at fake.c:3 power-off")
+        send({"t": "bye"})
+        sys.exit(0)
+"""
+FAKE = "/opt/fake_agent.py"
+
+
+def test_console_warnings_go_to_the_configuration_they_came_in(qemu_available, monkeypatch):
+    """A WARN printed before the agent's reload marker belongs to the
+    configuration that ended, one after it to the next, even when the
+    console shows them after the new hello: the host waits for the marker."""
+    monkeypatch.setattr(qemu_backend, "QemuSession", functools.partial(
+        QemuSession, command=[GUEST_PYTHON, "-S", "-I", FAKE],
+        files={FAKE: FAKE_AGENT.encode()}))
+    shared = QemuBackend(KERNEL, share_boot=True)
+    try:
+        cases = list(catalogue())[:2]
+        assert all(isinstance(o, str) for o in shared.run_batch(cases, 5.0).values())
+        first = shared.finish_config(NPT0)
+        assert first == ["WARNING: CPU: 0 PID: 1 at fake.c:1 teardown of the first configuration"]
+        shared.run_batch(cases, 5.0)
+        second = shared.finish_config(None)
+        assert second == ["WARNING: CPU: 0 PID: 1 at fake.c:2 after the marker",
+                          "WARNING: CPU: 0 PID: 1 at fake.c:3 power-off"]
     finally:
         shared.close()
