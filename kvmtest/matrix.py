@@ -14,10 +14,10 @@ booting again (docs/qemu.md section 5).  Each cell is still the `kvmtest run` of
 own options, with its own JSON, log and exit code.  KVMTEST_SHARE_BOOT=0
 boots every cell.
 
-Sharding (--shard K/N): the planned cells sorted by key are dealt round-robin
-to N shards, so every machine that is given the same plan computes the same
-slice; `kvmtest report merge` puts the shards back in plan order.  Groups
-are formed within a shard.
+Sharding (--shard K/N): the planned cells are dealt to N shards, a boot's
+group whole, so every machine that is given the same plan computes the
+same slice (Plan.shard); `kvmtest report merge` puts the shards back in
+plan order.
 """
 
 from __future__ import annotations
@@ -101,10 +101,21 @@ class Plan:
         return self.cells[0].backend
 
     def shard(self, index: int, count: int) -> list[CellSpec]:
-        """Shard INDEX (1-based) of COUNT: a deal of the cells sorted by key,
-        returned in declared order."""
-        by_key = sorted(self.cells, key=lambda c: c.key)
-        mine = {c.key for i, c in enumerate(by_key) if i % count == index - 1}
+        """Shard INDEX (1-based) of COUNT, in declared order.  The cells that
+        can share a boot (boot_key) stay together: their groups, sorted by
+        key, are dealt largest first, each to the shard with the fewest
+        cells so far (the lowest on a tie).  Every machine given the same
+        plan, in whatever order, computes the same slices; single cells
+        (the model's) are dealt round-robin."""
+        groups: dict[tuple, list[str]] = {}
+        for c in sorted(self.cells, key=lambda c: c.key):
+            groups.setdefault(boot_key(c), []).append(c.key)
+        load, mine = [0] * count, set()
+        for keys in sorted(groups.values(), key=lambda g: (-len(g), g[0])):
+            to = min(range(count), key=lambda i: (load[i], i))
+            load[to] += len(keys)
+            if to == index - 1:
+                mine.update(keys)
         return [c for c in self.cells if c.key in mine]
 
     def selection(self) -> dict[str, Any]:
@@ -436,9 +447,13 @@ def boot_groups(cells: list[CellSpec], share: bool | None = None) -> list[list[C
         return [[c] for c in cells]
     groups: dict[tuple, list[CellSpec]] = {}
     for c in cells:
-        key = ("qemu", c.target, c.config.cpu) if c.backend == "qemu" else ("cell", c.key)
-        groups.setdefault(key, []).append(c)
+        groups.setdefault(boot_key(c), []).append(c)
     return sorted(groups.values(), key=len, reverse=True)
+
+
+def boot_key(cell: CellSpec) -> tuple:
+    """Cells with one key can share a boot: qemu, one kernel, one CPU model."""
+    return ("qemu", cell.target, cell.config.cpu) if cell.backend == "qemu" else ("cell", cell.key)
 
 
 def run(plan: Plan, cells: list[CellSpec], *, jobs: int, shard: str | None = None,

@@ -195,6 +195,23 @@ def test_shards_partition_the_plan_deterministically():
         assert {c.key for c in other.shard(i, 3)} == {c.key for c in plan.shard(i, 3)}
 
 
+def test_shards_keep_a_boots_cells_together():
+    """qemu: the cells that share a boot land in one shard, and the shards
+    stay balanced (.github/kvmtest-matrix.toml's 15 cells: 5 per shard)."""
+    kernels = [f"debian:k{i}" for i in range(5)]
+    configs = ["default", "npt=0", "cpu=EPYC,+vgif"]
+    plan = matrix.make_plan(kernels=kernels, configs=configs)
+    other = matrix.make_plan(kernels=kernels[::-1], configs=configs[::-1])
+    shards = [plan.shard(i, 3) for i in (1, 2, 3)]
+    assert sorted(c.key for s in shards for c in s) == sorted(c.key for c in plan.cells)
+    assert [len(s) for s in shards] == [5, 5, 5]
+    for k in kernels:
+        assert sum(1 for s in shards if any(c.key == f"{k} [npt=0]" for c in s)
+                   and any(c.key == f"{k} [default]" for c in s)) == 1
+    for i, s in enumerate(shards, 1):
+        assert {c.key for c in other.shard(i, 3)} == {c.key for c in s}
+
+
 def test_merged_shards_equal_a_single_machine_run(full, tmp_path):
     shards = []
     for i in (1, 2, 3):
