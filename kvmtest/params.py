@@ -110,5 +110,5 @@ def pack(struct_fields: tuple[str, ...], values: dict[str, int]) -> bytes:
 
 
 def unpack(struct_fields: tuple[str, ...], raw: bytes) -> dict[str, int]:
-    return dict(zip(struct_fields, struct.unpack_from(f"<{len(struct_fields)}Q", raw),
-                    strict=True))
+    values = struct.unpack_from(f"<{len(struct_fields)}Q", raw)
+    return {f: values[i] for i, f in enumerate(struct_fields)}
