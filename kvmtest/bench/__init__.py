@@ -225,7 +225,8 @@ def _bench_qemu_matrix() -> bool:
                  f"{s['passed']:3}/{sum(s.values())} pass"))
     alone, alone_wall, alone_cpu = _matrix(specs, share=False)
     same = _verdicts(alone) == _verdicts(result)
-    print("  (a cell's time: its boot, or its kvm_amd reload on a shared boot, and its cases)")
+    print("  (a cell's time: its boot, or on a shared boot its kvm and kvm_amd reload; "
+          "and its cases)")
     print(f"a boot per cell (KVMTEST_SHARE_BOOT=0): {alone_wall:.1f} s wall, CPU {alone_cpu:.1f} s;"
           f" shared boots: {wall:.1f} s wall, CPU {cpu:.1f} s: {alone_wall / wall:.2f}x "
           f"(CPU {alone_cpu / cpu:.2f}x); same verdicts: {'yes' if same else 'NO'}")
