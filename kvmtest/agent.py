@@ -11,12 +11,12 @@ frames of kvmtest.qemu.channel:
 2. for each ``batch`` (whole cases, kvmtest.casecodec JSON, plus the per-case
    timeout): ``start`` and one ``result`` per case, in order: the
    Observation, a skip reason, or the error the case raised;
-3. on ``reload`` (kvm_amd parameters): the VMs are destroyed, the host's
-   marker goes to the kernel log, kvm and kvm_amd are unloaded and loaded
-   again from the boot's module plan (kvm_amd with those parameters), and
-   ``reloaded`` (ok or the error) is followed by a new ``hello`` when it
-   worked: the matrix runs the configurations that differ only in kvm_amd
-   parameters on one boot (kvmtest.matrix);
+3. on ``reload`` (kvm_amd parameters): the VMs are destroyed, kvm_amd and
+   kvm are unloaded, the host's marker goes to the kernel log, and both are
+   loaded again from the boot's module plan (kvm_amd with those
+   parameters); ``reloaded`` says which stage failed, if one did, and a new
+   ``hello`` follows when all worked: the matrix runs the configurations
+   that differ only in kvm_amd parameters on one boot (kvmtest.matrix);
 4. on ``bye``: the VMs are destroyed, ``bye`` is answered, the agent exits
    and /init powers the guest off.
 
@@ -172,24 +172,37 @@ def busybox(*argv: str) -> str:
     return out.decode("ascii", "replace").strip() or f"exit status {status}"
 
 
-def reload_kvm(params: dict[str, str]) -> str:
-    """kvm and kvm_amd unloaded and loaded again from the boot's module plan:
-    kvm_amd with PARAMS (the host checked their characters), kvm with its
-    own.  Both, so that the next configuration starts from fresh module
-    state (WARN_ON_ONCE flags included), as after a boot.  '' or what went
-    wrong.  /dev/kvm must be closed: an open VM or /dev/kvm holds kvm_amd."""
+def _module_plan() -> dict[str, tuple[str, list[str]]]:
+    """The boot's loaded kvm modules: name -> (file, its parameters)."""
     with open(KVM_LIST) as f:
-        plan = {name: (file, rest) for name, status, file, *rest in (line.split() for line in f)
+        return {name: (file, rest) for name, status, file, *rest in (line.split() for line in f)
                 if status == "load"}
+
+
+def unload_kvm() -> str:
+    """kvm_amd and kvm unloaded (those this boot loaded and that are still
+    loaded: not after a load that failed); '' or what went wrong.  /dev/kvm
+    must be closed: an open VM or /dev/kvm holds kvm_amd, so "in use" here
+    means the configuration that ended leaked a reference."""
+    plan = _module_plan()
     if "kvm_amd" not in plan:
         return "kvm_amd is not a module this boot loaded"
     with open("/proc/modules") as f:
         loaded = {line.split()[0] for line in f}
-    for name in reversed(RELOADED):  # not loaded after a reload that failed
+    for name in reversed(RELOADED):
         if name in plan and name in loaded:
             error = busybox("rmmod", name)
             if error:
                 return f"rmmod {name}: {error}"
+    return ""
+
+
+def load_kvm(params: dict[str, str]) -> str:
+    """kvm and kvm_amd loaded again from the boot's files: kvm_amd with
+    PARAMS (the host checked their characters), kvm with its own.  Both, so
+    that the next configuration starts from fresh module state (WARN_ON_ONCE
+    flags included), as after a boot.  '' or what went wrong."""
+    plan = _module_plan()
     for name in RELOADED:
         if name in plan:  # else built in
             file, own = plan[name]
@@ -231,9 +244,15 @@ def serve(ch: Channel) -> int:
                 if backend is not None:
                     backend.close()  # VM teardown: its kernel log lands before the reload
                     backend = None
+                # Unloading still belongs to the configuration that ended:
+                # the marker comes after it, and before the next one's load.
+                problem = unload_kvm()
+                if problem:
+                    ch.send({"t": "reloaded", "stage": "unload", "error": problem})
+                    continue
                 kernel_log_marker(frame["sync"])
-                problem = reload_kvm(frame["kvm_amd"])
-                ch.send({"t": "reloaded", "error": problem})
+                problem = load_kvm(frame["kvm_amd"])
+                ch.send({"t": "reloaded", "stage": "load", "error": problem})
                 if not problem:
                     backend, error = open_backend()
                     ch.send({"t": "hello", "v": PROTOCOL_VERSION,

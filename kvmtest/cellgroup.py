@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from . import cli
-from .backends import KernelError
+from .backends import BackendError, KernelError
 from .config import Config
 from .display import RunDisplay
 
@@ -64,7 +64,7 @@ def _run_shared(args: argparse.Namespace, group: SharedBoot,
         return _report(args, group, finish)
     except Exception:
         if not finished and group.backend_note is not None:
-            with contextlib.suppress(KernelError):  # this cell failed already
+            with contextlib.suppress(KernelError, BackendError):  # this cell failed already
                 group.backend_note[0].finish_config(next_params)  # type: ignore[attr-defined]
         raise
 
@@ -76,13 +76,16 @@ def _report(args: argparse.Namespace, group: SharedBoot, finish) -> int:
     if group.backend_note is None:
         group.backend_note = cli.make_backend(args, share_boot=True)
     backend, note = group.backend_note
-    # result.json in this cell's own artifacts; the console stays with the boot's.
-    backend.results_dir = Path(args.artifacts) if args.artifacts else None  # type: ignore[attr-defined]
+    # result.json in this cell's own artifacts; the console stays with the
+    # boot's, and a cell that boots (afresh) keeps its console in its own.
+    own = Path(args.artifacts) if args.artifacts else None
+    backend.results_dir = own  # type: ignore[attr-defined]
     label = Config.from_options(args.cpu, cli.kvm_amd_params(args)).label
     if backend.live:  # type: ignore[attr-defined]
         note += f"; shared boot: kvm and kvm_amd reloaded in the guest booted for {group.booted_by}"
     else:
         group.booted_by = label
+        backend.artifacts = own  # type: ignore[attr-defined]
     report = cli.run_report(args, display=display, backend_note=(backend, note), finish=finish)
     display.finish(report)
     cli.write_reports(report, paths)

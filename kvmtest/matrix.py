@@ -324,7 +324,8 @@ class Runner:
     def run_group(self, specs: list[CellSpec], started: Callable[[CellSpec], None],
                   finished: Callable[[CellSpec, dict], None]) -> None:
         """SPECS on one boot (`kvmtest cells`); STARTED and FINISHED are called
-        as each cell starts and ends, FINISHED for every cell."""
+        as each cell starts and ends, FINISHED for every cell.  Each cell has
+        the budget of a lone cell, from its start."""
         with tempfile.TemporaryDirectory(prefix="kvmtest-group-") as tmp_name:
             tmp = Path(tmp_name)
             entries, paths = [], {}
@@ -340,6 +341,9 @@ class Runner:
             argv = [sys.executable, "-m", "kvmtest", "cells", str(plan_dir / "group.json")]
             left = {spec.key: spec for spec in specs}
             clock = time.monotonic()
+            watchdog = _Watchdog(self.budget)
+            over = (f"no result within {self.budget:.0f} s: the cell's run was killed "
+                    "(on a shared boot)")
 
             def line(text: str) -> None:
                 nonlocal clock
@@ -348,21 +352,23 @@ class Runner:
                     return
                 spec, out, log_path, status = paths[key]
                 if what == "start":
+                    watchdog.restart()
                     started(spec)
                 elif what == "done":
                     del left[key]
                     rc = json.loads(status.read_text())["exit_code"]
                     now = time.monotonic()
                     duration, clock = round(now - clock, 3), now
-                    finished(spec, self._collect(spec, out, log_path, rc, duration))
+                    finished(spec, self._error(spec, over, res.RC_KERNEL, duration)
+                             if watchdog.fired else
+                             self._collect(spec, out, log_path, rc, duration))
 
             with open(tmp / "group.log", "w+") as log:
-                rc = self._spawn(argv, log, self.budget * len(specs), lines=line)
+                rc = self._spawn(argv, log, watchdog, lines=line)
                 log.seek(0)
                 text = log.read()
             for spec in list(left.values()):  # the group's process ended before them
-                why = (f"no result within {self.budget * len(specs):.0f} s: the shared boot's "
-                       "run was killed" if rc is None else
+                why = (f"not run: the shared boot's run was killed ({over})" if rc is None else
                        f"the shared boot's run ended (exit {rc}) before this cell: "
                        f"{_error_text(text)}")
                 finished(spec, self._error(spec, why, rc or res.RC_KERNEL, 0.0))
@@ -372,10 +378,11 @@ class Runner:
                               profile=spec.profile, config=spec.config.to_json(), error=text,
                               exit_code=rc, duration_s=duration)
 
-    def _spawn(self, argv: list[str], log, budget: float,
+    def _spawn(self, argv: list[str], log, budget: float | _Watchdog,
                lines: Callable[[str], None] | None = None) -> int | None:
-        """The child's exit code, or None if it outlived its budget.  LINES
-        gets each line of its stdout (else stdout is discarded)."""
+        """The child's exit code, or None if it outlived its budget (seconds,
+        or a _Watchdog the caller restarts).  LINES gets each line of its
+        stdout (else stdout is discarded)."""
         with self._lock:
             if self._stopping:
                 raise KeyboardInterrupt
@@ -385,22 +392,18 @@ class Runner:
                                  stdout=subprocess.PIPE if lines else subprocess.DEVNULL,
                                  stderr=log, start_new_session=True, text=bool(lines))
             self._procs.add(p)
-        killed = threading.Event()
-
-        def kill() -> None:
-            killed.set()
-            _kill(p)
-
-        timer = threading.Timer(budget, kill)
-        timer.start()
+        watchdog = budget if isinstance(budget, _Watchdog) else _Watchdog(budget)
+        watchdog.start(lambda: _kill(p))
         try:
             if lines and p.stdout is not None:
                 for text in p.stdout:
                     lines(text)
             p.wait()
-            return None if killed.is_set() else p.returncode
+            return None if watchdog.fired else p.returncode
         finally:
-            timer.cancel()
+            watchdog.cancel()
+            if p.poll() is None:  # LINES raised: the child must not run on unwatched
+                _kill(p)
             if p.stdout is not None:
                 p.stdout.close()
             with self._lock:
@@ -412,6 +415,41 @@ class Runner:
             procs = list(self._procs)
         for p in procs:
             _kill(p)
+
+
+class _Watchdog:
+    """Calls its action once SECONDS pass without a restart()."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.fired = False
+        self._action: Callable[[], None] | None = None
+        self._timer: threading.Timer | None = None
+        self._lock = threading.Lock()
+
+    def start(self, action: Callable[[], None]) -> None:
+        self._action = action
+        self.restart()
+
+    def restart(self) -> None:
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+            if self._action is not None and not self.fired:
+                self._timer = threading.Timer(self.seconds, self._fire)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.fired = True
+        if self._action is not None:
+            self._action()
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
 
 
 def _kill(p: subprocess.Popen) -> None:

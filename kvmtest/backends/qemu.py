@@ -32,7 +32,7 @@ from ..qemu.errors import GuestFault, QemuError
 from ..qemu.kernels import resolve_kernel
 from ..qemu.machine import kvm_error
 from ..qemu.process import open_output
-from ..qemu.session import CaseError, QemuSession
+from ..qemu.session import CaseError, QemuSession, UnloadError
 from . import BackendError, KernelError
 
 HEADLINE = re.compile(r"WARNING:|BUG:|Oops|kernel BUG|general protection fault")
@@ -125,32 +125,51 @@ class QemuBackend:
         return self._session is not None
 
     def finish_config(self, kvm_amd_params: dict[str, str] | None) -> list[str]:
-        """share_boot: end this configuration; load kvm_amd with KVM_AMD_PARAMS
-        for the next one (None: this was the last, power off).  Returns the
-        WARN/BUG lines of this configuration that no case saw (its VMs are
-        destroyed here).  KernelError if the guest breaks on the way; a
-        configuration that does not load fails its own batch."""
+        """share_boot: end this configuration; load kvm and kvm_amd again,
+        kvm_amd with KVM_AMD_PARAMS, for the next one (None: this was the
+        last, power off).  Returns the WARN/BUG lines of this configuration
+        that no case saw (its VMs are destroyed and its modules unloaded
+        here).  KernelError if the guest breaks before the agent's
+        kernel-log marker, or the modules cannot be unloaded: this
+        configuration's teardown.  Anything after the marker is the next
+        configuration's: its batch fails (a broken guest: it boots afresh)."""
         session, self._session = self._session, None
         if kvm_amd_params is not None:
             self.config = Config.from_options(self.cpu, kvm_amd_params)
         if session is None:  # the batch failed and took the guest along: boot afresh
             return []
-        with self._faults(session):
-            if kvm_amd_params is None:
+        if kvm_amd_params is None:
+            with self._faults(session):
                 session.close()
-                end = None  # the whole console: QEMU exited
-            else:
-                try:
-                    session.reload(kvm_amd_params)
-                except GuestFault:
-                    raise
-                except QemuError as e:
-                    self._reload_error = str(e)
-                self._session = session
-                end = session.reload_mark  # the agent's marker after the teardown
+            self._record(session)
+            return self._unattributed(session)
+        try:
+            session.reload(kvm_amd_params)
+            self._session = session
+        except NoSpaceError as e:  # this machine's problem, not the kernel's
+            session.abort()
+            self._record(session)
+            raise BackendError(str(e)) from None
+        except UnloadError as e:
+            session.abort()
+            self._record(session)
+            raise KernelError(str(e)) from None
+        except GuestFault as e:
+            session.abort()
+            self._record(session)
+            if session.marker() is None:  # while this configuration was torn down
+                raise KernelError(str(e)) from None
+            self._reload_error = f"loading kvm/kvm_amd again on the shared boot broke it: {e}"
+        except QemuError as e:  # did not load: the next batch says so
+            self._reload_error = str(e)
+            self._session = session
+        except BaseException:
+            session.abort()
+            raise
         self._record(session)
+        end = session.marker()
         outside = self._unattributed(session, end)
-        self._console_mark = session.console_mark() if end is None else end
+        self._console_mark = end if end is not None else session.console_mark()
         return outside
 
     @contextlib.contextmanager

@@ -205,8 +205,10 @@ def _matrix(specs: list[str], share: bool) -> tuple[dict, float, float]:
 
 
 def _verdicts(result: dict) -> dict[str, object]:
-    return {c["key"]: c.get("error") or {r["id"]: r["verdict"] for r in c["results"]}
-            for c in result["cells"]}
+    """Every cell's verdicts (an error cell: its status; its message names
+    temporary paths)."""
+    return {c["key"]: c["status"] if c.get("error") else
+            {r["id"]: r["verdict"] for r in c["results"]} for c in result["cells"]}
 
 
 def _bench_qemu_matrix() -> bool:

@@ -12,7 +12,7 @@ Guest -> host (everything the guest sends is hostile; the host checks it):
     {"t": "output", "stream": "stdout", "hex": "..."}        boot(): command output
     {"t": "exit", "rc": 0}                                   the guest command ended
     {"t": "hello", "v": 2, "facts": {...}}                   the agent is ready
-    {"t": "reloaded", "error": ""}                           kvm, kvm_amd reloaded ("" or
+    {"t": "reloaded", "stage": "load", "error": ""}          kvm, kvm_amd reloaded ("" or
                                                              why not); a hello follows
     {"t": "start", "id": "save/efer-svme0[gif1]"}            a case begins
     {"t": "result", "id": ..., "observation": {...}}         ... or "skip": reason,
@@ -87,7 +87,7 @@ FRAMES: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "start": {"id": ((str,), True)},
     "result": {"id": ((str,), True), "observation": ((dict,), False), "skip": ((str,), False),
                "error": ((str,), False), "seconds": (_NUM, False)},
-    "reloaded": {"error": ((str,), True)},
+    "reloaded": {"stage": ((str,), True), "error": ((str,), True)},
     "bye": {},
 }
 MAX_STRING = 192 * 1024  # any string field (/init's output frames: 64 KiB as hex)

@@ -196,6 +196,7 @@ class ConsoleScanner:
         self.fatal: str | None = None
         self.oopses: list[str] = []
         self.syncs: dict[str, int] = {}  # marker -> len(oopses) when it came
+        self._since_sync = 0  # MAX_OOPSES counts from the last marker: per configuration
 
     def feed(self, data: bytes) -> None:
         lines = (self._partial + data).split(b"\n")
@@ -206,10 +207,12 @@ class ConsoleScanner:
                 self.panic = m.group(0).strip()
             if self.fatal is None and (m := FATAL_RE.search(line)):
                 self.fatal = m.group(1).strip()
-            if len(self.oopses) < MAX_OOPSES and (m := OOPS_RE.search(line)):
+            if len(self.oopses) - self._since_sync < MAX_OOPSES and (
+                    m := OOPS_RE.search(line)):
                 self.oopses.append(m.group(0).strip())
-            if len(self.syncs) < MAX_OOPSES and (m := SYNC_RE.search(line)):
-                self.syncs.setdefault(m.group(1), len(self.oopses))
+            if len(self.syncs) < MAX_OOPSES and (m := SYNC_RE.search(line)) and (
+                    m.group(1) not in self.syncs):
+                self.syncs[m.group(1)] = self._since_sync = len(self.oopses)
 
 
 # --------------------------------------------------------------------------

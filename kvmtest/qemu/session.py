@@ -152,6 +152,11 @@ def decode_facts(data: dict[str, Any]) -> Facts:
                     for f in dataclasses.fields(Facts)})
 
 
+class UnloadError(QemuError):
+    """kvm/kvm_amd could not be unloaded at a reload: the configuration that
+    ended still holds them."""
+
+
 class QemuSession:
     """See the module docstring."""
 
@@ -208,7 +213,7 @@ class QemuSession:
         self._transcript_size = 0
         self._host_start = 0.0
         self._reloads = 0
-        self.reload_mark = 0  # console_mark() at the last reload's marker
+        self._sync: str | None = None  # the last reload's kernel-log marker
 
     # -- lifecycle
 
@@ -284,10 +289,12 @@ class QemuSession:
 
     def reload(self, kvm_amd_params: Mapping[str, str]) -> None:
         """Another configuration without a boot: the agent destroys its VMs,
-        loads kvm and kvm_amd again, kvm_amd with KVM_AMD_PARAMS (over
-        DEFAULT_KVM_AMD_PARAMS), then says hello with the new facts.
-        QemuError if they did not load (the session can try another reload);
-        GuestFault if the guest broke."""
+        unloads kvm_amd and kvm, marks the kernel log, loads them again,
+        kvm_amd with KVM_AMD_PARAMS (over DEFAULT_KVM_AMD_PARAMS), then says
+        hello with the new facts.  UnloadError if they could not be unloaded
+        (the configuration that ended holds them); QemuError if they did not
+        load (the session can try another reload); GuestFault if the guest
+        broke (marker() tells on which side of the marker)."""
         vm = self._vm
         if vm is None or vm.phase != "idle" or self.failed:
             raise QemuError("the session is not ready for a reload (not started, busy or "
@@ -300,23 +307,39 @@ class QemuSession:
         self.facts = None  # until the new hello
         self.config = Config(cpu=self.config.cpu, kvm_amd=tuple(sorted(kvm_amd_params.items())))
         self._reloads += 1
-        sync = f"reload-{self._reloads}"
-        vm.send({"t": "reload", "kvm_amd": params, "sync": sync})
+        self._sync = f"reload-{self._reloads}"
+        vm.send({"t": "reload", "kvm_amd": params, "sync": self._sync})
         frame = self._expect({"reloaded"}, t0 + RELOAD_BUDGET, RELOAD_BUDGET)
-        self.reload_mark = self._await_sync(sync, t0 + RELOAD_BUDGET)
-        if frame["error"]:
+        error = printable(frame["error"], 500)
+        if frame["stage"] == "unload":
+            self._phase("idle")
+            raise UnloadError(f"kvm/kvm_amd could not be unloaded after this configuration "
+                              f"(a VM or vCPU reference left behind?): {error or '?'}")
+        if frame["stage"] != "load":
+            raise self._fault(f"the guest broke the protocol: a reload stage "
+                              f"{printable(frame['stage'], 40)!r}")
+        self._await_sync(self._sync, t0 + RELOAD_BUDGET)
+        if error:
             self._phase("idle")
             raise QemuError(f"kvm/kvm_amd did not load again with kvm_amd "
-                            f"{' '.join(f'{k}={v}' for k, v in params.items())}: "
-                            f"{printable(frame['error'], 500)}")
+                            f"{' '.join(f'{k}={v}' for k, v in params.items())}: {error}")
         self._hello(t0 + RELOAD_BUDGET, RELOAD_BUDGET)
         self._phase("idle")
         self.timings["reload_s"] = round(time.monotonic() - t0, 3)
 
+    def marker(self) -> int | None:
+        """console_mark() at the last reload's kernel-log marker, once the
+        console showed it: the console WARNs before it belong to the
+        configuration that ended, those after it to the next."""
+        if self._vm is None or self._sync is None:
+            return None
+        return self._vm.scanner.syncs.get(self._sync)
+
     def _await_sync(self, sync: str, deadline: float) -> int:
         """console_mark() at the agent's kernel-log marker SYNC: the console
         runs behind the channel, and a WARN printed while the last
-        configuration's VMs were destroyed must be counted for it."""
+        configuration's VMs were destroyed or its modules unloaded must be
+        counted for it."""
         vm = self._vm
         assert vm is not None
         while sync not in vm.scanner.syncs:
@@ -575,4 +598,4 @@ class QemuSession:
                 "python_start_s": span("modules", "python")}
 
 
-__all__ = ["AGENT", "CaseError", "Facts", "QemuSession", "Result"]
+__all__ = ["AGENT", "CaseError", "Facts", "QemuSession", "Result", "UnloadError"]

@@ -114,6 +114,7 @@ def test_a_guest_that_dies_between_configurations_is_booted_again(qemu_available
 # a second after its reloaded and hello frames.
 FAKE_AGENT = r"""
 import json, os, sys, time
+MODE = sys.argv[1]
 FD = int(os.environ["KVMTEST_CHANNEL_FD"])
 def send(frame):
     os.write(FD, json.dumps(frame).encode() + b"\n")
@@ -140,8 +141,13 @@ while True:
         for case in frame["cases"]:
             send({"t": "start", "id": case["id"]})
             send({"t": "result", "id": case["id"], "skip": "fake agent"})
+    elif frame["t"] == "reload" and MODE == "unload-fails":
+        send({"t": "reloaded", "stage": "unload", "error": "rmmod kvm_amd: in use"})
+    elif frame["t"] == "reload" and MODE == "dies-after-marker":
+        kmsg("kvmtest-sync " + frame["sync"])
+        sys.exit(9)
     elif frame["t"] == "reload":
-        send({"t": "reloaded", "error": ""})
+        send({"t": "reloaded", "stage": "load", "error": ""})
         hello(frame["kvm_amd"])
         time.sleep(1)
         kmsg("WARNING: CPU: 0 PID: 1 at fake.c:1 teardown of the first configuration")
@@ -153,15 +159,20 @@ while True:
         sys.exit(0)
 """
 FAKE = "/opt/fake_agent.py"
+POWER_OFF = "WARNING: CPU: 0 PID: 1 at fake.c:3 power-off"
+
+
+def _fake_agent(monkeypatch, mode: str) -> None:
+    monkeypatch.setattr(qemu_backend, "QemuSession", functools.partial(
+        QemuSession, command=[GUEST_PYTHON, "-S", "-I", FAKE, mode],
+        files={FAKE: FAKE_AGENT.encode()}))
 
 
 def test_console_warnings_go_to_the_configuration_they_came_in(qemu_available, monkeypatch):
     """A WARN printed before the agent's reload marker belongs to the
     configuration that ended, one after it to the next, even when the
     console shows them after the new hello: the host waits for the marker."""
-    monkeypatch.setattr(qemu_backend, "QemuSession", functools.partial(
-        QemuSession, command=[GUEST_PYTHON, "-S", "-I", FAKE],
-        files={FAKE: FAKE_AGENT.encode()}))
+    _fake_agent(monkeypatch, "warns")
     shared = QemuBackend(KERNEL, share_boot=True)
     try:
         cases = list(catalogue())[:2]
@@ -172,5 +183,40 @@ def test_console_warnings_go_to_the_configuration_they_came_in(qemu_available, m
         second = shared.finish_config(None)
         assert second == ["WARNING: CPU: 0 PID: 1 at fake.c:2 after the marker",
                           "WARNING: CPU: 0 PID: 1 at fake.c:3 power-off"]
+    finally:
+        shared.close()
+
+
+def test_a_reload_that_fails_is_the_fault_of_its_side_of_the_marker(qemu_available,
+                                                                     monkeypatch):
+    """Modules that cannot be unloaded are the ending configuration's fault
+    (its teardown left them in use); a guest that breaks after the marker is
+    the next configuration's: the ending one still passes, the next one's
+    batch fails, and the one after boots afresh."""
+    cases = list(catalogue())[:2]
+    _fake_agent(monkeypatch, "unload-fails")
+    shared = QemuBackend(KERNEL, share_boot=True)
+    try:
+        shared.run_batch(cases, 5.0)
+        first_pid = shared._session.qemu_pid
+        with pytest.raises(KernelError, match="could not be unloaded after this configuration"):
+            shared.finish_config(NPT0)
+        assert not shared.live
+        shared.run_batch(cases, 5.0)  # the next configuration boots afresh
+        assert shared._session.qemu_pid != first_pid
+        assert shared.finish_config(None) == [POWER_OFF]  # the stand-in's own, at bye
+    finally:
+        shared.close()
+
+    _fake_agent(monkeypatch, "dies-after-marker")
+    shared = QemuBackend(KERNEL, share_boot=True)
+    try:
+        shared.run_batch(cases, 5.0)
+        assert shared.finish_config(NPT0) == []  # the ending configuration is not to blame
+        with pytest.raises(KernelError, match="loading kvm/kvm_amd again on the shared boot"):
+            shared.run_batch(cases, 5.0)
+        assert shared.finish_config({}) == []
+        assert all(isinstance(o, str) for o in shared.run_batch(cases, 5.0).values())
+        assert shared.finish_config(None) == [POWER_OFF]  # the stand-in's own, at bye
     finally:
         shared.close()
