@@ -7,6 +7,8 @@ import copy
 import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -318,3 +320,18 @@ def test_boot_groups_share_a_boot_per_kernel_and_cpu_model(monkeypatch):
     assert all(len(g) == 1 for g in matrix.boot_groups(model.cells))
     monkeypatch.setenv("KVMTEST_SHARE_BOOT", "0")
     assert [len(g) for g in matrix.boot_groups(plan.cells)] == [1] * len(plan.cells)
+
+
+def test_watchdog_fires_once_its_time_passes_without_a_restart():
+    """A group's cells each get a lone cell's budget: the matrix restarts the
+    watchdog at each cell's start."""
+    fired = threading.Event()
+    dog = matrix._Watchdog(0.3)
+    dog.start(fired.set)
+    for _ in range(4):  # restarted in time: never fires
+        time.sleep(0.15)
+        dog.restart()
+    assert not fired.is_set() and not dog.fired
+    assert fired.wait(2.0) and dog.fired
+    dog.restart()  # fired is final
+    dog.cancel()
