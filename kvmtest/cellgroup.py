@@ -25,7 +25,6 @@ from pathlib import Path
 from . import cli
 from .backends import BackendError, KernelError
 from .config import Config
-from .display import RunDisplay
 
 
 class SharedBoot:
@@ -34,6 +33,22 @@ class SharedBoot:
     def __init__(self) -> None:
         self.backend_note: tuple[object, str] | None = None
         self.booted_by = ""  # the configuration the running guest was booted for
+
+    def open(self, args: argparse.Namespace) -> tuple[object, str]:
+        """The backend for this cell's run and its note (cli.run_report)."""
+        if self.backend_note is None:
+            self.backend_note = cli.make_backend(args, share_boot=True)
+        backend, note = self.backend_note
+        # result.json in this cell's own artifacts; the console stays with the
+        # boot's, and a cell that boots (afresh) keeps its console in its own.
+        own = Path(args.artifacts) if args.artifacts else None
+        backend.results_dir = own  # type: ignore[attr-defined]
+        if backend.live:  # type: ignore[attr-defined]
+            return backend, (f"{note}; shared boot: kvm and kvm_amd reloaded in the guest "
+                             f"booted for {self.booted_by}")
+        self.booted_by = Config.from_options(args.cpu, cli.kvm_amd_params(args)).label
+        backend.artifacts = own  # type: ignore[attr-defined]
+        return backend, note
 
     def close(self) -> None:
         if self.backend_note is not None:
@@ -61,35 +76,12 @@ def _run_shared(args: argparse.Namespace, group: SharedBoot,
         return backend.finish_config(next_params)
 
     try:
-        return _report(args, group, finish)
+        return cli.cmd_run(args, open_backend=group.open, finish=finish)
     except Exception:
         if not finished and group.backend_note is not None:
             with contextlib.suppress(KernelError, BackendError):  # this cell failed already
                 group.backend_note[0].finish_config(next_params)  # type: ignore[attr-defined]
         raise
-
-
-def _report(args: argparse.Namespace, group: SharedBoot, finish) -> int:
-    cli.check_run_args(args)
-    paths = cli.report_paths(args)
-    display = RunDisplay(out=sys.stderr, verbose=False)
-    if group.backend_note is None:
-        group.backend_note = cli.make_backend(args, share_boot=True)
-    backend, note = group.backend_note
-    # result.json in this cell's own artifacts; the console stays with the
-    # boot's, and a cell that boots (afresh) keeps its console in its own.
-    own = Path(args.artifacts) if args.artifacts else None
-    backend.results_dir = own  # type: ignore[attr-defined]
-    label = Config.from_options(args.cpu, cli.kvm_amd_params(args)).label
-    if backend.live:  # type: ignore[attr-defined]
-        note += f"; shared boot: kvm and kvm_amd reloaded in the guest booted for {group.booted_by}"
-    else:
-        group.booted_by = label
-        backend.artifacts = own  # type: ignore[attr-defined]
-    report = cli.run_report(args, display=display, backend_note=(backend, note), finish=finish)
-    display.finish(report)
-    cli.write_reports(report, paths)
-    return report.exit_code()
 
 
 def main(argv: list[str]) -> int:
@@ -106,7 +98,9 @@ def main(argv: list[str]) -> int:
             next_params = None if last else cli.kvm_amd_params(parsed[i + 1])
             print(f"start {cell['key']}", flush=True)
             args.func = lambda a, n=next_params: _run_shared(a, group, n)
-            with open(cell["log"], "w") as log, contextlib.redirect_stderr(log):
+            # The run's output goes to its log: stdout carries only these lines.
+            with open(cell["log"], "w") as log, contextlib.redirect_stderr(log), \
+                    contextlib.redirect_stdout(log):
                 rc = cli.dispatch(args)
             Path(cell["status"]).write_text(json.dumps({"exit_code": rc}))
             print(f"done {cell['key']}", flush=True)

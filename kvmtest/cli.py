@@ -184,17 +184,20 @@ def make_backend(args: argparse.Namespace, **extra) -> tuple[object, str]:
         raise CliError(str(e), EXIT_ENV) from None
 
 
+OpenBackend = Callable[[argparse.Namespace], tuple[object, str]]
+Finish = Callable[[object], list[str]]
+
+
 def run_report(args: argparse.Namespace, quiet: bool = False,
-               display: RunDisplay | None = None,
-               backend_note: tuple[object, str] | None = None,
-               finish: Callable[[object], list[str]] | None = None) -> Report:
+               display: RunDisplay | None = None, open_backend: OpenBackend | None = None,
+               finish: Finish | None = None) -> Report:
     """Run the selection on the chosen backend; display shows progress.
-    BACKEND_NOTE: an open backend to use (kvmtest.cellgroup: a shared boot);
-    FINISH ends its run and returns the kernel-log lines no case saw
-    (default: close_watched)."""
+    OPEN_BACKEND gives the backend and its note (default: make_backend;
+    kvmtest.cellgroup: a shared boot); FINISH ends its run and returns the
+    kernel-log lines no case saw (default: close_watched)."""
     if display is None and not quiet:
         display = RunDisplay(verbose=getattr(args, "verbose", False))
-    backend, note = backend_note or make_backend(args)
+    backend, note = (open_backend or make_backend)(args)
     finish = finish or close_watched
     maxphy = getattr(backend, "maxphyaddr", DEFAULT_MAXPHYADDR)
     cases = select(catalogue(maxphy), args.k)
@@ -250,7 +253,9 @@ def close_watched(backend) -> list[str]:
     return outside + (lines or [])
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def cmd_run(args: argparse.Namespace, open_backend: OpenBackend | None = None,
+            finish: Finish | None = None) -> int:
+    """OPEN_BACKEND, FINISH: as for run_report."""
     if args.scenario:  # one generated scenario (kvmtest fuzz): kvmtest/fuzz/cli.py
         from .fuzz.cli import run_scenario
 
@@ -260,7 +265,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # A report on stdout ('-') keeps stdout clean: people read stderr then.
     to_stdout = outputs.STDOUT in paths.values()
     display = RunDisplay(out=sys.stderr if to_stdout else sys.stdout, verbose=args.verbose)
-    report = run_report(args, display=display)
+    report = run_report(args, display=display, open_backend=open_backend, finish=finish)
     display.finish(report)
     write_reports(report, paths)
     return report.exit_code()

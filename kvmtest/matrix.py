@@ -10,9 +10,9 @@ still run.
 Shared boots: qemu cells of one kernel and CPU model differ only in kvm_amd
 parameters, so they run as one group on one boot (`kvmtest cells`,
 kvmtest.cellgroup): kvm and kvm_amd are reloaded between them instead of
-booting again (docs/qemu.md section 5).  Each cell is still the `kvmtest run` of its
-own options, with its own JSON, log and exit code.  KVMTEST_SHARE_BOOT=0
-boots every cell.
+booting again (docs/qemu.md section 5).  Each cell is still the `kvmtest
+run` of its own options, with its own JSON, log and exit code.
+KVMTEST_SHARE_BOOT=0 boots every cell.
 
 Sharding (--shard K/N): the planned cells are dealt to N shards, a boot's
 group whole, so every machine that is given the same plan computes the

@@ -143,29 +143,21 @@ class QemuBackend:
                 session.close()
             self._record(session)
             return self._unattributed(session)
-        try:
-            session.reload(kvm_amd_params)
-            self._session = session
-        except NoSpaceError as e:  # this machine's problem, not the kernel's
-            session.abort()
-            self._record(session)
-            raise BackendError(str(e)) from None
-        except UnloadError as e:
-            session.abort()
-            self._record(session)
-            raise KernelError(str(e)) from None
-        except GuestFault as e:
-            session.abort()
-            self._record(session)
-            if session.marker() is None:  # while this configuration was torn down
-                raise KernelError(str(e)) from None
-            self._reload_error = f"loading kvm/kvm_amd again on the shared boot broke it: {e}"
-        except QemuError as e:  # did not load: the next batch says so
-            self._reload_error = str(e)
-            self._session = session
-        except BaseException:
-            session.abort()
-            raise
+        with self._faults(session):  # this configuration's: a KernelError here
+            try:
+                session.reload(kvm_amd_params)
+            except (UnloadError, NoSpaceError):
+                raise
+            except GuestFault as e:
+                session.abort()  # drains the console: which side of the marker?
+                if session.marker() is None:  # while this configuration was torn down
+                    raise
+                self._reload_error = f"loading kvm/kvm_amd again on the shared boot broke it: {e}"
+            except QemuError as e:  # did not load: the next batch says so
+                self._reload_error = str(e)
+                self._session = session
+            else:
+                self._session = session
         self._record(session)
         end = session.marker()
         outside = self._unattributed(session, end)

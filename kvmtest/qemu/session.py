@@ -86,7 +86,7 @@ SILENCE = {"boot": 30.0, "modules": 30.0, "agent": 60.0}  # s without any output
 CASE_SILENCE = 30.0  # s over the case timeout without a frame, per case
 PER_CASE_BUDGET = 2.0  # s per case on top of the batch's timeout
 SHUTDOWN_BUDGET = 15.0  # s for bye + power-off
-RELOAD_BUDGET = 60.0  # s for VM teardown, rmmod + insmod kvm_amd and the new hello
+RELOAD_BUDGET = 60.0  # s for VM teardown, rmmod + insmod kvm and kvm_amd, the new hello
 TRANSCRIPT_CAP = 16 * 1024 * 1024
 
 

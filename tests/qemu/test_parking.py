@@ -11,10 +11,8 @@ configuration and with npt=0: four boots, ~50 s under TCG.
 
 from __future__ import annotations
 
-import dataclasses
-import re
-
 import pytest
+from observations import comparable, differences
 
 from kvmtest.backends.qemu import QemuBackend
 from kvmtest.cases import catalogue
@@ -22,22 +20,12 @@ from kvmtest.cases import catalogue
 pytestmark = pytest.mark.qemu
 
 KERNEL = "debian:linux-image-6.1.0-56-amd64-unsigned"
-PID = re.compile(r"PID: \d+")
 
 
 def _observations(guest_env: dict[str, str] | None,
                   kvm_amd: dict[str, str] | None = None) -> dict[str, object]:
     backend = QemuBackend(KERNEL, guest_env=guest_env, kvm_amd_params=kvm_amd)
-    out = backend.run_batch(list(catalogue()), 5.0)
-    result = {}
-    for case_id, obs in out.items():
-        if isinstance(obs, str):  # a skip reason
-            result[case_id] = obs
-            continue
-        data = dataclasses.asdict(obs)
-        data["kernel_warnings"] = [PID.sub("PID: -", w) for w in data["kernel_warnings"] or []]
-        result[case_id] = data
-    return result
+    return comparable(backend.run_batch(list(catalogue()), 5.0))
 
 
 @pytest.mark.parametrize("kvm_amd", [{}, {"npt": "0"}], ids=["default", "npt0"])
@@ -49,10 +37,6 @@ def test_parked_vcpus_observe_what_a_vm_per_dirty_case_observes(qemu_available, 
     observes."""
     parked = _observations(None, kvm_amd)
     unparked = _observations({"KVMTEST_PARK_VCPUS": "0"}, kvm_amd)
-    assert parked.keys() == unparked.keys()
-    differ = {case_id: [field for field in obs if obs[field] != unparked[case_id][field]]
-              if isinstance(obs, dict) else obs
-              for case_id, obs in parked.items() if obs != unparked[case_id]}
-    assert differ == {}
+    assert differences(parked, unparked) == {}
     # The comparison had dirty vCPUs to park: nested_state and SMM cases.
     assert any(case_id.startswith("nested_state/") for case_id in parked)

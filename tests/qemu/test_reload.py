@@ -13,13 +13,12 @@ an error the session survives.  Two boots, ~25 s under TCG.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
-import re
 import signal
 
 import pytest
+from observations import comparable, differences
 
 from kvmtest.backends import KernelError
 from kvmtest.backends import qemu as qemu_backend
@@ -32,25 +31,12 @@ pytestmark = pytest.mark.qemu
 
 KERNEL = "debian:linux-image-7.3.4+deb13-amd64@trixie-backports"
 NPT0 = {"npt": "0"}
-PID = re.compile(r"PID: \d+")
-
-
-def _comparable(out: dict) -> dict[str, object]:
-    result = {}
-    for case_id, obs in out.items():
-        if isinstance(obs, str):  # a skip reason
-            result[case_id] = obs
-            continue
-        data = dataclasses.asdict(obs)
-        data["kernel_warnings"] = [PID.sub("PID: -", w) for w in data["kernel_warnings"] or []]
-        result[case_id] = data
-    return result
 
 
 def test_reloaded_kvm_amd_observes_what_a_boot_observes(qemu_available):
     cases = list(catalogue())
     booted = QemuBackend(KERNEL, kvm_amd_params=NPT0)
-    fresh = _comparable(booted.run_batch(cases, 5.0))
+    fresh = comparable(booted.run_batch(cases, 5.0))
 
     shared = QemuBackend(KERNEL, share_boot=True)
     try:
@@ -59,16 +45,12 @@ def test_reloaded_kvm_amd_observes_what_a_boot_observes(qemu_available):
         shared.run_batch(warm, 5.0)
         assert shared.finish_config(NPT0) == []
         assert shared.live
-        reloaded = _comparable(shared.run_batch(cases, 5.0))
+        reloaded = comparable(shared.run_batch(cases, 5.0))
         facts = shared._session.facts  # the agent's new hello
         assert facts.kvm_amd["npt"] in ("N", "0")
         assert shared.config.kvm_amd_params == NPT0
 
-        assert reloaded.keys() == fresh.keys()
-        differ = {case_id: [field for field in obs if obs[field] != fresh[case_id][field]]
-                  if isinstance(obs, dict) else obs
-                  for case_id, obs in reloaded.items() if obs != fresh[case_id]}
-        assert differ == {}
+        assert differences(reloaded, fresh) == {}
         # npt=0's own case ran (it is skipped with npt=1).
         assert isinstance(reloaded["control/np-enable-without-npt[gif1]"], dict)
 
