@@ -194,7 +194,9 @@ static int kvmtest_signal_consume(int signo)
 
 ffibuilder = FFI()
 ffibuilder.cdef((HERE / "kvm_cdef.h").read_text())
-ffibuilder.set_source("kvmtest._kvm_cffi", SOURCE, extra_compile_args=["-O2"])
+# record.c: a case's reset and run loop in C (docs/record.md).
+ffibuilder.set_source("kvmtest._kvm_cffi", SOURCE + (HERE / "record.c").read_text(),
+                      extra_compile_args=["-O2", "-Wall"])
 
 if __name__ == "__main__":
     import shutil

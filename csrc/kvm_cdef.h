@@ -284,3 +284,65 @@ int kvmtest_signal_consume(int signo);
 int kvmtest_block_signal(int signo, uint64_t *old_mask);
 int kvmtest_unblock_signal(int signo);
 int kvmtest_gettid(void);
+
+/* ---- a case's hot path (record.c) -------------------------------------------- */
+#define KVMTEST_REC_IO ...
+#define KVMTEST_REC_HLT ...
+#define KVMTEST_REC_MMIO ...
+#define KVMTEST_REC_SHUTDOWN ...
+#define KVMTEST_REC_FAIL_ENTRY ...
+#define KVMTEST_REC_INTERNAL ...
+#define KVMTEST_REC_SYSTEM_EVENT ...
+#define KVMTEST_REC_IRQ_WINDOW ...
+#define KVMTEST_REC_DEBUG ...
+#define KVMTEST_REC_UNKNOWN ...
+#define KVMTEST_REC_INTERRUPTED ...
+#define KVMTEST_REC_TIMED_OUT ...
+#define KVMTEST_REC_RUN_ERROR ...
+#define KVMTEST_REC_SNAP ...
+#define KVMTEST_REC_NESTED ...
+struct kvmtest_record_args {
+    int vcpu_fd;
+    uint8_t *run;
+    uint64_t run_size;
+    uint8_t *mem;
+    uint64_t mem_size;
+    const uint8_t *writes;
+    uint64_t writes_len;
+    uint32_t max_exits;
+    int signo;
+    double when;
+    uint32_t ucall_port;
+    uint64_t ucall_args_gpa;
+    uint32_t ucall_args_len;
+    uint32_t cmd_sync, cmd_ping, cmd_assert;
+    uint64_t result_gpa;
+    uint32_t result_len;
+    uint32_t cstring_limit;
+    const uint64_t *final_snaps;
+    uint32_t n_final;
+    int final_nested;
+    uint8_t *nested_buf;
+    uint32_t nested_size;
+    uint8_t *out;
+    uint64_t out_cap;
+    uint32_t at_ucall;
+};
+long long kvmtest_record(struct kvmtest_record_args *a);
+struct kvmtest_reset_args {
+    int vcpu_fd;
+    uint8_t *nested_buf;
+    uint32_t nested_size;
+    uint32_t gif_set;
+    uint8_t *gif_state;
+    uint8_t *mem;
+    const uint8_t *low;
+    uint64_t low_len;
+    uint64_t code_gpa;
+    uint64_t clear_len;
+    const uint8_t *image;
+    uint64_t image_len;
+    void *sregs, *regs, *msrs, *events;
+    uint32_t nmsrs;
+};
+int kvmtest_reset(const struct kvmtest_reset_args *a, int *step);

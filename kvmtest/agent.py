@@ -26,20 +26,23 @@ frames are decoded without the strict checks the host applies to ours.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
 import time
 
+from . import record
 from .backends.kvm import KvmBackend, kvm_module
-from .case import Case
+from .case import NEED_SVM, Case
 from .casecodec import from_json, to_json
 from .kvm import KvmUnavailable
 from .kvm_amd import module_params
-from .runner import run_case
+from .payloads import Payload, load_payload
+from .runner import record_case, run_case
 from .smm import drive_smm  # noqa: F401  (run_case imports it lazily; load it now)
 
-PROTOCOL_VERSION = 2  # kvmtest.qemu.channel.PROTOCOL_VERSION
+PROTOCOL_VERSION = 3  # kvmtest.qemu.channel.PROTOCOL_VERSION
 KVM_LIST = "/lib/kvmtest/kvm.list"  # /init's module plan: name status file [params...]
 KVM_DIR = "/lib/kvmtest/kvm"
 BUSYBOX = "/bin/busybox"
@@ -100,9 +103,9 @@ def facts(backend: KvmBackend | None, error: str | None = None) -> dict:
     return out
 
 
-def skip_reason(caps: dict[str, str | None], case: Case) -> str | None:
+def skip_reason(caps: dict[str, str | None], needs) -> str | None:
     """A need the guest's KVM lacks (the host filters first, from the facts)."""
-    for need in sorted(case.needs):
+    for need in sorted(needs):
         reason = caps.get(need, f"the guest cannot provide {need!r}")
         if reason:
             return reason
@@ -136,8 +139,20 @@ def run_batch(ch: Channel, backend: KvmBackend, frame: dict) -> None:
             ch.send(start)
         started = time.monotonic()
         try:
+            rec = data.get("record")
+            if rec is not None:  # kvmtest.record: run in C, replayed on the host
+                reason = skip_reason(caps, rec["needs"])
+                if reason:
+                    result = {"t": "result", "id": case_id, "skip": reason}
+                    continue
+                trace, warnings = record_case(
+                    backend, payload(rec["payload"], rec["image"]), NEED_SVM in rec["needs"],
+                    rec["cpuid"], record.Compiled.from_json(rec), timeout)
+                result = {"t": "result", "id": case_id, "trace": record.b64(trace),
+                          "warnings": warnings, "seconds": round(time.monotonic() - started, 4)}
+                continue
             case = from_json(Case, data, strict=False)
-            reason = skip_reason(caps, case)
+            reason = skip_reason(caps, case.needs)
             if reason:
                 result = {"t": "result", "id": case_id, "skip": reason}
                 continue
@@ -149,6 +164,21 @@ def run_batch(ch: Channel, backend: KvmBackend, frame: dict) -> None:
                   "seconds": round(time.monotonic() - started, 4)}
     if result:
         ch.send(result)
+
+
+_PAYLOADS: dict[tuple[str, str], Payload] = {}
+
+
+def payload(name: str, image_sha256: str) -> Payload:
+    """The payload a recorded case names, checked against the host's: the
+    host compiled the case's memory with its own build (kvmtest.record)."""
+    p = _PAYLOADS.get((name, image_sha256))
+    if p is None:
+        p = load_payload(name)
+        if hashlib.sha256(p.image).hexdigest() != image_sha256:
+            raise ValueError(f"payload {name!r} differs from the host's build")
+        _PAYLOADS[(name, image_sha256)] = p
+    return p
 
 
 def busybox(*argv: str) -> str:
@@ -223,7 +253,9 @@ def kernel_log_marker(sync: str) -> None:
 
 def open_backend() -> tuple[KvmBackend | None, str | None]:
     try:
-        return KvmBackend(), None
+        # Whole cases run on drive()'s Python loop here; the host sends
+        # eligible ones compiled for record_case (KVMTEST_RECORD).
+        return KvmBackend(records=False), None
     except KvmUnavailable as e:
         return None, str(e)
 

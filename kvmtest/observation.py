@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 # KVM_STATE_NESTED_* flags (arch/x86/include/uapi/asm/kvm.h); the model uses
@@ -92,5 +92,15 @@ class Observation:
         return f"{self.outcome} {self.detail}".rstrip()
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        return {k: v for k, v in d.items() if v is not None and v != [] and v != ""}
+        # asdict() without its deep recursion: every field is a plain value,
+        # a list or a dict of plain values (the host writes 500 per run).
+        out: dict[str, Any] = {}
+        for name in _FIELD_NAMES:
+            v = getattr(self, name)
+            if v is None or v == [] or v == "":
+                continue
+            out[name] = list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v
+        return out
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(Observation))

@@ -104,7 +104,15 @@ def junit_text(report: Report) -> str:
 
 
 def json_text(report: Report) -> str:
-    return json.dumps(report.to_json(), indent=1, sort_keys=True) + "\n"
+    """The run's JSON: indented, with one case per line (diffs read case by
+    case, and json's C encoder does the lines: with indent= every value goes
+    through the pure-Python one, a third of a verdict's host time)."""
+    data = report.to_json()
+    cases = data.pop("cases")
+    head = json.dumps(data, indent=1, sort_keys=True)
+    lines = ",\n  ".join(json.dumps(c, sort_keys=True) for c in cases)
+    body = f'"cases": [\n  {lines}\n ]' if cases else '"cases": []'
+    return f"{head[:-2]},\n {body}\n}}\n"
 
 
 def ktap(report: Report) -> str:

@@ -18,6 +18,7 @@ from . import layout
 
 UCALL_PORT = 0x1000
 UCALL_NARGS = 7
+CSTRING_LIMIT = 256  # bytes of a GUEST_ASSERT string read
 _ARGS = struct.Struct(f"<{UCALL_NARGS}Q")  # struct ucall's args[], after cmd
 
 
@@ -74,7 +75,8 @@ def decode(read: Callable[[int, int], bytes], cmd: int) -> UcallExit:
     return UcallExit(cmd, _ARGS.unpack(read(layout.UCALL_GPA + 8, _ARGS.size)))
 
 
-def read_cstring(read: Callable[[int, int], bytes], gpa: int, limit: int = 256) -> str:
+def read_cstring(read: Callable[[int, int], bytes], gpa: int,
+                 limit: int = CSTRING_LIMIT) -> str:
     if not 0 < gpa < layout.MEM_SIZE:
         return f"<bad string pointer {gpa:#x}>"
     raw = read(gpa, min(limit, layout.MEM_SIZE - gpa))

@@ -160,6 +160,15 @@ ATTR_CS_DB = 1 << 10
 _PACK = {1: "<B", 2: "<H", 4: "<I", 8: "<Q"}
 
 
+def field(data: bytes, name: str) -> int:
+    """Field NAME from the start of a VMCB image DATA (which may stop early,
+    e.g. at SAVE_AREA: the control area alone)."""
+    f = FIELDS[name]
+    if f.offset + f.size > len(data):
+        raise ValueError(f"{name} lies beyond the {len(data)} bytes read")
+    return struct.unpack_from(_PACK[f.size], data, f.offset)[0]
+
+
 class Vmcb:
     """A VMCB as a mutable 4 KiB byte image, accessed by field name."""
 

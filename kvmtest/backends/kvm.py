@@ -13,7 +13,7 @@ import os
 import threading
 from collections.abc import Iterator
 
-from .. import cpuid_features, kmsg, l1, layout, ucall
+from .. import cpuid_features, kmsg, l1, layout, record, ucall
 from ..exits import DebugExit, Exit, IoExit, IrqWindowExit
 from ..info import host_vendor, kvm_module
 from ..kvm import (
@@ -30,12 +30,15 @@ from ..kvm import (
     lib,
 )
 from ..kvm.cpuid import pack_cpuid2
+from ..kvm.deadline import SIGNAL
 from ..kvm.nested import GIF_SET as KVM_STATE_NESTED_GIF_SET
+from ..kvm.nested import HEADER_SIZE
 from ..kvm.vm import GuestMemory
 from ..kvm_amd import config_capabilities, cpu_capabilities, module_params
 from ..nested_request import HostPrep, NestedBlob
 from ..observation import NestedView
 from ..payloads import Payload
+from ..runner import MAX_EXITS
 
 CPUID_EXT_FEATURES = 0x8000_0001
 CPUID_SVM_FEATURES = 0x8000_000A
@@ -116,6 +119,9 @@ def _low_image(payload: Payload) -> bytes:
 
 DEFAULT_STEP_TIMEOUT = 2.0  # one guest instruction under the host's single-step
 
+_RESET_STEPS = ("KVM_GET_NESTED_STATE", "KVM_SET_NESTED_STATE", "KVM_SET_SREGS",
+                "KVM_SET_REGS", "KVM_SET_MSRS", "KVM_SET_VCPU_EVENTS")
+
 # Everything below the payload that a case can write (tables, ucall/params,
 # HSAVE, VMCB12s, bitmaps, stacks, SMRAM), wiped when a vCPU is reused.
 LOW_MEMORY = layout.SMRAM_GPA + 0x10000
@@ -150,9 +156,11 @@ class KvmMachine:
             # every vCPU of this VM (the APIC base's BSP bit included): built
             # once per L1 state (segments, CRs, EFER; RIP is in regs).
             self._fresh_sregs = bytes(ffi.buffer(self.vcpu.get_sregs()))
-            self._sregs: dict[tuple, object] = {}
+            self._registers: dict[tuple, tuple] = {}
             self._code_len = 0
             self._load(payload)
+            self._reset_args = self._make_reset_args()
+            self._record_args = self._make_record_args()
         except BaseException:
             self.vm.close()
             raise
@@ -184,17 +192,23 @@ class KvmMachine:
         self.mem.view[layout.CODE_GPA:layout.CODE_GPA + self._code_len] = bytes(self._code_len)
         self.mem.write(layout.CODE_GPA, payload.image)
         self._code_len = len(payload.image)
-        self._enter_long_mode(l1.initial_state(payload))
-        self.last_exit: Exit | None = None
+        sregs, regs = self._l1_registers(payload)
+        self.vcpu.set_sregs(sregs)
+        self.vcpu.set_regs(regs)
+        self._loaded()
+
+    def _loaded(self) -> None:
+        # Did the last run stop at a ucall (the guest stopped where kvmtest
+        # expected)?  Only then can reset() vouch for the vCPU.
+        self.at_ucall = False
         self.touched_nested_state = False
         self._pending_irq: int | None = None
 
     @property
     def reusable(self) -> bool:
         """The case ended at a ucall and left no host-made nested state."""
-        ex = self.last_exit
-        return (isinstance(ex, IoExit) and ex.port == ucall.UCALL_PORT
-                and not self.touched_nested_state and not self._extra and not self._deleted)
+        return (self.at_ucall and not self.touched_nested_state and not self._extra
+                and not self._deleted)
 
     @property
     def renewable(self) -> bool:
@@ -222,35 +236,76 @@ class KvmMachine:
         self._load(payload)
 
     def reset(self, payload: Payload) -> None:
-        """Back to a fresh vCPU's state for the next case."""
+        """Back to a fresh vCPU's state for the next case, in one C call
+        (kvmtest_reset, csrc/record.c), in this order:
+
+        1. with nested state, KVM_GET_NESTED_STATE; unless its flags are
+           exactly GIF_SET, KVM_SET_NESTED_STATE to leave guest mode first (a
+           case may end at a ucall from L2), so the register writes below
+           reach L1's state, not VMCB02's; and GIF=1 as after reset.  Only
+           then: KVM_SET_NESTED_STATE has side effects a fresh vCPU does not
+           have (with vGIF, svm_set_gif(true) drops the STGI intercept even
+           while EFER.SVME=0), and a reused vCPU must behave like a fresh one;
+        2. the memory of _load(), then KVM_SET_SREGS (EFER without SVME: KVM
+           leaves nested mode, GIF=1) and KVM_SET_REGS;
+        3. KVM_SET_MSRS: the MSRs a case can change, HSAVE and what a (wrongly
+           executed) VMLOAD loads, all zero;
+        4. KVM_SET_VCPU_EVENTS: nothing pending or injected."""
         self._end_deadline()
-        if self.nested_cap and self.vcpu.get_nested_state().flags != KVM_STATE_NESTED_GIF_SET:
-            # Leave guest mode first (a case may end at a ucall from L2), so
-            # the register writes below reach L1's state, not VMCB02's; and
-            # GIF=1 as after reset.  Only then: KVM_SET_NESTED_STATE has side
-            # effects a fresh vCPU does not have (with vGIF, svm_set_gif(true)
-            # drops the STGI intercept even while EFER.SVME=0), and a reused
-            # vCPU must behave like a fresh one.
-            self.vcpu.set_nested_state(NestedState.svm(KVM_STATE_NESTED_GIF_SET, 0))
-        self._load(payload)  # EFER without SVME: KVM leaves nested mode, GIF=1
-        # MSRs a case can change: HSAVE, and what a (wrongly executed) VMLOAD loads.
+        sregs, regs = self._l1_registers(payload)
+        low = _low_image(payload)
+        a = self._reset_args
+        a.vcpu_fd = self.vcpu.fd
+        a.clear_len = self._code_len
+        keep = (ffi.from_buffer("uint8_t[]", low), ffi.from_buffer("uint8_t[]", payload.image))
+        a.low, a.low_len = keep[0], len(low)
+        a.image, a.image_len = keep[1], len(payload.image)
+        a.sregs, a.regs = sregs, regs
+        r = lib.kvmtest_reset(a, self._reset_step)
+        if r < 0:
+            raise KvmError(_RESET_STEPS[self._reset_step[0]], -r)
+        self._code_len = len(payload.image)
+        self._loaded()
+
+    def _make_reset_args(self):
+        a = ffi.new("struct kvmtest_reset_args *")
+        keep = [a]
+        if self.nested_cap:
+            size = max(self.vm.nested_state_size, HEADER_SIZE + lib.KVM_STATE_NESTED_SVM_VMCB_SIZE)
+            a.nested_buf = self._nested_buf = ffi.new("uint8_t[]", size)
+            a.nested_size = size
+            a.gif_set = KVM_STATE_NESTED_GIF_SET
+            a.gif_state = gif = NestedState.svm(KVM_STATE_NESTED_GIF_SET, 0).pack()
+            keep.append(gif)
+        a.mem = self.mem.cdata
+        a.code_gpa = layout.CODE_GPA
         msrs = dict.fromkeys(RESET_MSRS, 0)
         if self.nested_cap:
             msrs[MSR_VM_HSAVE_PA] = 0
-        self.vcpu.set_msrs(msrs)
-        self.vcpu.set_vcpu_events(self._no_events)
+        c = ffi.new("struct kvm_msrs *", {"nmsrs": len(msrs), "entries": len(msrs)})
+        for i, index in enumerate(msrs):
+            c.entries[i].index = index
+        a.msrs, a.nmsrs = c, len(msrs)
+        a.events = self._no_events
+        keep.append(c)
+        self._reset_keep = keep  # cdata a.* points into
+        self._reset_step = ffi.new("int *")
+        return a
 
     # Nothing pending or injected: exception, interrupt, NMI (pending and
     # masked), interrupt shadow.
     _no_events = ffi.new("struct kvm_vcpu_events *", {
         "flags": lib.KVM_VCPUEVENT_VALID_NMI_PENDING | lib.KVM_VCPUEVENT_VALID_SHADOW})
 
-    def _enter_long_mode(self, st: l1.L1State) -> None:
-        key = (st.cr0, st.cr3, st.cr4, st.efer, st.cs, st.ds, st.es, st.fs, st.gs, st.ss,
-               st.tr, st.ldt, st.gdt, st.idt)  # what KVM_SET_SREGS takes of st
-        sregs = self._sregs.get(key)
-        if sregs is None:
-            sregs = self._sregs[key] = ffi.new("struct kvm_sregs *")
+    def _l1_registers(self, payload: Payload):
+        """KVM_SET_SREGS's and KVM_SET_REGS's structs for L1's start in long
+        mode with PAYLOAD, built once per payload (the same for every vCPU of
+        this VM): sregs from vCPU 0's fresh ones, so the APIC base's BSP bit too."""
+        key = (payload.name, payload.image)
+        found = self._registers.get(key)
+        if found is None:
+            st = l1.initial_state(payload)
+            sregs = ffi.new("struct kvm_sregs *")
             ffi.memmove(sregs, self._fresh_sregs, len(self._fresh_sregs))
             sregs.interrupt_bitmap = [0] * len(sregs.interrupt_bitmap)
             for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr"):
@@ -260,9 +315,54 @@ class KvmMachine:
             sregs.idt.base, sregs.idt.limit = st.idt
             sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer = st.cr0, st.cr3, st.cr4, st.efer
             sregs.cr2 = 0
-        self.vcpu.set_sregs(sregs)
-        # Every other GPR zero: a reused vCPU must not carry the last case's.
-        self.vcpu.set_regs(rip=st.rip, rsp=st.rsp, rflags=st.rflags)
+            # Every other GPR zero: a reused vCPU must not carry the last case's.
+            regs = ffi.new("struct kvm_regs *", {"rip": st.rip, "rsp": st.rsp,
+                                                 "rflags": st.rflags})
+            found = self._registers[key] = (sregs, regs)
+        return found
+
+    def record(self, compiled: record.Compiled, timeout: float) -> bytes:
+        """Run an eligible case (kvmtest.record) in C: its memory written, then
+        KVM_RUN until it ends, under the case's deadline; the trace."""
+        if self._deadline is None:  # armed as run() arms it: once per case
+            self._deadline = self.vcpu.deadline(timeout)
+            self._deadline.__enter__()
+        a = self._record_args
+        vcpu = self.vcpu
+        a.vcpu_fd = vcpu.fd
+        a.run, a.run_size = vcpu.run_cdata, vcpu.run_size
+        keep = ffi.from_buffer("uint8_t[]", compiled.writes)
+        a.writes, a.writes_len = keep, len(compiled.writes)
+        a.when = self._deadline.when
+        final = [x for r in compiled.final for x in r]
+        a.final_snaps = finals = ffi.new("uint64_t[]", final or [0])
+        a.n_final = len(compiled.final)
+        a.final_nested = compiled.final_nested
+        n = lib.kvmtest_record(a)
+        del keep, finals
+        if n < 0:
+            raise KvmError("kvmtest_record", -n)
+        trace = bytes(ffi.buffer(self._trace, n))
+        self.at_ucall = bool(a.at_ucall)
+        return trace
+
+    def _make_record_args(self):
+        a = ffi.new("struct kvmtest_record_args *")
+        a.mem, a.mem_size = self.mem.cdata, layout.MEM_SIZE
+        a.max_exits = MAX_EXITS
+        a.signo = SIGNAL
+        a.ucall_port = ucall.UCALL_PORT
+        a.ucall_args_gpa, a.ucall_args_len = record.UCALL_ARGS
+        a.cmd_sync, a.cmd_ping = ucall.Ucall.SYNC, ucall.Ucall.PING
+        a.cmd_assert = ucall.Ucall.ASSERT
+        a.result_gpa, a.result_len = record.RESULT
+        a.cstring_limit = ucall.CSTRING_LIMIT
+        size = max(self.vm.nested_state_size, HEADER_SIZE + lib.KVM_STATE_NESTED_SVM_VMCB_SIZE)
+        a.nested_buf = self._record_nested = ffi.new("uint8_t[]", size)
+        a.nested_size = size
+        a.out = self._trace = ffi.new("uint8_t[]", record.MAX_TRACE)
+        a.out_cap = record.MAX_TRACE
+        return a
 
     def run(self, timeout: float) -> Exit:
         # One deadline for the whole case, armed at its first run: arming a
@@ -271,7 +371,8 @@ class KvmMachine:
             self._deadline = self.vcpu.deadline(timeout)
             self._deadline.__enter__()
         while True:
-            self.last_exit = ex = self.vcpu.run()
+            ex = self.vcpu.run()
+            self.at_ucall = isinstance(ex, IoExit) and ex.port == ucall.UCALL_PORT
             if isinstance(ex, IrqWindowExit) and self._pending_irq is not None:
                 # The userspace-irqchip protocol: inject once KVM says the
                 # vCPU can take it (GIF, RFLAGS.IF, no shadow), then go on.
@@ -423,7 +524,8 @@ class KvmMachine:
         try:
             self.vcpu.set_guest_debug(debug)
             try:  # its own deadline: the case's is armed by its first run()
-                self.last_exit = ex = self.vcpu.run(DEFAULT_STEP_TIMEOUT)
+                ex = self.vcpu.run(DEFAULT_STEP_TIMEOUT)
+                self.at_ucall = False
             finally:
                 self.vcpu.set_guest_debug(0)
         except KvmError as e:
@@ -451,8 +553,11 @@ class KvmBackend:
     name = "kvm"
 
     def __init__(self, profile: str | None = None, reuse: bool | None = None,
-                 park: bool | None = None) -> None:
+                 park: bool | None = None, records: bool | None = None) -> None:
         self.profile = profile
+        # KVMTEST_RECORD=0: every case on drive()'s Python loop, none recorded
+        # in C and replayed (kvmtest.record; for comparison).
+        self.records = os.environ.get("KVMTEST_RECORD") != "0" if records is None else records
         # KVMTEST_FRESH_VM=1: a new VM for every case (slower, for comparison).
         self.reuse = os.environ.get("KVMTEST_FRESH_VM") != "1" if reuse is None else reuse
         # KVMTEST_PARK_VCPUS=0: a new VM after every case that leaves its vCPU

@@ -204,6 +204,15 @@ class Vcpu(FdObject):
         self._run.request_interrupt_window = 1 if value else 0
 
     @property
+    def run_cdata(self):
+        """kvm_run's mapping as ``uint8_t *`` (for C helpers, csrc/record.c)."""
+        return ffi.cast("uint8_t *", self._run_buf)
+
+    @property
+    def run_size(self) -> int:
+        return len(self._run_mm) if self._run_mm is not None else 0
+
+    @property
     def kvm_run(self):
         """The raw ``struct kvm_run *`` cdata (valid until close())."""
         return self._run

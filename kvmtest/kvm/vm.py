@@ -33,6 +33,7 @@ class GuestMemory:
         # gives us its address for KVM_SET_USER_MEMORY_REGION.
         self._cbuf = ffi.from_buffer(self._mm)
         self.hva = int(ffi.cast("uintptr_t", self._cbuf))
+        self.cdata = ffi.cast("uint8_t *", self._cbuf)  # for C helpers (csrc/record.c)
         self.view = memoryview(self._mm)
 
     def contains(self, gpa: int, n: int = 1) -> bool:

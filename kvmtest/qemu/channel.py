@@ -11,17 +11,21 @@ Guest -> host (everything the guest sends is hostile; the host checks it):
     {"t": "dev_kvm", "present": true}
     {"t": "output", "stream": "stdout", "hex": "..."}        boot(): command output
     {"t": "exit", "rc": 0}                                   the guest command ended
-    {"t": "hello", "v": 2, "facts": {...}}                   the agent is ready
+    {"t": "hello", "v": 3, "facts": {...}}                   the agent is ready
     {"t": "reloaded", "stage": "load", "error": ""}          kvm, kvm_amd reloaded ("" or
                                                              why not); a hello follows
     {"t": "start", "id": "save/efer-svme0[gif1]"}            a case begins
     {"t": "result", "id": ..., "observation": {...}}         ... or "skip": reason,
-                                                             ... or "error": text
+                                                             ... or "error": text,
+                                                             ... or "trace": base64 and
+                                                             "warnings": [...] | null
+                                                             (kvmtest.record)
     {"t": "bye"}                                             the agent is done
 
 Host -> guest:
 
     {"t": "batch", "timeout": 5.0, "cases": [<casecodec JSON>, ...]}
+                                  an eligible case as {"id": ..., "record": {...}}
     {"t": "reload", "kvm_amd": {"nested": "1", "npt": "0"}, "sync": "reload-1"}
                                   kvm_amd's parameters; SYNC goes to the kernel log
     {"t": "bye"}
@@ -42,7 +46,7 @@ from typing import Any
 MAX_LINE = 256 * 1024  # one guest frame; an observation is ~1 KB
 MAX_TOTAL = 64 * 1024 * 1024  # all guest frames of one boot
 PORT_NAME = "org.kvmtest.0"  # the virtio-serial port's name (/sys/class/virtio-ports/*/name)
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 
 class ProtocolError(Exception):
@@ -86,7 +90,8 @@ FRAMES: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "hello": {"v": ((int,), True), "facts": ((dict,), True)},
     "start": {"id": ((str,), True)},
     "result": {"id": ((str,), True), "observation": ((dict,), False), "skip": ((str,), False),
-               "error": ((str,), False), "seconds": (_NUM, False)},
+               "error": ((str,), False), "seconds": (_NUM, False),
+               "trace": ((str,), False), "warnings": ((list, type(None)), False)},
     "reloaded": {"stage": ((str,), True), "error": ((str,), True)},
     "bye": {},
 }

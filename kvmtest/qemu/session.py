@@ -38,6 +38,8 @@ API (for ``kvmtest run --backend qemu``, matrix and fuzz drivers)::
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import os
 import shutil
 import tempfile
@@ -47,11 +49,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvmtest import record
 from kvmtest.case import Case
 from kvmtest.casecodec import CodecError, from_json, to_json
 from kvmtest.config import Config
 from kvmtest.kvm_amd import config_capabilities, cpu_capabilities
 from kvmtest.observation import Observation
+from kvmtest.payloads import Payload, load_payload
 from kvmtest.qemu import channel
 from kvmtest.qemu.errors import GuestFault, QemuError
 from kvmtest.qemu.initramfs import BootConfig, check_param
@@ -152,6 +156,12 @@ def decode_facts(data: dict[str, Any]) -> Facts:
                     for f in dataclasses.fields(Facts)})
 
 
+@functools.cache
+def _payload(name: str) -> Payload:
+    """The host's build of a payload (the agent checks its own against it)."""
+    return load_payload(name)
+
+
 class UnloadError(QemuError):
     """kvm/kvm_amd could not be unloaded at a reload: the configuration that
     ended still holds them."""
@@ -214,6 +224,9 @@ class QemuSession:
         self._host_start = 0.0
         self._reloads = 0
         self._sync: str | None = None  # the last reload's kernel-log marker
+        # KVMTEST_RECORD=0: every case whole, on the agent's Python drive()
+        # (kvmtest.record; the reference the recorded path is compared with).
+        self.records = os.environ.get("KVMTEST_RECORD") != "0"
 
     # -- lifecycle
 
@@ -473,7 +486,8 @@ class QemuSession:
         ids = [c.id for c in cases]
         if len(set(ids)) != len(ids):
             raise QemuError("a batch with duplicate case ids")
-        vm.send({"t": "batch", "timeout": timeout, "cases": [to_json(c) for c in cases]})
+        by_id = {c.id: c for c in cases}
+        vm.send({"t": "batch", "timeout": timeout, "cases": [self._entry(c) for c in cases]})
         started = time.monotonic()
         deadline = started + timeout + PER_CASE_BUDGET * len(cases) + 30.0
         silence = timeout + self.case_silence
@@ -491,7 +505,7 @@ class QemuSession:
                 if frame["t"] != "result" or frame["id"] != case_id:
                     raise self._fault(f"the guest broke the protocol: expected the result of "
                                       f"{case_id}, got {self._describe(frame)}")
-                yield case_id, self._result(frame)
+                yield case_id, self._result(frame, by_id[case_id], timeout)
             done = True
         finally:
             self.timings["cases_s"] = round(time.monotonic() - started, 3)
@@ -504,8 +518,23 @@ class QemuSession:
         ident = frame.get("id")
         return f"a {frame['t']!r} frame" + (f" for {printable(ident, 80)!r}" if ident else "")
 
-    def _result(self, frame: dict[str, Any]) -> Result:
-        outcomes = [k for k in ("observation", "skip", "error") if k in frame]
+    def _entry(self, case: Case) -> dict[str, Any]:
+        """CASE for the batch frame: compiled for the agent's C loop
+        (kvmtest.record) when it is eligible, else whole."""
+        if self.records and record.eligible(case):
+            payload = _payload(case.payload)
+            try:
+                compiled = record.compile_case(case, payload)
+            except ValueError:  # memory outside the memslot: the guest's drive() says so
+                return to_json(case)
+            return {"id": case.id, "record": {
+                **compiled.to_json(), "payload": payload.name,
+                "image": hashlib.sha256(payload.image).hexdigest(),
+                "needs": sorted(case.needs), "cpuid": dict(case.cpuid)}}
+        return to_json(case)
+
+    def _result(self, frame: dict[str, Any], case: Case, timeout: float) -> Result:
+        outcomes = [k for k in ("observation", "skip", "error", "trace") if k in frame]
         if len(outcomes) != 1:
             raise self._fault("the guest broke the protocol: a result with "
                               f"{' and '.join(outcomes) or 'no outcome'}")
@@ -513,11 +542,37 @@ class QemuSession:
             return "guest: " + printable(frame["skip"], 500)
         if "error" in frame:
             return CaseError(printable(frame["error"], 2000))
+        if "trace" in frame:
+            return self._replay(frame, case, timeout)
         try:
             return decode_observation(frame["observation"])
         except CodecError as e:
             raise self._fault(f"the guest sent a malformed observation: {printable(str(e), 300)}"
                               ) from None
+
+    def _replay(self, frame: dict[str, Any], case: Case, timeout: float) -> Result:
+        """A recorded case: its trace checked, then drive() replayed over it
+        here (kvmtest.record); the Observation goes through the same strict
+        decoding as one the agent built."""
+        text, warnings = frame["trace"], frame.get("warnings")
+        try:
+            steps = record.parse(record.unpack_trace(text), timeout)
+        except record.ReplayError as e:
+            raise self._fault(f"the guest sent a malformed trace for {case.id}: "
+                              f"{printable(str(e), 300)}") from None
+        try:
+            obs = record.replay(case, _payload(case.payload), steps, timeout)
+        except Exception as e:  # as the agent reports an error in its drive()
+            return CaseError(printable(f"{type(e).__name__}: {e} (replaying its trace on "
+                                       "the host)", 2000))
+        data = to_json(obs)
+        data["kernel_log_checked"] = warnings is not None
+        data["kernel_warnings"] = warnings
+        try:
+            return decode_observation(data)
+        except CodecError as e:
+            raise self._fault(f"the guest sent malformed kernel-log lines: "
+                              f"{printable(str(e), 300)}") from None
 
     # -- the end
 
