@@ -46,7 +46,7 @@ class QemuBackend:
                  cpu: str | None = None, kvm_amd_params: dict[str, str] | None = None,
                  artifacts: str | None = None, profile: str | None = None,
                  keep: bool = False, guest_env: dict[str, str] | None = None,
-                 share_boot: bool = False) -> None:
+                 share_boot: bool = False, records: bool | None = None) -> None:
         try:
             self.kernel = resolve_kernel(kernel, modules=modules)
         except QemuError as e:
@@ -59,6 +59,7 @@ class QemuBackend:
         self.profile = profile
         self.config = Config.from_options(cpu, kvm_amd_params)
         self.guest_env = guest_env  # e.g. the bench's KVMTEST_PARK_VCPUS=0
+        self.records = records  # None: KVMTEST_RECORD decides (QemuSession)
         self.cpu = cpu
         self.kvm_modules = kvm_modules
         self.artifacts = Path(artifacts) if artifacts else None
@@ -99,7 +100,7 @@ class QemuBackend:
         if session is None:
             session = QemuSession(self.kernel, config=self.config, kvm_modules=self.kvm_modules,
                                   artifacts=self.artifacts, keep=self.keep,
-                                  guest_env=self.guest_env)
+                                  guest_env=self.guest_env, records=self.records)
         self._session = None  # back only when the guest is still up for the next config
         with self._faults(session):
             if not session.started:
