@@ -345,4 +345,17 @@ struct kvmtest_reset_args {
     void *sregs, *regs, *msrs, *events;
     uint32_t nmsrs;
 };
-int kvmtest_reset(const struct kvmtest_reset_args *a, int *step);
+int kvmtest_reset(struct kvmtest_reset_args *a, int *step);
+#define KVMTEST_REC_KMSG ...
+#define KVMTEST_REC_KMSG_READ ...
+struct kvmtest_case_args {
+    struct kvmtest_reset_args *reset;
+    struct kvmtest_record_args *rec;
+    void *timer;
+    double timeout;
+    uint64_t kvm_sigmask;
+    int kmsg_fd;
+    const char *words;
+    int failed_step;
+};
+long long kvmtest_case(struct kvmtest_case_args *c);

@@ -331,7 +331,7 @@ struct kvmtest_reset_args {
     const uint8_t *low;            /* [0, low_len) as L1 starts */
     uint64_t low_len;
     uint64_t code_gpa;
-    uint64_t clear_len;            /* the last payload's code, wiped */
+    uint64_t clear_len;            /* in/out: the last payload's code, wiped */
     const uint8_t *image;
     uint64_t image_len;
     void *sregs, *regs, *msrs, *events;
@@ -341,7 +341,7 @@ struct kvmtest_reset_args {
 /* KvmMachine.reset() after its deadline ended, in one call.  Returns 0, or
  * -errno with *step naming the ioctl that failed (0 GET_NESTED_STATE,
  * 1 SET_NESTED_STATE, 2 SET_SREGS, 3 SET_REGS, 4 SET_MSRS, 5 SET_VCPU_EVENTS). */
-static int kvmtest_reset(const struct kvmtest_reset_args *a, int *step)
+static int kvmtest_reset(struct kvmtest_reset_args *a, int *step)
 {
     int r;
 
@@ -360,6 +360,7 @@ static int kvmtest_reset(const struct kvmtest_reset_args *a, int *step)
     memcpy(a->mem, a->low, a->low_len);
     memset(a->mem + a->code_gpa, 0, a->clear_len);
     memcpy(a->mem + a->code_gpa, a->image, a->image_len);
+    a->clear_len = a->image_len;   /* what the next reset wipes */
     *step = 2;
     if (ioctl(a->vcpu_fd, KVM_SET_SREGS, a->sregs) < 0)
         return -errno;
@@ -376,4 +377,117 @@ static int kvmtest_reset(const struct kvmtest_reset_args *a, int *step)
     if (ioctl(a->vcpu_fd, KVM_SET_VCPU_EVENTS, a->events) < 0)
         return -errno;
     return 0;
+}
+
+#define KVMTEST_REC_KMSG 22        /* a kernel-log record with a bad word: its bytes */
+#define KVMTEST_REC_KMSG_READ 23   /* the kernel log was read around the case */
+
+struct kvmtest_case_args {
+    struct kvmtest_reset_args *reset;  /* NULL: a fresh vCPU, nothing to reset */
+    struct kvmtest_record_args *rec;
+    void *timer;                   /* the vCPU thread's deadline timer (kvm/deadline.py) */
+    double timeout;
+    uint64_t kvm_sigmask;          /* in/out: the vCPU's KVM_SET_SIGNAL_MASK */
+    int kmsg_fd;                   /* -1: the kernel log cannot be read */
+    const char *words;             /* kmsg.BAD_WORDS: each NUL-terminated, then "" */
+    int failed_step;               /* out: the reset's ioctl that failed */
+};
+
+/* Does the message of /dev/kmsg record REC (after its first ';') hold a word? */
+static int kvmtest_bad(const char *rec, size_t n, const char *words)
+{
+    const char *semi = memchr(rec, ';', n);
+    const char *w;
+
+    if (semi) {
+        n -= semi + 1 - rec;
+        rec = semi + 1;
+    }
+    for (w = words; *w; w += strlen(w) + 1)
+        if (memmem(rec, n, w, strlen(w)))
+            return 1;
+    return 0;
+}
+
+/* The new kernel-log records that hold a bad word, as Kmsg.watch() drains. */
+static void kvmtest_drain(struct kvmtest_trace *t, int fd, const char *words)
+{
+    char buf[8192];    /* kmsg.RECORD_MAX */
+
+    for (;;) {
+        ssize_t r = read(fd, buf, sizeof(buf));
+        uint8_t *p;
+
+        if (r < 0 && errno == EPIPE)
+            continue;  /* records overwritten while we read: go on */
+        if (r <= 0)
+            return;    /* EAGAIN: nothing more */
+        if (!kvmtest_bad(buf, r, words))
+            continue;
+        p = kvmtest_rec(t, KVMTEST_REC_KMSG, r);
+        if (p)
+            memcpy(p, buf, r);
+    }
+}
+
+/* One recorded case as runner.record_case() runs it through Python: the
+ * kernel log watched from here, the vCPU reset (unless fresh), the
+ * deadline armed (Deadline), kvmtest_record(), the deadline ended, the log
+ * drained.  Returns the trace's length, or -errno: a failed reset
+ * (failed_step >= 0, nothing ran) or what kvmtest_record() returns. */
+static long long kvmtest_case(struct kvmtest_case_args *c)
+{
+    struct kvmtest_record_args *a = c->rec;
+    uint64_t old, mask, bit = 1ULL << (a->signo - 1);
+    long long n = 0;
+    double when;
+    int r;
+
+    c->failed_step = -1;
+    if (c->kmsg_fd >= 0)
+        lseek(c->kmsg_fd, 0, SEEK_END);  /* only what comes after this point */
+    if (c->reset) {
+        r = kvmtest_reset(c->reset, &c->failed_step);
+        if (r < 0)
+            return r;
+        c->failed_step = -1;
+    }
+    r = kvmtest_block_signal(a->signo, &old);
+    if (r < 0)
+        return r;
+    mask = old & ~bit;
+    if (mask != c->kvm_sigmask) {
+        char buf[sizeof(struct kvm_signal_mask) + 8];
+        struct kvm_signal_mask *m = (struct kvm_signal_mask *)buf;
+
+        m->len = 8;
+        memcpy(m->sigset, &mask, 8);
+        if (ioctl(a->vcpu_fd, KVM_SET_SIGNAL_MASK, m) < 0) {
+            r = -errno;
+            goto out;
+        }
+        c->kvm_sigmask = mask;
+    }
+    when = kvmtest_now() + c->timeout;
+    r = kvmtest_timer_arm(c->timer, c->timeout * 1e9 > 1 ? (long long)(c->timeout * 1e9) : 1);
+    if (r < 0)
+        goto out;
+    a->when = when;
+    n = kvmtest_record(a);
+    kvmtest_timer_arm(c->timer, 0);
+    r = 0;
+out:
+    kvmtest_signal_consume(a->signo);
+    if (!(old & bit))
+        kvmtest_unblock_signal(a->signo);
+    if (r < 0)
+        return r;
+    if (n >= 0 && c->kmsg_fd >= 0) {
+        struct kvmtest_trace t = {a->out, (uint64_t)n, a->out_cap, 0};
+
+        kvmtest_rec(&t, KVMTEST_REC_KMSG_READ, 0);
+        kvmtest_drain(&t, c->kmsg_fd, c->words);
+        n = t.overflow ? -ENOSPC : (long long)t.len;
+    }
+    return n;
 }

@@ -39,7 +39,7 @@ from .casecodec import from_json, to_json
 from .kvm import KvmUnavailable
 from .kvm_amd import module_params
 from .payloads import Payload, load_payload
-from .runner import record_case, run_case
+from .runner import run_case
 from .smm import drive_smm  # noqa: F401  (run_case imports it lazily; load it now)
 
 PROTOCOL_VERSION = 3  # kvmtest.qemu.channel.PROTOCOL_VERSION
@@ -145,11 +145,11 @@ def run_batch(ch: Channel, backend: KvmBackend, frame: dict) -> None:
                 if reason:
                     result = {"t": "result", "id": case_id, "skip": reason}
                     continue
-                trace, warnings = record_case(
-                    backend, payload(rec["payload"], rec["image"]), NEED_SVM in rec["needs"],
+                trace = backend.record(
+                    payload(rec["payload"], rec["image"]), NEED_SVM in rec["needs"],
                     rec["cpuid"], record.Compiled.from_json(rec), timeout)
                 result = {"t": "result", "id": case_id, "trace": record.b64(trace),
-                          "warnings": warnings, "seconds": round(time.monotonic() - started, 4)}
+                          "seconds": round(time.monotonic() - started, 4)}
                 continue
             case = from_json(Case, data, strict=False)
             reason = skip_reason(caps, case.needs)
@@ -256,7 +256,7 @@ def kernel_log_marker(sync: str) -> None:
 def open_backend() -> tuple[KvmBackend | None, str | None]:
     try:
         # Whole cases run on drive()'s Python loop here; the host sends
-        # eligible ones compiled for record_case (KVMTEST_RECORD).
+        # eligible ones compiled for KvmBackend.record (KVMTEST_RECORD).
         return KvmBackend(records=False), None
     except KvmUnavailable as e:
         return None, str(e)

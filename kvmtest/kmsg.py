@@ -11,17 +11,25 @@ from collections.abc import Iterator
 KMSG = "/dev/kmsg"
 # WARN/BUG/oops and the sanitizers/lockdep: a kernel that prints one of
 # these during a case has a bug even if every exit field was right.
-BAD = re.compile(
-    r"WARNING:|BUG:|Oops|general protection fault|KASAN|UBSAN|kernel BUG|"
-    r"possible circular locking|inconsistent lock state|RCU stall|Call Trace"
-)
+# Plain words, so that csrc/record.c can look for them too (memmem).
+BAD_WORDS = ("WARNING:", "BUG:", "Oops", "general protection fault", "KASAN", "UBSAN",
+             "kernel BUG", "possible circular locking", "inconsistent lock state",
+             "RCU stall", "Call Trace")
+BAD = re.compile("|".join(re.escape(w) for w in BAD_WORDS))
+RECORD_MAX = 8192  # bytes of one /dev/kmsg read: a whole record
+
+
+def message(rec: bytes) -> str:
+    """A /dev/kmsg record's message: what follows the first ';' of its
+    "level,seq,time,flags;" prefix, without the newline."""
+    return rec.decode("utf-8", "replace").split(";", 1)[-1].rstrip("\n")
 
 
 def _drain(fd: int) -> list[str]:
     lines = []
     while True:
         try:
-            rec = os.read(fd, 8192)
+            rec = os.read(fd, RECORD_MAX)
         except BlockingIOError:
             return lines
         except OSError as e:
@@ -30,8 +38,7 @@ def _drain(fd: int) -> list[str]:
             return lines
         if not rec:
             return lines
-        text = rec.decode("utf-8", "replace")
-        lines.append(text.split(";", 1)[-1].rstrip("\n"))
+        lines.append(message(rec))
 
 
 class Kmsg:
@@ -51,6 +58,13 @@ class Kmsg:
             except OSError:
                 self._unreadable = True
         return self._fd
+
+    def fd(self) -> int | None:
+        """The descriptor, for a C helper that reads around a case the way
+        watch() does (kvmtest_case, csrc/record.c); None if unreadable."""
+        if self._watching:
+            raise RuntimeError("Kmsg.fd inside a watch of the same Kmsg")
+        return self._open()
 
     @contextlib.contextmanager
     def watch(self, pattern: re.Pattern[str] = BAD) -> Iterator[list[str] | None]:

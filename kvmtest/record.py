@@ -28,7 +28,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from . import eventlog, layout, params, ucall
+from . import eventlog, kmsg, layout, params, ucall
 from .case import INSN, NEED_SVM, SCRIPT, VMRUN, Case
 from .exits import (
     DebugExit,
@@ -53,7 +53,7 @@ from .vmcb import SAVE_AREA
 # Record tags (csrc/record.c; kept equal by tests/test_record.py).
 IO, HLT, MMIO, SHUTDOWN, FAIL_ENTRY, INTERNAL, SYSTEM_EVENT = 1, 2, 3, 4, 5, 6, 7
 IRQ_WINDOW, DEBUG, UNKNOWN, INTERRUPTED, TIMED_OUT, RUN_ERROR = 8, 9, 10, 11, 12, 13
-SNAP, NESTED = 20, 21
+SNAP, NESTED, KMSG, KMSG_READ = 20, 21, 22, 23
 
 # Bytes of one case's trace: it records ~4.5 KiB (VMCB12 and a few exits);
 # base64, it must fit one channel string (qemu.channel.MAX_STRING).
@@ -219,13 +219,30 @@ def _records(trace: bytes) -> Iterator[tuple[int, bytes]]:
         pos += length
 
 
-def parse(trace: bytes, timeout: float) -> list[Step]:
-    """The trace as steps; ReplayError if anything in it is malformed."""
+def parse(trace: bytes, timeout: float) -> tuple[list[Step], list[str] | None]:
+    """The trace as steps, and the kernel log's bad lines during the case
+    (None: the log was not read); ReplayError if anything is malformed."""
     if len(trace) > MAX_TRACE:
         raise ReplayError(f"a trace of {len(trace)} bytes (at most {MAX_TRACE})")
     steps: list[Step] = []
+    log: list[str] | None = None
     for tag, body in _records(trace):
-        if tag == SNAP:
+        if tag in (KMSG, KMSG_READ):
+            if tag == KMSG_READ:
+                _size(body, 0)
+                if log is not None:
+                    raise ReplayError("the kernel log read twice")
+                log = []
+            elif log is None or len(body) > kmsg.RECORD_MAX:
+                raise ReplayError("a kernel-log record out of place or too long")
+            else:
+                line = kmsg.message(body)
+                if not kmsg.BAD.search(line):  # record.c keeps only those
+                    raise ReplayError("a kernel-log record without a bad word")
+                log.append(line)
+        elif log is not None:
+            raise ReplayError("a record after the kernel log")
+        elif tag == SNAP:
             if len(body) < 8 or not steps:
                 raise ReplayError("memory recorded before any exit" if not steps
                                   else "short SNAP record")
@@ -253,7 +270,7 @@ def parse(trace: bytes, timeout: float) -> list[Step]:
             steps.append(Step(_exit(tag, body, timeout)))
     if not steps:
         raise ReplayError("an empty trace")
-    return steps
+    return steps, log
 
 
 class ReplayMachine:

@@ -195,20 +195,11 @@ def set_nested_state(m: Machine, case: Case, payload: Payload, timeout: float) -
     return obs
 
 
-def record_case(backend, payload: Payload, svm: bool, cpuid: dict[str, bool],
-                compiled: record.Compiled, timeout: float) -> tuple[bytes, list[str] | None]:
-    """The guest's half of a recorded case (kvmtest.record): its trace and the
-    kernel log's bad lines during it (None: the log could not be read)."""
-    extra = {"cpuid": cpuid} if cpuid else {}
-    with backend.kernel_log() as warnings, backend.machine(payload, svm=svm, **extra) as m:
-        trace = m.record(compiled, timeout)
-    return trace, warnings
-
-
-def replay_case(case: Case, payload: Payload, trace: bytes, warnings: list[str] | None,
-                timeout: float) -> Observation:
-    """The host's half: drive() replayed over the trace."""
-    obs = record.replay(case, payload, record.parse(trace, timeout), timeout)
+def replay_case(case: Case, payload: Payload, trace: bytes, timeout: float) -> Observation:
+    """The host's half of a recorded case (kvmtest.record): drive() replayed
+    over the guest's trace, the kernel log's bad lines from it too."""
+    steps, warnings = record.parse(trace, timeout)
+    obs = record.replay(case, payload, steps, timeout)
     obs.kernel_log_checked = warnings is not None
     obs.kernel_warnings = warnings
     return obs
@@ -219,8 +210,8 @@ def run_case(backend: Backend, case: Case, timeout: float = DEFAULT_TIMEOUT) -> 
     svm = NEED_SVM in case.needs
     if getattr(backend, "records", False) and record.eligible(case):
         compiled = record.compile_case(case, payload)
-        trace, warnings = record_case(backend, payload, svm, case.cpuid, compiled, timeout)
-        return replay_case(case, payload, trace, warnings, timeout)
+        trace = backend.record(payload, svm, case.cpuid, compiled, timeout)
+        return replay_case(case, payload, trace, timeout)
     # Only a case that changes the guest CPUID passes cpuid= (other backends
     # need not know the keyword).
     extra = {"cpuid": case.cpuid} if case.cpuid else {}

@@ -66,8 +66,9 @@ def test_the_c_loop_records_what_drive_reads(real_kvm):
     b = real_kvm["backend"]
     case = _case("echo", insn=0, msr_value=0x1234)
     payload = load_payload(case.payload)
-    trace, _ = runner.record_case(b, payload, False, {}, record.compile_case(case, payload), 5.0)
-    steps = record.parse(trace, 5.0)
+    trace = b.record(payload, False, {}, record.compile_case(case, payload), 5.0)
+    steps, log = record.parse(trace, 5.0)
+    assert log == []  # read, nothing bad
     assert [type(s.exit) for s in steps] == [IoExit, IoExit]
     assert all(s.exit.port == 0x1000 for s in steps)
     sync, done = steps
@@ -110,7 +111,7 @@ IO_UCALL = rec(record.IO, struct.pack("<BBHI", 1, 4, 0x1000, 1) + (3).to_bytes(4
 ])
 def test_malformed_traces_are_refused(trace, why):
     with pytest.raises(record.ReplayError, match=why):
-        record.parse(trace, 5.0)
+        record.parse(trace, 5.0)[0]
 
 
 @pytest.mark.parametrize("text", ["@@@@", "QUJD\n", "QUJ", 5, "A" * (record.MAX_TRACE * 2)])
@@ -120,7 +121,7 @@ def test_a_trace_must_be_strict_base64_of_a_bounded_size(text):
 
 
 def test_replay_answers_only_what_was_recorded():
-    steps = record.parse(
+    steps, _ = record.parse(
         IO_UCALL + rec(record.SNAP, struct.pack("<Q", 0x7008) + bytes(range(56)))
         + rec(record.INTERRUPTED) + rec(record.HLT) + rec(record.TIMED_OUT)
         + rec(record.RUN_ERROR, struct.pack("<I", 4)), 0.25)
@@ -178,7 +179,7 @@ def test_compiled_writes_are_prepare_memorys():
 
 def test_nested_state_records_become_what_nested_state_returns():
     gif, guest_mode = 0x100, 0x1  # KVM_STATE_NESTED_GIF_SET, _GUEST_MODE
-    steps = record.parse(
+    steps, _ = record.parse(
         rec(record.HLT) + rec(record.NESTED, struct.pack("<IIQ", 1, gif | guest_mode, 0x9000))
         + rec(record.HLT) + rec(record.NESTED, struct.pack("<IIQ", 1, 0, 0x9000))
         + rec(record.HLT) + rec(record.NESTED, struct.pack("<IIQ", 0, 0, 0)), 5.0)
@@ -186,3 +187,46 @@ def test_nested_state_records_become_what_nested_state_returns():
     assert (first.gif, first.guest_mode, first.vmcb12_gpa) == (True, True, 0x9000)
     assert (second.gif, second.guest_mode, second.vmcb12_gpa) == (False, False, None)
     assert failed is None  # KVM_GET_NESTED_STATE failed: as KvmMachine.nested_state()
+
+
+@pytest.mark.parametrize("tail, why", [
+    (rec(record.KMSG, b"4,1,2,-;WARNING: x\n"), "out of place"),
+    (rec(record.KMSG_READ) + rec(record.KMSG_READ), "read twice"),
+    (rec(record.KMSG_READ) + rec(record.KMSG, b"6,1,2,-;kvm: fine\n"), "without a bad word"),
+    (rec(record.KMSG_READ) + rec(record.HLT), "after the kernel log"),
+    (rec(record.KMSG_READ, b"x"), "expected 0"),
+])
+def test_malformed_kernel_log_records_are_refused(tail, why):
+    with pytest.raises(record.ReplayError, match=why):
+        record.parse(rec(record.HLT) + tail, 5.0)
+
+
+def test_the_kernel_log_during_a_case_is_read_in_c(real_kvm):
+    """Lines logged while a recorded case runs: the bad ones come back in
+    the trace, as Kmsg.watch() would report them; the others do not."""
+    import os
+    import threading
+    import time
+
+    if not os.access("/dev/kmsg", os.W_OK):
+        pytest.skip("cannot write /dev/kmsg: run as root to test the kernel-log read")
+    case = _case("spin")
+    payload = load_payload(case.payload)
+
+    def log() -> None:
+        time.sleep(0.1)
+        with open("/dev/kmsg", "w") as kmsg:
+            kmsg.write("<6>kvmtest: an ordinary line\n")
+            kmsg.flush()
+            kmsg.write("<4>kvmtest: WARNING: CPU: 0 PID: 1 at test_record.py (a test line)\n")
+
+    writer = threading.Thread(target=log)
+    writer.start()
+    try:
+        trace = real_kvm["backend"].record(payload, False, {},
+                                           record.compile_case(case, payload), 0.5)
+    finally:
+        writer.join()
+    steps, lines = record.parse(trace, 0.5)
+    assert type(steps[-1].exit) is TimedOut
+    assert lines == ["kvmtest: WARNING: CPU: 0 PID: 1 at test_record.py (a test line)"]

@@ -119,6 +119,14 @@ def _low_image(payload: Payload) -> bytes:
 
 DEFAULT_STEP_TIMEOUT = 2.0  # one guest instruction under the host's single-step
 
+class ResetFailed(KvmError):
+    """kvmtest_reset() failed in C: the vCPU cannot be reset (replace it)."""
+
+
+# kvmtest_case()'s words to look for in the kernel log, NUL-separated.
+_BAD_WORDS = ffi.new("char[]", b"".join(w.encode() + b"\0" for w in kmsg.BAD_WORDS) + b"\0")
+_NO_MASK = (1 << 64) - 1  # no KVM_SET_SIGNAL_MASK yet (a real one never has every bit)
+
 _RESET_STEPS = ("KVM_GET_NESTED_STATE", "KVM_SET_NESTED_STATE", "KVM_SET_SREGS",
                 "KVM_SET_REGS", "KVM_SET_MSRS", "KVM_SET_VCPU_EVENTS")
 
@@ -157,10 +165,14 @@ class KvmMachine:
             # once per L1 state (segments, CRs, EFER; RIP is in regs).
             self._fresh_sregs = bytes(ffi.buffer(self.vcpu.get_sregs()))
             self._registers: dict[tuple, tuple] = {}
-            self._code_len = 0
-            self._load(payload)
             self._reset_args = self._make_reset_args()
+            self._reset_payload: tuple | None = None
             self._record_args = self._make_record_args()
+            self._bind_vcpu()
+            self._load(payload)
+            self._case_args = ffi.new("struct kvmtest_case_args *", {
+                "rec": self._record_args, "words": _BAD_WORDS})
+            self._finals: dict[tuple, object] = {}
         except BaseException:
             self.vm.close()
             raise
@@ -189,9 +201,10 @@ class KvmMachine:
     def _load(self, payload: Payload) -> None:
         """Guest memory and vCPU state as L1 starts, wiping what the last case left."""
         self.mem.view[:LOW_MEMORY] = _low_image(payload)
-        self.mem.view[layout.CODE_GPA:layout.CODE_GPA + self._code_len] = bytes(self._code_len)
+        code_len = self._reset_args.clear_len  # the last payload's, kept by kvmtest_reset too
+        self.mem.view[layout.CODE_GPA:layout.CODE_GPA + code_len] = bytes(code_len)
         self.mem.write(layout.CODE_GPA, payload.image)
-        self._code_len = len(payload.image)
+        self._reset_args.clear_len = len(payload.image)
         sregs, regs = self._l1_registers(payload)
         self.vcpu.set_sregs(sregs)
         self.vcpu.set_regs(regs)
@@ -233,6 +246,7 @@ class KvmMachine:
         vcpu = self.vm.create_vcpu(self.vm.nr_vcpus)
         vcpu.set_cpuid2(cpuid)
         self.vcpu, self.cpuid_key = vcpu, cpuid_key
+        self._bind_vcpu()
         self._load(payload)
 
     def reset(self, payload: Payload) -> None:
@@ -252,20 +266,36 @@ class KvmMachine:
            executed) VMLOAD loads, all zero;
         4. KVM_SET_VCPU_EVENTS: nothing pending or injected."""
         self._end_deadline()
-        sregs, regs = self._l1_registers(payload)
-        low = _low_image(payload)
-        a = self._reset_args
-        a.vcpu_fd = self.vcpu.fd
-        a.clear_len = self._code_len
-        keep = (ffi.from_buffer("uint8_t[]", low), ffi.from_buffer("uint8_t[]", payload.image))
-        a.low, a.low_len = keep[0], len(low)
-        a.image, a.image_len = keep[1], len(payload.image)
-        a.sregs, a.regs = sregs, regs
-        r = lib.kvmtest_reset(a, self._reset_step)
+        r = lib.kvmtest_reset(self._fill_reset(payload), self._reset_step)
         if r < 0:
             raise KvmError(_RESET_STEPS[self._reset_step[0]], -r)
-        self._code_len = len(payload.image)
         self._loaded()
+
+    def _fill_reset(self, payload: Payload):
+        """kvmtest_reset's arguments for PAYLOAD.  Each cffi field write costs
+        ~30 us under TCG: only what changed since the last case is written
+        (the vCPU's fd in _bind_vcpu; the code length by kvmtest_reset)."""
+        a = self._reset_args
+        key = (payload.name, payload.image)
+        if key != self._reset_payload:
+            sregs, regs = self._l1_registers(payload)
+            low = _low_image(payload)
+            # The images stay alive: _low_image's cache and the payload hold them.
+            self._reset_keep_images = keep = (ffi.from_buffer("uint8_t[]", low),
+                                              ffi.from_buffer("uint8_t[]", payload.image))
+            a.low, a.low_len = keep[0], len(low)
+            a.image, a.image_len = keep[1], len(payload.image)
+            a.sregs, a.regs = sregs, regs
+            self._reset_payload = key
+        return a
+
+    def _bind_vcpu(self) -> None:
+        """The C helpers' arguments that follow the vCPU (a renew() changes it)."""
+        vcpu = self.vcpu
+        self._reset_args.vcpu_fd = vcpu.fd
+        a = self._record_args
+        a.vcpu_fd = vcpu.fd
+        a.run, a.run_size = vcpu.run_cdata, vcpu.run_size
 
     def _make_reset_args(self):
         a = ffi.new("struct kvmtest_reset_args *")
@@ -321,30 +351,40 @@ class KvmMachine:
             found = self._registers[key] = (sregs, regs)
         return found
 
-    def record(self, compiled: record.Compiled, timeout: float) -> bytes:
-        """Run an eligible case (kvmtest.record) in C: its memory written, then
-        KVM_RUN until it ends, under the case's deadline; the trace."""
-        if self._deadline is None:  # armed as run() arms it: once per case
-            self._deadline = self.vcpu.deadline(timeout)
-            self._deadline.__enter__()
-        a = self._record_args
+    def record_case(self, compiled: record.Compiled, timeout: float,
+                    reset: Payload | None, kmsg_fd: int | None) -> bytes:
+        """Run an eligible case (kvmtest.record) in one C call (kvmtest_case,
+        csrc/record.c): with RESET, reset() for that payload first; the
+        kernel log read around it as Kmsg.watch() does, the case's deadline
+        armed as run() arms it; its memory written, then KVM_RUN until it
+        ends.  The trace; ResetFailed if the reset did (nothing ran)."""
         vcpu = self.vcpu
-        a.vcpu_fd = vcpu.fd
-        a.run, a.run_size = vcpu.run_cdata, vcpu.run_size
-        keep = ffi.from_buffer("uint8_t[]", compiled.writes)
-        a.writes, a.writes_len = keep, len(compiled.writes)
-        a.when = self._deadline.when
-        final = [x for r in compiled.final for x in r]
-        a.final_snaps = finals = ffi.new("uint64_t[]", final or [0])
-        a.n_final = len(compiled.final)
+        c = self._case_args
+        c.reset = self._fill_reset(reset) if reset is not None else ffi.NULL
+        a = self._record_args
+        writes = ffi.from_buffer("uint8_t[]", compiled.writes)
+        a.writes, a.writes_len = writes, len(compiled.writes)
+        finals = self._finals.get(compiled.final)
+        if finals is None:
+            finals = self._finals[compiled.final] = ffi.new(
+                "uint64_t[]", [x for r in compiled.final for x in r] or [0])
+        a.final_snaps, a.n_final = finals, len(compiled.final)
         a.final_nested = compiled.final_nested
-        n = lib.kvmtest_record(a)
-        del keep, finals
+        c.timer = vcpu._thread_timer().handle
+        c.timeout = timeout
+        c.kvm_sigmask = _NO_MASK if vcpu.signal_mask is None else vcpu.signal_mask
+        c.kmsg_fd = -1 if kmsg_fd is None else kmsg_fd
+        n = lib.kvmtest_case(c)
+        del writes
+        vcpu.signal_mask = c.kvm_sigmask if c.kvm_sigmask != _NO_MASK else vcpu.signal_mask
         if n < 0:
-            raise KvmError("kvmtest_record", -n)
-        trace = bytes(ffi.buffer(self._trace, n))
+            if c.failed_step >= 0:
+                raise ResetFailed(_RESET_STEPS[c.failed_step], -n)
+            raise KvmError("kvmtest_case", -n)
+        if reset is not None:
+            self._loaded()
         self.at_ucall = bool(a.at_ucall)
-        return trace
+        return bytes(ffi.buffer(self._trace, n))
 
     def _make_record_args(self):
         a = ffi.new("struct kvmtest_record_args *")
@@ -638,6 +678,18 @@ class KvmBackend:
     @contextlib.contextmanager
     def machine(self, payload: Payload, svm: bool,
                 cpuid: dict[str, bool] | None = None) -> Iterator[KvmMachine]:
+        m, _ = self._take(payload, svm, cpuid)
+        try:
+            yield m
+        except BaseException:
+            m.close()
+            raise
+        self._give_back(m)
+
+    def _take(self, payload: Payload, svm: bool, cpuid: dict[str, bool] | None,
+              defer_reset: bool = False) -> tuple[KvmMachine, bool]:
+        """The machine for the next case, and whether its reset is still to
+        do (defer_reset: kvmtest_case() does it in C, csrc/record.c)."""
         key = (svm, tuple(sorted((cpuid or {}).items())))
         if key not in self._cpuid:
             self._cpuid[key] = pack_cpuid2(guest_cpuid(self.supported, svm, key[1]))
@@ -648,6 +700,9 @@ class KvmBackend:
         if m is not None:
             try:
                 if m.reusable and m.cpuid_key == key:
+                    if defer_reset:
+                        m._end_deadline()
+                        return m, True
                     m.reset(payload)
                 elif self.park and m.renewable:
                     m.renew(payload, self._cpuid[key], key)
@@ -661,17 +716,38 @@ class KvmBackend:
                     raise
                 m = None  # a vCPU that cannot be reset is replaced
         if m is None:
-            m = KvmMachine(self.kvm, self._cpuid[key], payload, bool(self.nested_cap), key)
+            m = self._new_machine(payload, key)
+        return m, False
+
+    def _new_machine(self, payload: Payload, key: tuple) -> KvmMachine:
+        return KvmMachine(self.kvm, self._cpuid[key], payload, bool(self.nested_cap), key)
+
+    def _give_back(self, m: KvmMachine) -> None:
+        if self.reuse and (m.reusable or (self.park and m.renewable)):
+            m._end_deadline()
+            self._pool[() if self.park else m.cpuid_key] = m
+        else:
+            m.close()
+
+    def record(self, payload: Payload, svm: bool, cpuid: dict[str, bool] | None,
+               compiled: record.Compiled, timeout: float) -> bytes:
+        """An eligible case (kvmtest.record) in one C call, kernel log and
+        reset included (kvmtest_case); its trace.  The same machine choice
+        as machine(): a vCPU whose reset fails is replaced by a new VM."""
+        m, reset = self._take(payload, svm, cpuid, defer_reset=True)
+        kmsg_fd = self._kmsg.fd()
         try:
-            yield m
+            try:
+                trace = m.record_case(compiled, timeout, payload if reset else None, kmsg_fd)
+            except ResetFailed:
+                m.close()
+                m = self._new_machine(payload, m.cpuid_key)
+                trace = m.record_case(compiled, timeout, None, kmsg_fd)
         except BaseException:
             m.close()
             raise
-        if self.reuse and (m.reusable or (self.park and m.renewable)):
-            m._end_deadline()
-            self._pool[pool_key] = m
-        else:
-            m.close()
+        self._give_back(m)
+        return trace
 
     def kernel_log(self):
         return self._kmsg.watch()

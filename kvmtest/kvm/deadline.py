@@ -56,6 +56,11 @@ class Timer:
         self._timer = out[0]
         self.tid = lib.kvmtest_gettid()
 
+    @property
+    def handle(self):
+        """The timer_t, for C helpers (kvmtest_case, csrc/record.c)."""
+        return self._timer
+
     def arm(self, seconds: float) -> None:
         # 0 ns would disarm; a non-positive timeout means "expire at once".
         ns = max(1, int(seconds * 1e9))

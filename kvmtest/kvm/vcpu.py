@@ -240,6 +240,16 @@ class Vcpu(FdObject):
             self._tid = threading.get_ident()  # for kick()'s pthread_kill
         return self._timer
 
+    @property
+    def signal_mask(self) -> int | None:
+        """The KVM_SET_SIGNAL_MASK last set (None: never)."""
+        return self._sigmask
+
+    @signal_mask.setter
+    def signal_mask(self, sigset: int | None) -> None:
+        """Record a mask a C helper set (kvmtest_case, csrc/record.c)."""
+        self._sigmask = sigset
+
     def _use_signal_mask(self, sigset: int) -> None:
         if sigset != self._sigmask:
             self.set_signal_mask(sigset)

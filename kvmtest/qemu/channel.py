@@ -17,8 +17,7 @@ Guest -> host (everything the guest sends is hostile; the host checks it):
     {"t": "start", "id": "save/efer-svme0[gif1]"}            a case begins
     {"t": "result", "id": ..., "observation": {...}}         ... or "skip": reason,
                                                              ... or "error": text,
-                                                             ... or "trace": base64 and
-                                                             "warnings": [...] | null
+                                                             ... or "trace": base64
                                                              (kvmtest.record)
     {"t": "bye"}                                             the agent is done
 
@@ -91,7 +90,7 @@ FRAMES: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "start": {"id": ((str,), True)},
     "result": {"id": ((str,), True), "observation": ((dict,), False), "skip": ((str,), False),
                "error": ((str,), False), "seconds": (_NUM, False),
-               "trace": ((str,), False), "warnings": ((list, type(None)), False)},
+               "trace": ((str,), False)},
     "reloaded": {"stage": ((str,), True), "error": ((str,), True)},
     "bye": {},
 }
