@@ -65,6 +65,7 @@ MODULES = (
     _module("ucall", "kvmtest/ucall.py", False),
     _module("params", "kvmtest/params.py", False),
     _module("vmcb", "kvmtest/vmcb.py", False),
+    _module("record", "kvmtest/record.py", False),
 )
 
 # mutmut mutates function bodies only.  These bugs go into the tables at

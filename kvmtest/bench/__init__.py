@@ -11,6 +11,7 @@ with a clock in the unit tests.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import shutil
 import time
@@ -102,10 +103,12 @@ def sample(cases: list, n: int) -> list:
 
 
 def _verdict(kernel: str, modules: str | None = None, config: str = "default",
-             guest_env: dict[str, str] | None = None, n: int | None = None) -> dict:
+             guest_env: dict[str, str] | None = None, n: int | None = None,
+             records: bool = True) -> dict:
     """One per-kernel verdict as `kvmtest run` gives it: boot + the whole
     catalogue (or N cases spread over it), judged, with its parts (host
-    clock, and guest uptime marks).  GUEST_ENV goes to the guest's agent."""
+    clock, and guest uptime marks).  GUEST_ENV goes to the guest's agent;
+    records=False sends every case whole to its Python drive() (kvmtest.record)."""
     from ..backends.qemu import QemuBackend
     from ..cases import catalogue
     from ..config import Config
@@ -114,7 +117,8 @@ def _verdict(kernel: str, modules: str | None = None, config: str = "default",
     cfg = Config.parse(config)
     t0 = time.monotonic()
     backend = QemuBackend(kernel, modules=modules, cpu=cfg.cpu,
-                          kvm_amd_params=cfg.kvm_amd_params, guest_env=guest_env)
+                          kvm_amd_params=cfg.kvm_amd_params, guest_env=guest_env,
+                          records=records)
     error = None
     try:
         cases = list(catalogue())
@@ -161,6 +165,7 @@ def bench_qemu(args: argparse.Namespace) -> bool:
         _verdict(kernel)  # warm the caches (runtime, initramfs, PVH image)
         v = _verdict(kernel)
         unparked = _verdict(kernel, guest_env=NO_PARKING)
+        python = _verdict(kernel, records=False)
         few = _verdict(kernel, n=TARGET_CASES)
         raw = _boot_nothing(kernel)
         ok &= few["wall"] <= QEMU_VERDICT_TARGET and v["error"] is None
@@ -171,6 +176,10 @@ def bench_qemu(args: argparse.Namespace) -> bool:
               f"{unparked['wall']:.2f} s, cases {unparked['cases_s']:.2f} s; parking is "
               f"{unparked['wall'] / v['wall']:.2f}x faster (cases "
               f"{unparked['cases_s'] / v['cases_s']:.2f}x)")
+        print(f"  same run, every case on the agent's Python drive() (KVMTEST_RECORD=0): "
+              f"{python['wall']:.2f} s, cases {python['cases_s']:.2f} s; recording in C is "
+              f"{python['wall'] / v['wall']:.2f}x faster (cases "
+              f"{python['cases_s'] / v['cases_s']:.2f}x)")
         print(f"  {few['cases']} cases spread over the catalogue (its size when the target was "
               f"set): {few['wall']:.2f} s, cases {few['cases_s']:.2f} s  "
               f"{_mark(few['wall'] <= QEMU_VERDICT_TARGET)}")
@@ -185,18 +194,28 @@ def bench_qemu(args: argparse.Namespace) -> bool:
     return ok
 
 
-def _matrix(specs: list[str], share: bool) -> tuple[dict, float, float]:
+def _matrix(specs: list[str], share: bool, records: bool = True) -> tuple[dict, float, float]:
     """`kvmtest matrix -j 2` over SPECS x QEMU_MATRIX_CONFIGS, as users run it
     (a process per cell or per shared boot): (result, wall s, CPU s of
-    kvmtest and every QEMU it ran)."""
+    kvmtest and every QEMU it ran).  records=False: KVMTEST_RECORD=0 for the
+    cells (every case on the agent's Python drive(), kvmtest.record)."""
     from .. import matrix
 
     plan = matrix.make_plan(kernels=specs, configs=list(QEMU_MATRIX_CONFIGS))
     usage = (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
     before = [resource.getrusage(who) for who in usage]
+    saved = os.environ.get("KVMTEST_RECORD")
+    if not records:
+        os.environ["KVMTEST_RECORD"] = "0"
     t0 = time.monotonic()
-    result = matrix.run(plan, plan.cells, jobs=2, share=share)
-    wall = time.monotonic() - t0
+    try:
+        result = matrix.run(plan, plan.cells, jobs=2, share=share)
+    finally:
+        wall = time.monotonic() - t0
+        if saved is None:
+            os.environ.pop("KVMTEST_RECORD", None)
+        else:
+            os.environ["KVMTEST_RECORD"] = saved
     after = [resource.getrusage(who) for who in usage]
     # Children's usage includes the QEMUs they waited for.
     cpu = sum((a.ru_utime + a.ru_stime) - (b.ru_utime + b.ru_stime)
@@ -225,13 +244,18 @@ def _bench_qemu_matrix() -> bool:
         print(f"  {c['key']:76} {c['duration_s']:5.1f} s  "
               + (c["error"].splitlines()[0] if c["error"] else
                  f"{s['passed']:3}/{sum(s.values())} pass"))
+    python, python_wall, python_cpu = _matrix(specs, share=True, records=False)
     alone, alone_wall, alone_cpu = _matrix(specs, share=False)
-    same = _verdicts(alone) == _verdicts(result)
+    same = _verdicts(alone) == _verdicts(result) == _verdicts(python)
     print("  (a cell's time: its boot, or on a shared boot its kvm and kvm_amd reload; "
           "and its cases)")
+    print(f"every case on the agent's Python drive() (KVMTEST_RECORD=0): {python_wall:.1f} s "
+          f"wall, CPU {python_cpu:.1f} s: recording in C is {python_wall / wall:.2f}x faster "
+          f"(CPU {python_cpu / cpu:.2f}x)")
     print(f"a boot per cell (KVMTEST_SHARE_BOOT=0): {alone_wall:.1f} s wall, CPU {alone_cpu:.1f} s;"
           f" shared boots: {wall:.1f} s wall, CPU {cpu:.1f} s: {alone_wall / wall:.2f}x "
-          f"(CPU {alone_cpu / cpu:.2f}x); same verdicts: {'yes' if same else 'NO'}")
+          f"(CPU {alone_cpu / cpu:.2f}x)")
+    print(f"same verdicts all three ways: {'yes' if same else 'NO'}")
     print(f"CPU over the 2 cores: no less than {cpu / 2:.1f} s wall")
     ok = wall <= QEMU_MATRIX_TARGET and len(specs) == len(QEMU_MATRIX_KERNELS) and same
     print(f"{len(result['cells'])} cells in {wall:.1f} s wall (target <= "

@@ -77,7 +77,7 @@ def plant_symlinks():
                     pass
 
 def first_case():
-    send({"t": "hello", "v": 2, "facts": FACTS})
+    send({"t": "hello", "v": 3, "facts": FACTS})
     batch = recv()
     case_id = batch["cases"][0]["id"]
     send({"t": "start", "id": case_id})
@@ -129,7 +129,7 @@ elif MODE == "exit-early":
     print("hostile: leaving before hello", file=sys.stderr)
     sys.exit(3)
 elif MODE == "bad-facts":
-    send({"t": "hello", "v": 2, "facts": dict(FACTS, svm="yes", extra=1)})
+    send({"t": "hello", "v": 3, "facts": dict(FACTS, svm="yes", extra=1)})
     time.sleep(3600)
 elif MODE == "flood-line":       # 2 GiB without a newline
     first_case()
@@ -152,6 +152,13 @@ elif MODE == "bad-observation":
     case_id = first_case()
     obs = {"outcome": "sync", "exit_code": "-1", "gif": 0}
     send({"t": "result", "id": case_id, "observation": obs})
+elif MODE == "bad-trace":        # a recorded case's trace (kvmtest.record) that lies
+    import binascii, struct
+    case_id = first_case()
+    io = struct.pack("<BBHI", 1, 1, 0x1000, 1) + b"0123456789"  # 10 bytes for 1 x 1
+    trace = struct.pack("<II", 1, len(io)) + io
+    text = binascii.b2a_base64(trace, newline=False).decode()
+    send({"t": "result", "id": case_id, "trace": text})
 elif MODE == "wrong-case":
     first_case()
     send({"t": "result", "id": "not/in/the/batch", "skip": "no"})
@@ -238,6 +245,8 @@ ATTACKS = {
     "oversized": ("cases", r"broke the protocol: a frame longer than 262144 bytes"),
     "bad-observation": ("cases", r"malformed observation: Observation\.exit_code: expected a "
                         r"64-bit integer, got str"),
+    "bad-trace": ("cases", r"malformed trace for insn/nosvm-vmrun: IO record longer than "
+                  r"size x count"),
     "wrong-case": ("cases", r"expected the result of .*, got a 'result' frame for "
                    r"'not/in/the/batch'"),
     "die": ("cases", r"the guest agent exited early with status 5"),

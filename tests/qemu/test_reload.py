@@ -114,7 +114,7 @@ def kmsg(text):
     with open("/dev/kmsg", "w") as f:
         f.write("<4>" + text + "\n")
 def hello(kvm_amd):
-    send({"t": "hello", "v": 2, "facts": {"kernel": os.uname().release, "kvm_module": "kvm_amd",
+    send({"t": "hello", "v": 3, "facts": {"kernel": os.uname().release, "kvm_module": "kvm_amd",
           "kvm_amd": kvm_amd, "maxphyaddr": 40, "svm": True, "nested_state": 4224, "smm": 1}})
 hello({"nested": "1"})
 while True:
