@@ -68,10 +68,28 @@ def module_name(path: Path) -> str:
     return name.replace("-", "_")
 
 
-_SCANS: dict[tuple[Path, int], tuple[dict[str, Path], set[str]]] = {}
+class ModuleFiles(dict):
+    """Module name -> its file.  Kept as strings, a Path made on lookup: a
+    Path per file costs more than the scan itself (~4000 modules a kernel,
+    scanned by every `kvmtest run`)."""
+
+    def __getitem__(self, name: str) -> Path:
+        return Path(dict.__getitem__(self, name))
 
 
-def _scan_dir(directory: Path) -> tuple[dict[str, Path], set[str]]:
+_SCANS: dict[tuple[Path, int], tuple[dict[str, str], set[str]]] = {}
+
+
+def _module_name(file: str) -> str:
+    """module_name() of a file name given as a string."""
+    for suffix in MODULE_SUFFIXES:
+        if file.endswith(suffix):
+            file = file[: -len(suffix)]
+            break
+    return file.replace("-", "_")
+
+
+def _scan_dir(directory: Path) -> tuple[dict[str, str], set[str]]:
     """Module files and built-in names under DIRECTORY.
 
     Unpacked packages in the cache never change, so their scans (~0.2 s for
@@ -83,19 +101,19 @@ def _scan_dir(directory: Path) -> tuple[dict[str, Path], set[str]]:
     key = (directory, directory.stat().st_ino if directory.exists() else 0)
     if key in _SCANS:
         return _SCANS[key]
-    files: dict[str, Path] = {}
+    files: dict[str, str] = {}
     found = []  # os.walk on strings: rglob costs 3x more over ~4000 modules
     for where, _, names in os.walk(directory):
-        found += [os.path.join(where, n) for n in names if n.endswith(MODULE_SUFFIXES)]
-    for name in sorted(found, key=lambda f: f.split(os.sep)):  # as sorted(Path) orders
-        path = Path(name)
-        if os.path.isfile(name):
-            files[module_name(path)] = path
+        found += [(where, n) for n in names if n.endswith(MODULE_SUFFIXES)]
+    for where, name in sorted(found, key=lambda f: [*f[0].split(os.sep), f[1]]):  # as Paths sort
+        path = os.path.join(where, name)
+        if os.path.isfile(path):
+            files[_module_name(name)] = path
     builtin: set[str] = set()
     listing = directory / "modules.builtin"
     if listing.is_file():
         builtin = {
-            module_name(Path(line.strip()))
+            _module_name(os.path.basename(line.strip()))
             for line in listing.read_text().splitlines()
             if line.strip()
         }
@@ -109,7 +127,7 @@ class ModuleTree:
     """Modules found under one or more directories; earlier dirs win (overrides)."""
 
     dirs: tuple[Path, ...]
-    files: dict[str, Path] = field(default_factory=dict)
+    files: ModuleFiles = field(default_factory=ModuleFiles)
     builtin: set[str] = field(default_factory=set)
 
     @classmethod
