@@ -93,31 +93,146 @@ def rec(tag: int, body: bytes = b"") -> bytes:
 IO_UCALL = rec(record.IO, struct.pack("<BBHI", 1, 4, 0x1000, 1) + (3).to_bytes(4, "little"))
 
 
+HLT = rec(record.HLT)
+
+
+def snap(gpa: int, data: bytes) -> bytes:
+    return rec(record.SNAP, struct.pack("<Q", gpa) + data)
+
+
 @pytest.mark.parametrize("trace, why", [
     (b"", "an empty trace"),
-    (b"\x01\x00\x00", "truncated record header"),
-    (struct.pack("<II", record.HLT, 8), "record runs past the trace's end"),
+    (b"\x01\x00\x00\x00\x00\x00\x00", "truncated record header"),
+    (struct.pack("<II", record.HLT, 1), "record runs past the trace's end"),
+    (HLT + b"\x02\x00\x00\x00", "truncated record header"),
     (rec(99), "unknown record tag 99"),
-    (rec(record.SNAP, bytes(16)), "memory recorded before any exit"),
-    (rec(record.HLT) + rec(record.SNAP, struct.pack("<Q", layout.MEM_SIZE - 4) + bytes(8)),
-     "outside guest memory"),
-    (rec(record.HLT) + rec(record.NESTED, struct.pack("<IIQ", 2, 0, 0)), "bad NESTED record"),
+    (snap(0, bytes(8)), "memory recorded before any exit"),
+    (HLT + rec(record.SNAP, bytes(7)), "short SNAP record"),
+    (HLT + snap(layout.MEM_SIZE - 4, bytes(5)), "memory recorded outside guest memory at 0x3ffffc"),
+    (rec(record.NESTED, struct.pack("<IIQ", 1, 0, 0)), "nested state recorded before any exit"),
+    (HLT + rec(record.NESTED, struct.pack("<IIQ", 2, 0, 0)), "bad NESTED record"),
+    (HLT + rec(record.NESTED, struct.pack("<IIQ", 1, 0x10000, 0)), "bad NESTED record"),
+    (HLT + rec(record.NESTED, bytes(15)), "record of 15 bytes, expected 16"),
     (rec(record.HLT, b"x"), "record of 1 bytes, expected 0"),
-    (rec(record.IO, struct.pack("<BBHI", 1, 1, 0x1000, 1) + b"ab"), "longer than size x count"),
+    (rec(record.IO, bytes(7)), "short IO record"),
+    (rec(record.IO, struct.pack("<BBHI", 1, 2, 0x1000, 3) + bytes(7)),
+     "IO record longer than size x count"),
+    (rec(record.MMIO, bytes(15)), "bad MMIO record"),
     (rec(record.MMIO, bytes(16 + 9)), "bad MMIO record"),
+    (rec(record.INTERNAL, bytes(7)), "short record"),
     (rec(record.INTERNAL, struct.pack("<II", 1, 17) + bytes(8 * 17)), "bad data count"),
-    (rec(record.RUN_ERROR, b"\x01"), "expected 4"),
-    (rec(record.HLT) * (record.MAX_TRACE // 8 + 1), "a trace of"),
+    (rec(record.SYSTEM_EVENT, struct.pack("<II", 1, 2) + bytes(8)), "bad data count"),
+    (rec(record.FAIL_ENTRY, bytes(11)), "record of 11 bytes, expected 12"),
+    (rec(record.DEBUG, bytes(33)), "record of 33 bytes, expected 32"),
+    (rec(record.UNKNOWN, bytes(3)), "record of 3 bytes, expected 4"),
+    (rec(record.RUN_ERROR, b"\x01"), "record of 1 bytes, expected 4"),
+    (HLT * (record.MAX_TRACE // 8 + 1),
+     f"a trace of {8 * (record.MAX_TRACE // 8 + 1)} bytes (at most {record.MAX_TRACE})"),
 ])
 def test_malformed_traces_are_refused(trace, why):
-    with pytest.raises(record.ReplayError, match=why):
-        record.parse(trace, 5.0)[0]
+    with pytest.raises(record.ReplayError) as info:
+        record.parse(trace, 5.0)
+    assert str(info.value) == why
 
 
-@pytest.mark.parametrize("text", ["@@@@", "QUJD\n", "QUJ", 5, "A" * (record.MAX_TRACE * 2)])
-def test_a_trace_must_be_strict_base64_of_a_bounded_size(text):
-    with pytest.raises(record.ReplayError):
+def test_every_exit_record_becomes_the_exit_vcpu_run_makes():
+    """Each tag's body decoded field by field, at the edges of its size
+    (an MMIO write of 8 bytes, 16 data words)."""
+    from kvmtest.exits import (
+        DebugExit,
+        FailEntryExit,
+        InternalErrorExit,
+        IrqWindowExit,
+        MmioExit,
+        ShutdownExit,
+        SystemEventExit,
+        UnknownExit,
+    )
+
+    words = tuple(range(1, 17))
+    trace = (rec(record.IO, struct.pack("<BBHI", 0, 2, 0x3F8, 3) + b"abcdef")
+             + rec(record.MMIO, struct.pack("<QIB3x", 0x40_0000, 8, 1) + b"12345678")
+             + rec(record.MMIO, struct.pack("<QIB3x", 0x40_1000, 4, 0))
+             + rec(record.FAIL_ENTRY, struct.pack("<QI", 0xFFFF_FFFF_FFFF_FFFF, 7))
+             + rec(record.INTERNAL, struct.pack("<II", 3, 16) + struct.pack("<16Q", *words))
+             + rec(record.SYSTEM_EVENT, struct.pack("<II", 2, 1) + struct.pack("<Q", 9))
+             + rec(record.DEBUG, struct.pack("<I4xQQQ", 1, 0x10_0000, 0x4000, 0x400))
+             + rec(record.UNKNOWN, struct.pack("<I", 77)) + rec(record.SHUTDOWN)
+             + rec(record.IRQ_WINDOW) + rec(record.INTERRUPTED) + rec(record.TIMED_OUT) + HLT)
+    steps, log = record.parse(trace, 0.75)
+    assert log is None  # no read recorded: the log was not checked
+    empty, _ = record.parse(rec(record.IO, struct.pack("<BBHI", 1, 4, 0x80, 0))
+                           + rec(record.INTERNAL, struct.pack("<II", 1, 0)), 5.0)
+    assert [s.exit for s in empty] == [IoExit(1, 0x80, 4, 0, b""), InternalErrorExit(1, ())]
+    assert [s.exit for s in steps] == [
+        IoExit(0, 0x3F8, 2, 3, b"abcdef"),
+        MmioExit(0x40_0000, b"12345678", 8, True),
+        MmioExit(0x40_1000, b"", 4, False),
+        FailEntryExit(0xFFFF_FFFF_FFFF_FFFF, 7),
+        InternalErrorExit(3, words),
+        SystemEventExit(2, (9,)),
+        DebugExit(1, 0x10_0000, 0x4000, 0x400),
+        UnknownExit(77), ShutdownExit(), IrqWindowExit(), InterruptedExit(), TimedOut(0.75),
+        HltExit(),
+    ]
+    assert all(s.snaps is None and s.nested is False for s in steps)
+
+
+def test_the_edges_of_what_a_trace_may_hold():
+    """Memory up to the end of guest memory, nested-state flags up to 0xFFFF,
+    a trace of exactly MAX_TRACE bytes, a header with nothing after it."""
+    steps, _ = record.parse(
+        HLT + snap(layout.MEM_SIZE - 4, b"wxyz") + snap(0x100, b"")
+        + rec(record.NESTED, struct.pack("<IIQ", 1, 0xFFFF, 0x9000)), 5.0)
+    assert steps[0].snaps == [(layout.MEM_SIZE - 4, b"wxyz"), (0x100, b"")]
+    assert (steps[0].nested.flags, steps[0].nested.vmcb12_gpa) == (0xFFFF, 0x9000)
+    assert len(record.parse(HLT * (record.MAX_TRACE // 8), 5.0)[0]) == record.MAX_TRACE // 8
+    m = record.ReplayMachine(steps)
+    m.run(5.0)
+    assert m.read(layout.MEM_SIZE - 2, 2) == b"yz"
+    assert m.read(layout.MEM_SIZE - 4, 0) == b""
+    with pytest.raises(ValueError) as bad:
+        m.read(layout.MEM_SIZE - 2, 3)
+    assert str(bad.value) == "GPA range [0x3ffffe, 0x400001) is not guest memory"
+    with pytest.raises(ValueError, match="is not guest memory"):
+        m.read(-1, 1)
+    for gpa in (0, layout.MEM_SIZE - 8):  # in guest memory, but not recorded
+        with pytest.raises(record.ReplayError, match="which was not recorded"):
+            m.read(gpa, 8)
+
+
+def test_a_read_is_answered_by_the_snapshot_that_holds_it():
+    steps, _ = record.parse(HLT + snap(0x1000, b"abcd") + snap(0x2000, b"efgh"), 5.0)
+    m = record.ReplayMachine(steps)
+    m.run(5.0)
+    assert m.read(0x2001, 3) == b"fgh"
+    assert m.read(0x1000, 4) == b"abcd"
+    with pytest.raises(record.ReplayError) as info:
+        m.read(0x1002, 4)  # runs past the first snapshot
+    assert str(info.value) == "drive() read [0x1002, 0x1006), which was not recorded"
+
+
+LONGEST = (record.MAX_TRACE + 2) // 3 * 4  # base64 of MAX_TRACE bytes
+
+
+@pytest.mark.parametrize("text, why", [
+    ("@@@@", "a trace that is not base64 ("),
+    ("QUJD\n", "a trace that is not base64 ("),
+    ("QUJ", "a trace that is not base64 ("),
+    (5, f"a trace that is not base64 of at most {record.MAX_TRACE} bytes"),
+    ("A" * (LONGEST + 4), f"a trace that is not base64 of at most {record.MAX_TRACE} bytes"),
+])
+def test_a_trace_must_be_strict_base64_of_a_bounded_size(text, why):
+    with pytest.raises(record.ReplayError) as info:
         record.unpack_trace(text)
+    assert str(info.value).startswith(why)
+
+
+def test_base64_round_trip_at_the_largest_trace():
+    trace = bytes(range(256)) * (record.MAX_TRACE // 256)
+    text = record.b64(trace)
+    assert len(text) == LONGEST and "\n" not in text
+    assert record.unpack_trace(text) == trace
 
 
 def test_replay_answers_only_what_was_recorded():
@@ -126,8 +241,9 @@ def test_replay_answers_only_what_was_recorded():
         + rec(record.INTERRUPTED) + rec(record.HLT) + rec(record.TIMED_OUT)
         + rec(record.RUN_ERROR, struct.pack("<I", 4)), 0.25)
     m = record.ReplayMachine(steps)
-    with pytest.raises(record.ReplayError, match="not recorded"):
+    with pytest.raises(record.ReplayError) as info:
         m.nested_state()
+    assert str(info.value) == "drive() read the nested state where it was not recorded"
     assert isinstance(m.run(5.0), IoExit)
     assert m.read(0x7010, 8) == bytes(range(8, 16))
     with pytest.raises(record.ReplayError, match=r"read \[0x7000, 0x7008\)"):
@@ -136,18 +252,21 @@ def test_replay_answers_only_what_was_recorded():
         m.read(layout.MEM_SIZE - 4, 8)
     with pytest.raises(record.ReplayError):
         m.nested_state()
-    with pytest.raises(record.ReplayError):
+    with pytest.raises(record.ReplayError) as info:
         m.finished()
+    assert str(info.value) == "4 recorded exits not replayed"
     assert isinstance(m.run(5.0), InterruptedExit)
     assert isinstance(m.run(5.0), HltExit)
     with pytest.raises(record.ReplayError):  # the HLT step recorded no memory
         m.read(0x7010, 8)
     assert m.run(5.0) == TimedOut(0.25)
-    with pytest.raises(KvmError, match="KVM_RUN"):
+    with pytest.raises(KvmError) as error:
         m.run(5.0)
+    assert (error.value.ioctl, error.value.errno) == ("KVM_RUN", 4)
     m.finished()
-    with pytest.raises(record.ReplayError, match="past the recorded exits"):
+    with pytest.raises(record.ReplayError) as info:
         m.run(5.0)
+    assert str(info.value) == "drive() ran the vCPU past the recorded exits"
 
 
 def test_compiled_writes_are_prepare_memorys():
@@ -190,15 +309,64 @@ def test_nested_state_records_become_what_nested_state_returns():
 
 
 @pytest.mark.parametrize("tail, why", [
-    (rec(record.KMSG, b"4,1,2,-;WARNING: x\n"), "out of place"),
-    (rec(record.KMSG_READ) + rec(record.KMSG_READ), "read twice"),
-    (rec(record.KMSG_READ) + rec(record.KMSG, b"6,1,2,-;kvm: fine\n"), "without a bad word"),
-    (rec(record.KMSG_READ) + rec(record.HLT), "after the kernel log"),
-    (rec(record.KMSG_READ, b"x"), "expected 0"),
+    (rec(record.KMSG, b"4,1,2,-;WARNING: x\n"), "a kernel-log record out of place or too long"),
+    (rec(record.KMSG_READ) + rec(record.KMSG_READ), "the kernel log read twice"),
+    (rec(record.KMSG_READ) + rec(record.KMSG, b"6,1,2,-;kvm: fine\n"),
+     "a kernel-log record without a bad word"),
+    (rec(record.KMSG_READ) + rec(record.HLT), "a record after the kernel log"),
+    (rec(record.KMSG_READ, b"x"), "record of 1 bytes, expected 0"),
 ])
 def test_malformed_kernel_log_records_are_refused(tail, why):
-    with pytest.raises(record.ReplayError, match=why):
+    with pytest.raises(record.ReplayError) as info:
         record.parse(rec(record.HLT) + tail, 5.0)
+    assert str(info.value) == why
+
+
+def test_kernel_log_records_at_their_size_limit():
+    line = b"4,1,2,-;WARNING: " + b"x" * (8192 - 17)
+    assert len(line) == 8192  # kmsg.RECORD_MAX: one read
+    _, log = record.parse(HLT + rec(record.KMSG_READ) + rec(record.KMSG, line), 5.0)
+    assert log == ["WARNING: " + "x" * (8192 - 17)]
+    with pytest.raises(record.ReplayError) as info:
+        record.parse(HLT + rec(record.KMSG_READ) + rec(record.KMSG, line + b"x"), 5.0)
+    assert str(info.value) == "a kernel-log record out of place or too long"
+
+
+def test_writes_stay_in_guest_memory():
+    w = record._Writes()
+    w.write(layout.MEM_SIZE - 2, b"ab")
+    w.write(0, b"")
+    assert w.blob == struct.pack("<QI", layout.MEM_SIZE - 2, 2) + b"ab" + struct.pack("<QI", 0, 0)
+    for gpa, data in ((layout.MEM_SIZE - 1, b"ab"), (-1, b"a")):
+        with pytest.raises(ValueError) as info:
+            w.write(gpa, data)
+        assert str(info.value) == (f"GPA range [{gpa:#x}, {gpa + len(data):#x}) is not "
+                                   "guest memory")
+
+
+def test_a_script_case_compiles_its_log_and_nested_state_reads():
+    from kvmtest import eventlog
+    from kvmtest.case import SCRIPT
+
+    case = next(c for c in catalogue() if c.scenario == SCRIPT)
+    compiled = record.compile_case(case, load_payload(case.payload))
+    assert compiled.final == ((case.vmcb12_gpa, 0x400), (params.LOG_GPA, eventlog.SIZE))
+    assert compiled.final_nested is True
+    again = record.Compiled.from_json(compiled.to_json())
+    assert again == compiled
+
+
+def test_replay_fails_when_drive_stops_before_the_trace_does():
+    """DONE, then one more exit recorded: C and drive() disagree on where
+    the case ended."""
+    done = rec(record.IO, struct.pack("<BBHI", 1, 4, 0x1000, 1) + (3).to_bytes(4, "little"))
+    trace = done + snap(0x7008, bytes(56)) + HLT
+    case = _case("ping", count=0)
+    with pytest.raises(record.ReplayError) as info:
+        record.replay(case, load_payload("ping"), record.parse(trace, 5.0)[0], 5.0)
+    assert str(info.value) == "1 recorded exits not replayed"
+    with pytest.raises(record.ReplayError):  # nothing ran yet: nothing to read
+        record.ReplayMachine([]).read(0x7008, 8)
 
 
 def test_the_kernel_log_during_a_case_is_read_in_c(real_kvm):
