@@ -8,9 +8,11 @@ frames of kvmtest.qemu.channel:
 1. ``hello`` with the facts: kernel release, kvm module, kvm_amd's
    effective parameters, MAXPHYADDR, SVM, KVM_CAP_NESTED_STATE,
    KVM_CAP_X86_SMM (or ``error`` when /dev/kvm is unusable);
-2. for each ``batch`` (whole cases, kvmtest.casecodec JSON, plus the per-case
-   timeout): ``start`` and one ``result`` per case, in order: the
-   Observation, a skip reason, or the error the case raised;
+2. for each ``batch`` (whole cases, kvmtest.casecodec JSON, or compiled
+   ones for the C loop, kvmtest.record; plus the per-case timeout):
+   ``start`` and one ``result`` per case, in order: the Observation (of a
+   whole case), the trace (of a compiled one: the host replays drive()
+   over it), a skip reason, or the error the case raised;
 3. on ``reload`` (kvm_amd parameters): the VMs are destroyed, kvm_amd and
    kvm are unloaded, the host's marker goes to the kernel log, and both are
    loaded again from the boot's module plan (kvm_amd with those
