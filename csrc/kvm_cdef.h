@@ -327,8 +327,11 @@ struct kvmtest_record_args {
     uint8_t *out;
     uint64_t out_cap;
     uint32_t at_ucall;
+    int run_errno;
+    uint32_t done;
+    uint64_t len;
+    int overflow;
 };
-long long kvmtest_record(struct kvmtest_record_args *a);
 struct kvmtest_reset_args {
     int vcpu_fd;
     uint8_t *nested_buf;
@@ -348,14 +351,26 @@ struct kvmtest_reset_args {
 int kvmtest_reset(struct kvmtest_reset_args *a, int *step);
 #define KVMTEST_REC_KMSG ...
 #define KVMTEST_REC_KMSG_READ ...
+#define KVMTEST_REC_KMSG_DROPPED ...
 struct kvmtest_case_args {
     struct kvmtest_reset_args *reset;
     struct kvmtest_record_args *rec;
     void *timer;
     double timeout;
     uint64_t kvm_sigmask;
-    int kmsg_fd;
-    const char *words;
     int failed_step;
+    int paused;
+    uint64_t old_mask;
 };
 long long kvmtest_case(struct kvmtest_case_args *c);
+long long kvmtest_case_resume(struct kvmtest_case_args *c);
+long long kvmtest_case_end(struct kvmtest_case_args *c, long long n);
+struct kvmtest_kmsg_args {
+    int fd;
+    const char *words;
+    uint32_t keep_lines;
+    uint32_t keep_bytes;
+    uint8_t *out;
+    uint64_t out_cap;
+};
+long long kvmtest_kmsg_drain(struct kvmtest_kmsg_args *k);

@@ -4,9 +4,11 @@
  *
  * Under QEMU's TCG the guest agent's Python runs ~20x slower than on the
  * host, and most of a case's time was Python around a handful of ioctls.
- * kvmtest_record() runs one case with no Python: it writes the case's
- * memory (compiled by the host), runs L1, and appends to a trace every exit
- * as KVM reported it plus the guest memory drive() reads at that moment.
+ * kvmtest_case() runs one case with no Python (unless a stray signal asks
+ * for its handler): it writes the case's memory (compiled by the host),
+ * runs L1, and appends to a trace every exit as KVM reported it plus the
+ * guest memory drive() reads at that moment; kvmtest_kmsg_drain() adds the
+ * kernel log's bad records.
  * The host replays drive() itself over the trace (kvmtest/record.py), so the
  * verdict logic exists once, in Python.
  *
@@ -30,6 +32,7 @@
 #define KVMTEST_REC_RUN_ERROR 13   /* u32 errno: KVM_RUN failed */
 #define KVMTEST_REC_SNAP 20        /* u64 gpa, bytes of guest memory */
 #define KVMTEST_REC_NESTED 21      /* u32 ok, u32 flags, u64 hdr.svm.vmcb_pa */
+/* 22-24, the kernel log: with kvmtest_kmsg_drain() below. */
 
 struct kvmtest_record_args {
     int vcpu_fd;
@@ -57,6 +60,11 @@ struct kvmtest_record_args {
     uint8_t *out;
     uint64_t out_cap;
     uint32_t at_ucall;             /* out: the last exit was a ucall (reusable vCPU) */
+    int run_errno;                 /* out: KVM_RUN failed with it (the VM is not reused) */
+    /* The loop's state, kept across a pause at a stray signal. */
+    uint32_t done;                 /* KVM_RUNs so far */
+    uint64_t len;                  /* trace bytes so far */
+    int overflow;
 };
 
 struct kvmtest_trace {
@@ -263,15 +271,12 @@ static uint32_t kvmtest_exit(struct kvmtest_trace *t, const struct kvmtest_recor
     }
 }
 
-/* Run one case (its memory written first); returns the trace's length, or
- * -EINVAL (a write outside memslot 0: nothing ran) or -ENOSPC (out_cap too
- * small: the case ran, its trace is lost). */
-static long long kvmtest_record(struct kvmtest_record_args *a)
+/* Write the case's memory and start its trace: 0, or -EINVAL (a write
+ * outside memslot 0: nothing ran). */
+static int kvmtest_record_begin(struct kvmtest_record_args *a)
 {
-    struct kvmtest_trace t = {a->out, 0, a->out_cap, 0};
-    uint64_t pos = 0, gpa, cmd = 0;
-    uint32_t len, i, tag;
-    int at_ucall = 0, r;
+    uint64_t pos = 0, gpa;
+    uint32_t len;
 
     while (pos < a->writes_len) {
         if (a->writes_len - pos < 12)
@@ -284,12 +289,41 @@ static long long kvmtest_record(struct kvmtest_record_args *a)
         memcpy(a->mem + gpa, a->writes + pos, len);
         pos += len;
     }
-    for (i = 0; i < a->max_exits; i++) {
+    a->done = 0;
+    a->len = 0;
+    a->overflow = 0;
+    a->at_ucall = 0;
+    a->run_errno = 0;
+    return 0;
+}
+
+#define KVMTEST_PAUSED 1   /* kvmtest_record_loop(): a stray signal, resume later */
+
+/* KVM_RUN until drive() would stop, recording (resumable: it returns
+ * KVMTEST_PAUSED after a stray signal's INTERRUPTED record, so that Python
+ * runs the signal's handler as drive()'s loop would, then goes on).
+ * Returns 0 at the end (the trace's length is a->len), or -EINVAL. */
+static int kvmtest_record_loop(struct kvmtest_record_args *a)
+{
+    struct kvmtest_trace t = {a->out, a->len, a->out_cap, a->overflow};
+    uint64_t cmd = 0;
+    uint32_t tag;
+    int at_ucall = 0, r, err;
+
+    while (a->done < a->max_exits) {
         /* A deadline that expired at an interruption ends the loop there. */
         r = ioctl(a->vcpu_fd, KVM_RUN, 0);
+        err = r < 0 ? errno : 0;
+        a->done++;
         tag = kvmtest_exit(&t, a, r, &cmd, &at_ucall);
-        if (tag == KVMTEST_REC_INTERRUPTED)
-            continue;       /* a stray signal, not the guest: drive() goes on */
+        if (tag == KVMTEST_REC_INTERRUPTED) {
+            /* a stray signal, not the guest: drive() goes on after it */
+            a->len = t.len;
+            a->overflow = t.overflow;
+            return KVMTEST_PAUSED;
+        }
+        if (tag == KVMTEST_REC_RUN_ERROR)
+            a->run_errno = err;
         if (!at_ucall)
             break;          /* any other exit ends the case */
         if (a->ucall_args_gpa > a->mem_size || a->ucall_args_len > a->mem_size - a->ucall_args_gpa)
@@ -314,11 +348,13 @@ static long long kvmtest_record(struct kvmtest_record_args *a)
         break;              /* DONE, EXCEPTION, ASSERT or unknown: the end */
     }
     a->at_ucall = at_ucall;
-    for (i = 0; i < a->n_final; i++)
+    for (uint32_t i = 0; i < a->n_final; i++)
         kvmtest_snap(&t, a, a->final_snaps[2 * i], a->final_snaps[2 * i + 1]);
     if (a->final_nested)
         kvmtest_nested(&t, a);
-    return t.overflow ? -ENOSPC : (long long)t.len;
+    a->len = t.len;
+    a->overflow = t.overflow;
+    return 0;
 }
 
 struct kvmtest_reset_args {
@@ -381,6 +417,7 @@ static int kvmtest_reset(struct kvmtest_reset_args *a, int *step)
 
 #define KVMTEST_REC_KMSG 22        /* a kernel-log record with a bad word: its bytes */
 #define KVMTEST_REC_KMSG_READ 23   /* the kernel log was read around the case */
+#define KVMTEST_REC_KMSG_DROPPED 24 /* u32: bad records past kmsg.KEEP_*, not kept */
 
 struct kvmtest_case_args {
     struct kvmtest_reset_args *reset;  /* NULL: a fresh vCPU, nothing to reset */
@@ -388,10 +425,83 @@ struct kvmtest_case_args {
     void *timer;                   /* the vCPU thread's deadline timer (kvm/deadline.py) */
     double timeout;
     uint64_t kvm_sigmask;          /* in/out: the vCPU's KVM_SET_SIGNAL_MASK */
-    int kmsg_fd;                   /* -1: the kernel log cannot be read */
-    const char *words;             /* kmsg.BAD_WORDS: each NUL-terminated, then "" */
     int failed_step;               /* out: the reset's ioctl that failed */
+    int paused;                    /* out: stopped at a stray signal; resume or end */
+    uint64_t old_mask;             /* the thread's signal mask before the case */
 };
+
+/* The deadline ended as Deadline ends it: timer disarmed, its signal
+ * consumed, the thread's mask as before.  Returns N. */
+static long long kvmtest_case_end(struct kvmtest_case_args *c, long long n)
+{
+    int signo = c->rec->signo;
+
+    c->paused = 0;
+    kvmtest_timer_arm(c->timer, 0);
+    kvmtest_signal_consume(signo);
+    if (!(c->old_mask & (1ULL << (signo - 1))))
+        kvmtest_unblock_signal(signo);
+    return n;
+}
+
+/* Go on after a pause (c->paused): the rest of kvmtest_case(). */
+static long long kvmtest_case_resume(struct kvmtest_case_args *c)
+{
+    struct kvmtest_record_args *a = c->rec;
+    int r = kvmtest_record_loop(a);
+
+    if (r == KVMTEST_PAUSED) {
+        c->paused = 1;      /* the deadline stays armed, its signal blocked */
+        return 0;
+    }
+    return kvmtest_case_end(c, r < 0 ? r : a->overflow ? -ENOSPC : (long long)a->len);
+}
+
+/* One recorded case as runner.run_case() runs it through Python: the
+ * vCPU reset (unless fresh), the deadline armed (Deadline), the case's
+ * memory written, KVM_RUN until drive() would stop, the deadline ended.
+ * Returns the trace's length, or -errno: a failed reset (failed_step >= 0,
+ * nothing ran), -EINVAL (a write outside memslot 0: nothing ran) or -ENOSPC
+ * (the trace did not fit: the case ran, its trace is lost).  With
+ * c->paused set, a stray signal stopped KVM_RUN: the caller lets Python run
+ * its handler, then calls kvmtest_case_resume() (or kvmtest_case_end()). */
+static long long kvmtest_case(struct kvmtest_case_args *c)
+{
+    struct kvmtest_record_args *a = c->rec;
+    uint64_t mask, bit = 1ULL << (a->signo - 1);
+    int r;
+
+    c->failed_step = -1;
+    c->paused = 0;
+    if (c->reset) {
+        r = kvmtest_reset(c->reset, &c->failed_step);
+        if (r < 0)
+            return r;
+        c->failed_step = -1;
+    }
+    r = kvmtest_block_signal(a->signo, &c->old_mask);
+    if (r < 0)
+        return r;
+    mask = c->old_mask & ~bit;
+    if (mask != c->kvm_sigmask) {
+        char buf[sizeof(struct kvm_signal_mask) + 8];
+        struct kvm_signal_mask *m = (struct kvm_signal_mask *)buf;
+
+        m->len = 8;
+        memcpy(m->sigset, &mask, 8);
+        if (ioctl(a->vcpu_fd, KVM_SET_SIGNAL_MASK, m) < 0)
+            return kvmtest_case_end(c, -errno);
+        c->kvm_sigmask = mask;
+    }
+    a->when = kvmtest_now() + c->timeout;
+    r = kvmtest_timer_arm(c->timer, c->timeout * 1e9 > 1 ? (long long)(c->timeout * 1e9) : 1);
+    if (r < 0)
+        return kvmtest_case_end(c, r);
+    r = kvmtest_record_begin(a);
+    if (r < 0)
+        return kvmtest_case_end(c, r);
+    return kvmtest_case_resume(c);
+}
 
 /* Does the message of /dev/kmsg record REC (after its first ';') hold a word? */
 static int kvmtest_bad(const char *rec, size_t n, const char *words)
@@ -409,85 +519,51 @@ static int kvmtest_bad(const char *rec, size_t n, const char *words)
     return 0;
 }
 
-/* The new kernel-log records that hold a bad word, as Kmsg.watch() drains. */
-static void kvmtest_drain(struct kvmtest_trace *t, int fd, const char *words)
-{
-    char buf[8192];    /* kmsg.RECORD_MAX */
+struct kvmtest_kmsg_args {
+    int fd;                        /* /dev/kmsg, positioned where the case began */
+    const char *words;             /* kmsg.BAD_WORDS: each NUL-terminated, then "" */
+    uint32_t keep_lines;           /* kmsg.KEEP_LINES */
+    uint32_t keep_bytes;           /* kmsg.KEEP_BYTES */
+    uint8_t *out;
+    uint64_t out_cap;
+};
 
+/* The new kernel-log records that hold a bad word, as Kmsg.watch() keeps
+ * them (kmsg.keep): KMSG_READ, the first ones within keep_lines and
+ * keep_bytes, then how many more there were.  Returns the bytes written,
+ * or -ENOSPC. */
+static long long kvmtest_kmsg_drain(struct kvmtest_kmsg_args *k)
+{
+    struct kvmtest_trace t = {k->out, 0, k->out_cap, 0};
+    char buf[8192];    /* kmsg.RECORD_MAX */
+    uint32_t lines = 0, dropped = 0;
+    uint64_t bytes = 0;
+    uint8_t *p;
+
+    kvmtest_rec(&t, KVMTEST_REC_KMSG_READ, 0);
     for (;;) {
-        ssize_t r = read(fd, buf, sizeof(buf));
-        uint8_t *p;
+        ssize_t r = read(k->fd, buf, sizeof(buf));
 
         if (r < 0 && errno == EPIPE)
             continue;  /* records overwritten while we read: go on */
         if (r <= 0)
-            return;    /* EAGAIN: nothing more */
-        if (!kvmtest_bad(buf, r, words))
+            break;     /* EAGAIN: nothing more */
+        if (!kvmtest_bad(buf, r, k->words))
             continue;
-        p = kvmtest_rec(t, KVMTEST_REC_KMSG, r);
+        if (dropped || lines == k->keep_lines || bytes + r > k->keep_bytes) {
+            dropped++;
+            continue;
+        }
+        p = kvmtest_rec(&t, KVMTEST_REC_KMSG, r);
         if (p)
             memcpy(p, buf, r);
+        lines++;
+        bytes += r;
     }
-}
-
-/* One recorded case as runner.record_case() runs it through Python: the
- * kernel log watched from here, the vCPU reset (unless fresh), the
- * deadline armed (Deadline), kvmtest_record(), the deadline ended, the log
- * drained.  Returns the trace's length, or -errno: a failed reset
- * (failed_step >= 0, nothing ran) or what kvmtest_record() returns. */
-static long long kvmtest_case(struct kvmtest_case_args *c)
-{
-    struct kvmtest_record_args *a = c->rec;
-    uint64_t old, mask, bit = 1ULL << (a->signo - 1);
-    long long n = 0;
-    double when;
-    int r;
-
-    c->failed_step = -1;
-    if (c->kmsg_fd >= 0)
-        lseek(c->kmsg_fd, 0, SEEK_END);  /* only what comes after this point */
-    if (c->reset) {
-        r = kvmtest_reset(c->reset, &c->failed_step);
-        if (r < 0)
-            return r;
-        c->failed_step = -1;
+    if (dropped) {
+        p = kvmtest_rec(&t, KVMTEST_REC_KMSG_DROPPED, 4);
+        if (p)
+            memcpy(p, &dropped, 4);
     }
-    r = kvmtest_block_signal(a->signo, &old);
-    if (r < 0)
-        return r;
-    mask = old & ~bit;
-    if (mask != c->kvm_sigmask) {
-        char buf[sizeof(struct kvm_signal_mask) + 8];
-        struct kvm_signal_mask *m = (struct kvm_signal_mask *)buf;
-
-        m->len = 8;
-        memcpy(m->sigset, &mask, 8);
-        if (ioctl(a->vcpu_fd, KVM_SET_SIGNAL_MASK, m) < 0) {
-            r = -errno;
-            goto out;
-        }
-        c->kvm_sigmask = mask;
-    }
-    when = kvmtest_now() + c->timeout;
-    r = kvmtest_timer_arm(c->timer, c->timeout * 1e9 > 1 ? (long long)(c->timeout * 1e9) : 1);
-    if (r < 0)
-        goto out;
-    a->when = when;
-    n = kvmtest_record(a);
-    kvmtest_timer_arm(c->timer, 0);
-    r = 0;
-out:
-    kvmtest_signal_consume(a->signo);
-    if (!(old & bit))
-        kvmtest_unblock_signal(a->signo);
-    if (r < 0)
-        return r;
-    if (n >= 0 && c->kmsg_fd >= 0) {
-        struct kvmtest_trace t = {a->out, (uint64_t)n, a->out_cap, 0};
-
-        kvmtest_rec(&t, KVMTEST_REC_KMSG_READ, 0);
-        kvmtest_drain(&t, c->kmsg_fd, c->words);
-        n = t.overflow ? -ENOSPC : (long long)t.len;
-    }
-    return n;
+    return t.overflow ? -ENOSPC : (long long)t.len;
 }

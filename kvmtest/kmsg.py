@@ -6,7 +6,7 @@ import contextlib
 import errno
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 KMSG = "/dev/kmsg"
 # WARN/BUG/oops and the sanitizers/lockdep: a kernel that prints one of
@@ -15,8 +15,20 @@ KMSG = "/dev/kmsg"
 BAD_WORDS = ("WARNING:", "BUG:", "Oops", "general protection fault", "KASAN", "UBSAN",
              "kernel BUG", "possible circular locking", "inconsistent lock state",
              "RCU stall", "Call Trace")
-BAD = re.compile("|".join(re.escape(w) for w in BAD_WORDS))
+
+
+def pattern(words: Iterable[str]) -> re.Pattern[str]:
+    """A line holding any of WORDS (as csrc/record.c's memmem finds them)."""
+    return re.compile("|".join(re.escape(w) for w in words))
+
+
+BAD = pattern(BAD_WORDS)
 RECORD_MAX = 8192  # bytes of one /dev/kmsg read: a whole record
+# A WARN storm keeps the first bad records only (a recorded case's trace
+# must fit one channel string, kvmtest/record.py): at most these many lines
+# and bytes of records, then one line saying how many more there were.
+KEEP_LINES = 64
+KEEP_BYTES = 24 * 1024
 
 
 def message(rec: bytes) -> str:
@@ -25,20 +37,44 @@ def message(rec: bytes) -> str:
     return rec.decode("utf-8", "replace").split(";", 1)[-1].rstrip("\n")
 
 
-def _drain(fd: int) -> list[str]:
-    lines = []
+def dropped(n: int) -> str:
+    """The line that stands for N bad records past KEEP_LINES/KEEP_BYTES."""
+    return f"kvmtest: {n} more kernel-log records with a bad word, not kept"
+
+
+def keep(records: Iterable[bytes], pattern: re.Pattern[str] = BAD) -> list[str]:
+    """The messages of RECORDS that match PATTERN: the first ones within
+    KEEP_LINES and KEEP_BYTES (of records), then dropped() if there were
+    more.  csrc/record.c's kvmtest_kmsg_drain keeps the same."""
+    lines: list[str] = []
+    size = more = 0
+    for rec in records:
+        line = message(rec)
+        if not pattern.search(line):
+            continue
+        if more or len(lines) == KEEP_LINES or size + len(rec) > KEEP_BYTES:
+            more += 1
+        else:
+            lines.append(line)
+            size += len(rec)
+    if more:
+        lines.append(dropped(more))
+    return lines
+
+
+def _drain(fd: int) -> Iterator[bytes]:
     while True:
         try:
             rec = os.read(fd, RECORD_MAX)
         except BlockingIOError:
-            return lines
+            return
         except OSError as e:
             if e.errno == errno.EPIPE:  # records overwritten while we read; go on
                 continue
-            return lines
+            return
         if not rec:
-            return lines
-        lines.append(message(rec))
+            return
+        yield rec
 
 
 class Kmsg:
@@ -59,12 +95,16 @@ class Kmsg:
                 self._unreadable = True
         return self._fd
 
-    def fd(self) -> int | None:
-        """The descriptor, for a C helper that reads around a case the way
-        watch() does (kvmtest_case, csrc/record.c); None if unreadable."""
+    def mark(self) -> int | None:
+        """Start a watch for a C helper (kvmtest_kmsg_drain, csrc/record.c):
+        the descriptor, at the log's end as watch() puts it; None if the log
+        cannot be read."""
         if self._watching:
-            raise RuntimeError("Kmsg.fd inside a watch of the same Kmsg")
-        return self._open()
+            raise RuntimeError("Kmsg.mark inside a watch of the same Kmsg")
+        fd = self._open()
+        if fd is not None:
+            os.lseek(fd, 0, os.SEEK_END)
+        return fd
 
     @contextlib.contextmanager
     def watch(self, pattern: re.Pattern[str] = BAD) -> Iterator[list[str] | None]:
@@ -85,7 +125,7 @@ class Kmsg:
             yield found
         finally:
             self._watching = False
-            found.extend(line for line in _drain(fd) if pattern.search(line))
+            found.extend(keep(_drain(fd), pattern))
             if self._close_pending:
                 self.close()
 

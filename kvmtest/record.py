@@ -6,11 +6,12 @@ case whose run needs no host action between exits (``eligible``):
 
 1. the host compiles it (``compile_case``): the memory ``prepare_memory``
    writes, and what ``drive()`` will read after the loop;
-2. the guest runs it with ``kvmtest_record()`` (csrc/record.c): the writes,
+2. the guest runs it with ``kvmtest_case()`` (csrc/record.c): the writes,
    then KVM_RUN until the case ends, appending to a trace every exit as KVM
    reported it and the guest memory ``drive()`` reads at that moment (the
    ucall's arguments, the result block and nested state at a SYNC, an
-   ASSERT's strings, then VMCB12, the event log, the nested state);
+   ASSERT's strings, then VMCB12, the event log, the nested state), then
+   the kernel log's bad records (``kvmtest_kmsg_drain()``);
 3. the host replays ``runner.drive()`` itself on a ``ReplayMachine`` that
    answers ``run()``, ``read()`` and ``nested_state()`` from the trace.
 
@@ -23,6 +24,7 @@ docs/record.md has the format and the checks that keep both paths equal.
 from __future__ import annotations
 
 import binascii
+import re
 import struct
 import zlib
 from collections.abc import Iterator
@@ -53,11 +55,15 @@ from .vmcb import SAVE_AREA
 # Record tags (csrc/record.c; kept equal by tests/test_record.py).
 IO, HLT, MMIO, SHUTDOWN, FAIL_ENTRY, INTERNAL, SYSTEM_EVENT = 1, 2, 3, 4, 5, 6, 7
 IRQ_WINDOW, DEBUG, UNKNOWN, INTERRUPTED, TIMED_OUT, RUN_ERROR = 8, 9, 10, 11, 12, 13
-SNAP, NESTED, KMSG, KMSG_READ = 20, 21, 22, 23
+SNAP, NESTED, KMSG, KMSG_READ, KMSG_DROPPED = 20, 21, 22, 23, 24
 
 # Bytes of one case's trace: it records ~4.5 KiB (VMCB12 and a few exits);
-# base64, it must fit one channel string (qemu.channel.MAX_STRING).
+# base64, it must fit one channel string (qemu.channel.MAX_STRING).  The
+# kernel log's part is bounded by kmsg.KEEP_*, the run's gets the rest.
 MAX_TRACE = 128 * 1024
+KMSG_SPACE = 8 + kmsg.KEEP_LINES * 8 + kmsg.KEEP_BYTES + 12  # READ, records, DROPPED
+RUN_SPACE = MAX_TRACE - KMSG_SPACE
+ERRNO_MAX = 4095  # the kernel's -MAX_ERRNO: what a failed KVM_RUN can return
 _HEAD = struct.Struct("<II")
 _WRITE = struct.Struct("<QI")
 _IO = struct.Struct("<BBHI")
@@ -81,6 +87,8 @@ def unpack_trace(text: object) -> bytes:
     strict base64 of at most MAX_TRACE bytes."""
     if not isinstance(text, str) or len(text) > (MAX_TRACE + 2) // 3 * 4:
         raise ReplayError(f"a trace that is not base64 of at most {MAX_TRACE} bytes")
+    if not text.isascii():  # a2b_base64 raises ValueError, not binascii.Error, on those
+        raise ReplayError("a trace that is not base64 (a character outside ASCII)")
     try:
         return binascii.a2b_base64(text, strict_mode=True)
     except binascii.Error as e:
@@ -219,27 +227,52 @@ def _records(trace: bytes) -> Iterator[tuple[int, bytes]]:
         pos += length
 
 
-def parse(trace: bytes, timeout: float) -> tuple[list[Step], list[str] | None]:
+def _kmsg_line(body: bytes, bad: re.Pattern[str]) -> str:
+    """A KMSG record's line (kvmtest_kmsg_drain keeps only BAD ones)."""
+    if len(body) > kmsg.RECORD_MAX:
+        raise ReplayError("a kernel-log record out of place or too long")
+    line = kmsg.message(body)
+    if not bad.search(line):
+        raise ReplayError("a kernel-log record without a bad word")
+    return line
+
+
+def _kmsg_dropped(body: bytes) -> str:
+    """A KMSG_DROPPED record's line: how many bad records were not kept."""
+    _size(body, 4)
+    n = _U32.unpack(body)[0]
+    if not 0 < n < 1 << 31:
+        raise ReplayError(f"{n} kernel-log records dropped")
+    return kmsg.dropped(n)
+
+
+def parse(trace: bytes, timeout: float, bad: re.Pattern[str] = kmsg.BAD
+          ) -> tuple[list[Step], list[str] | None]:
     """The trace as steps, and the kernel log's bad lines during the case
-    (None: the log was not read); ReplayError if anything is malformed."""
+    (None: the log was not read; BAD: the words the log was read for);
+    ReplayError if anything is malformed."""
     if len(trace) > MAX_TRACE:
         raise ReplayError(f"a trace of {len(trace)} bytes (at most {MAX_TRACE})")
     steps: list[Step] = []
     log: list[str] | None = None
+    kept, closed = 0, False  # bytes of KMSG records; KMSG_DROPPED seen (the last)
     for tag, body in _records(trace):
-        if tag in (KMSG, KMSG_READ):
-            if tag == KMSG_READ:
-                _size(body, 0)
-                if log is not None:
-                    raise ReplayError("the kernel log read twice")
-                log = []
-            elif log is None or len(body) > kmsg.RECORD_MAX:
+        if tag == KMSG_READ:
+            _size(body, 0)
+            if log is not None:
+                raise ReplayError("the kernel log read twice")
+            log = []
+        elif tag in (KMSG, KMSG_DROPPED):
+            if log is None or closed:
                 raise ReplayError("a kernel-log record out of place or too long")
-            else:
-                line = kmsg.message(body)
-                if not kmsg.BAD.search(line):  # record.c keeps only those
-                    raise ReplayError("a kernel-log record without a bad word")
-                log.append(line)
+            if tag == KMSG_DROPPED:
+                log.append(_kmsg_dropped(body))
+                closed = True
+                continue
+            log.append(_kmsg_line(body, bad))
+            kept += len(body)
+            if len(log) > kmsg.KEEP_LINES or kept > kmsg.KEEP_BYTES:
+                raise ReplayError("more kernel-log records than kmsg.KEEP_LINES/_BYTES")
         elif log is not None:
             raise ReplayError("a record after the kernel log")
         elif tag == SNAP:
@@ -263,9 +296,14 @@ def parse(trace: bytes, timeout: float) -> tuple[list[Step], list[str] | None]:
                 raise ReplayError("bad NESTED record")
             guest_mode = flags & KVM_STATE_NESTED_GUEST_MODE
             steps[-1].nested = NestedView(flags, vmcb_pa if guest_mode else None) if ok else None
+        elif steps and steps[-1].exit is None:
+            raise ReplayError("an exit recorded after KVM_RUN failed")
         elif tag == RUN_ERROR:
             _size(body, 4)
-            steps.append(Step(None, _U32.unpack(body)[0]))
+            err = _U32.unpack(body)[0]
+            if not 0 < err <= ERRNO_MAX:
+                raise ReplayError(f"KVM_RUN failed with errno {err}")
+            steps.append(Step(None, err))
         else:
             steps.append(Step(_exit(tag, body, timeout)))
     if not steps:

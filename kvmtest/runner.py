@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import errno
+import re
 
-from . import actions, eventlog, layout, nested_request, params, record, ucall, vmcb, vmcb12
+from . import actions, eventlog, kmsg, layout, nested_request, params, record, ucall, vmcb, vmcb12
 from .backends.base import Backend, Machine
 from .case import INSN, NEED_SVM, SCRIPT, SET_NESTED_STATE, SMM, VMRUN, Case
 from .exits import (
@@ -195,10 +196,11 @@ def set_nested_state(m: Machine, case: Case, payload: Payload, timeout: float) -
     return obs
 
 
-def replay_case(case: Case, payload: Payload, trace: bytes, timeout: float) -> Observation:
+def replay_case(case: Case, payload: Payload, trace: bytes, timeout: float,
+                bad: re.Pattern[str] = kmsg.BAD) -> Observation:
     """The host's half of a recorded case (kvmtest.record): drive() replayed
-    over the guest's trace, the kernel log's bad lines from it too."""
-    steps, warnings = record.parse(trace, timeout)
+    over the guest's trace, the kernel log's BAD lines from it too."""
+    steps, warnings = record.parse(trace, timeout, bad)
     obs = record.replay(case, payload, steps, timeout)
     obs.kernel_log_checked = warnings is not None
     obs.kernel_warnings = warnings
@@ -211,7 +213,7 @@ def run_case(backend: Backend, case: Case, timeout: float = DEFAULT_TIMEOUT) -> 
     if getattr(backend, "records", False) and record.eligible(case):
         compiled = record.compile_case(case, payload)
         trace = backend.record(payload, svm, case.cpuid, compiled, timeout)
-        return replay_case(case, payload, trace, timeout)
+        return replay_case(case, payload, trace, timeout, getattr(backend, "kmsg_bad", kmsg.BAD))
     # Only a case that changes the guest CPUID passes cpuid= (other backends
     # need not know the keyword).
     extra = {"cpuid": case.cpuid} if case.cpuid else {}

@@ -6,11 +6,13 @@ kernel under test) is checked record by record before anything is replayed.
 
 from __future__ import annotations
 
+import os
 import struct
+import time
 
 import pytest
 
-from kvmtest import layout, params, record, runner
+from kvmtest import kmsg, layout, params, record, runner
 from kvmtest.backends.kvm import KvmBackend
 from kvmtest.case import INSN, NEED_NO_SVM, Case, Expect
 from kvmtest.cases import catalogue
@@ -80,7 +82,7 @@ def test_the_c_loop_records_what_drive_reads(real_kvm):
 def test_tags_are_record_c_s():
     for name in ("IO", "HLT", "MMIO", "SHUTDOWN", "FAIL_ENTRY", "INTERNAL", "SYSTEM_EVENT",
                  "IRQ_WINDOW", "DEBUG", "UNKNOWN", "INTERRUPTED", "TIMED_OUT", "RUN_ERROR",
-                 "SNAP", "NESTED"):
+                 "SNAP", "NESTED", "KMSG", "KMSG_READ", "KMSG_DROPPED"):
         assert getattr(record, name) == getattr(lib, f"KVMTEST_REC_{name}"), name
 
 
@@ -126,6 +128,12 @@ def snap(gpa: int, data: bytes) -> bytes:
     (rec(record.DEBUG, bytes(33)), "record of 33 bytes, expected 32"),
     (rec(record.UNKNOWN, bytes(3)), "record of 3 bytes, expected 4"),
     (rec(record.RUN_ERROR, b"\x01"), "record of 1 bytes, expected 4"),
+    (rec(record.RUN_ERROR, struct.pack("<I", 0)), "KVM_RUN failed with errno 0"),
+    (rec(record.RUN_ERROR, struct.pack("<I", 4096)), "KVM_RUN failed with errno 4096"),
+    (rec(record.RUN_ERROR, struct.pack("<I", 1 << 31)), "KVM_RUN failed with errno 2147483648"),
+    (rec(record.RUN_ERROR, struct.pack("<I", 14)) + HLT, "an exit recorded after KVM_RUN failed"),
+    (rec(record.RUN_ERROR, struct.pack("<I", 14)) + rec(record.RUN_ERROR, struct.pack("<I", 14)),
+     "an exit recorded after KVM_RUN failed"),
     (HLT * (record.MAX_TRACE // 8 + 1),
      f"a trace of {8 * (record.MAX_TRACE // 8 + 1)} bytes (at most {record.MAX_TRACE})"),
 ])
@@ -219,6 +227,8 @@ LONGEST = (record.MAX_TRACE + 2) // 3 * 4  # base64 of MAX_TRACE bytes
     ("@@@@", "a trace that is not base64 ("),
     ("QUJD\n", "a trace that is not base64 ("),
     ("QUJ", "a trace that is not base64 ("),
+    ("QUJ\u00e9", "a trace that is not base64 (a character outside ASCII)"),
+    ("\u0660\u0661\u0662\u0663", "a trace that is not base64 (a character outside ASCII)"),
     (5, f"a trace that is not base64 of at most {record.MAX_TRACE} bytes"),
     ("A" * (LONGEST + 4), f"a trace that is not base64 of at most {record.MAX_TRACE} bytes"),
 ])
@@ -315,6 +325,21 @@ def test_nested_state_records_become_what_nested_state_returns():
      "a kernel-log record without a bad word"),
     (rec(record.KMSG_READ) + rec(record.HLT), "a record after the kernel log"),
     (rec(record.KMSG_READ, b"x"), "record of 1 bytes, expected 0"),
+    (rec(record.KMSG_DROPPED, struct.pack("<I", 1)),
+     "a kernel-log record out of place or too long"),
+    (rec(record.KMSG_READ) + rec(record.KMSG_DROPPED, struct.pack("<I", 0)),
+     "0 kernel-log records dropped"),
+    (rec(record.KMSG_READ) + rec(record.KMSG_DROPPED, struct.pack("<I", 1 << 31)),
+     "2147483648 kernel-log records dropped"),
+    (rec(record.KMSG_READ) + rec(record.KMSG_DROPPED, bytes(3)), "record of 3 bytes, expected 4"),
+    (rec(record.KMSG_READ) + rec(record.KMSG_DROPPED, struct.pack("<I", 1))
+     + rec(record.KMSG, b"4,1,2,-;WARNING: x\n"), "a kernel-log record out of place or too long"),
+    (rec(record.KMSG_READ) + rec(record.KMSG_DROPPED, struct.pack("<I", 1)) * 2,
+     "a kernel-log record out of place or too long"),
+    (rec(record.KMSG_READ) + rec(record.KMSG, b"4,1,2,-;WARNING: x\n") * 65,
+     "more kernel-log records than kmsg.KEEP_LINES/_BYTES"),
+    (rec(record.KMSG_READ) + rec(record.KMSG, b"4,1,2,-;WARNING: " + b"x" * 8000) * 4,
+     "more kernel-log records than kmsg.KEEP_LINES/_BYTES"),
 ])
 def test_malformed_kernel_log_records_are_refused(tail, why):
     with pytest.raises(record.ReplayError) as info:
@@ -369,32 +394,247 @@ def test_replay_fails_when_drive_stops_before_the_trace_does():
         record.ReplayMachine([]).read(0x7008, 8)
 
 
-def test_the_kernel_log_during_a_case_is_read_in_c(real_kvm):
-    """Lines logged while a recorded case runs: the bad ones come back in
-    the trace, as Kmsg.watch() would report them; the others do not."""
-    import os
-    import threading
-    import time
+def test_the_edges_of_the_kernel_log_and_a_failed_run():
+    """KEEP_LINES records, KEEP_BYTES of them, then KMSG_DROPPED; errno 1 and
+    ERRNO_MAX; memory recorded after a failed KVM_RUN (the final reads)."""
+    line = rec(record.KMSG, b"4,1,2,-;WARNING: x\n")
+    _, log = record.parse(HLT + rec(record.KMSG_READ) + line * kmsg.KEEP_LINES
+                          + rec(record.KMSG_DROPPED, struct.pack("<I", (1 << 31) - 1)), 5.0)
+    assert log == ["WARNING: x"] * kmsg.KEEP_LINES + [kmsg.dropped((1 << 31) - 1)]
+    big = b"4,1,2,-;WARNING: " + b"y" * (kmsg.KEEP_BYTES // 3 - 17)
+    _, log = record.parse(HLT + rec(record.KMSG_READ) + rec(record.KMSG, big) * 3, 5.0)
+    assert len(big) * 3 == kmsg.KEEP_BYTES and len(log) == 3
+    for err in (1, record.ERRNO_MAX):
+        steps, _ = record.parse(rec(record.RUN_ERROR, struct.pack("<I", err))
+                                + snap(0x100, b"ab"), 5.0)
+        assert (steps[0].exit, steps[0].errno, steps[0].snaps) == (None, err, [(0x100, b"ab")])
+        with pytest.raises(KvmError) as info:
+            record.ReplayMachine(steps).run(5.0)
+        assert info.value.errno == err
 
-    if not os.access("/dev/kmsg", os.W_OK):
-        pytest.skip("cannot write /dev/kmsg: run as root to test the kernel-log read")
+
+def test_the_trace_fits_one_channel_string():
+    from kvmtest.qemu.channel import MAX_STRING
+
+    assert record.RUN_SPACE + record.KMSG_SPACE == record.MAX_TRACE
+    assert len(record.b64(bytes(record.MAX_TRACE))) <= MAX_STRING
+    # the most kvmtest_kmsg_drain writes: READ, KEEP_LINES headers, KEEP_BYTES, DROPPED
+    assert record.KMSG_SPACE == 8 + 8 * kmsg.KEEP_LINES + kmsg.KEEP_BYTES + 8 + 4
+
+
+# ---- the kernel log around a recorded case ------------------------------------------
+#
+# Lines planted in the real /dev/kmsg hold a word of this module's own
+# (KvmBackend(kmsg_words=)): tests running beside these (pytest-xdist) watch
+# the same log for kmsg.BAD_WORDS and must not see a planted WARNING.
+
+WORD = "kvmtest-test-record"
+
+
+def _plant(line: str) -> None:
+    # A descriptor per line: /dev/kmsg rate-limits each open file's writes
+    # (printk_devkmsg=ratelimit: a burst of 10).
+    fd = os.open(kmsg.KMSG, os.O_WRONLY)
+    try:
+        os.write(fd, f"<6>{line}\n".encode())
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def planting(real_kvm):
+    """Both paths on the host's KVM, watching the kernel log for WORD."""
+    if not os.access(kmsg.KMSG, os.R_OK | os.W_OK):
+        pytest.skip("cannot read and write /dev/kmsg: run as root to test the kernel-log read")
+    recorded = KvmBackend(kmsg_words=(WORD,))
+    python = KvmBackend(records=False, kmsg_words=(WORD,))
+    yield recorded, python
+    recorded.close()
+    python.close()
+
+
+def test_the_kernel_log_during_a_case_is_read_in_c(planting):
+    """Lines logged while a recorded case runs: those with the word come back
+    in the trace, as Kmsg.watch() would report them; the others do not; a
+    line logged before the case does not."""
+    import threading
+
+    recorded, _ = planting
     case = _case("spin")
     payload = load_payload(case.payload)
+    mark = f"{os.getpid()}-{time.monotonic_ns()}"
+    _plant(f"{WORD} before the case {mark}")
 
     def log() -> None:
         time.sleep(0.1)
-        with open("/dev/kmsg", "w") as kmsg:
-            kmsg.write("<6>kvmtest: an ordinary line\n")
-            kmsg.flush()
-            kmsg.write("<4>kvmtest: WARNING: CPU: 0 PID: 1 at test_record.py (a test line)\n")
+        _plant(f"an ordinary line {mark}")
+        _plant(f"{WORD}: WARN-like line during the case {mark}")
 
     writer = threading.Thread(target=log)
     writer.start()
     try:
-        trace = real_kvm["backend"].record(payload, False, {},
-                                           record.compile_case(case, payload), 0.5)
+        trace = recorded.record(payload, False, {}, record.compile_case(case, payload), 0.5)
     finally:
         writer.join()
-    steps, lines = record.parse(trace, 0.5)
+    steps, lines = record.parse(trace, 0.5, recorded.kmsg_bad)
     assert type(steps[-1].exit) is TimedOut
-    assert lines == ["kvmtest: WARNING: CPU: 0 PID: 1 at test_record.py (a test line)"]
+    assert lines == [f"{WORD}: WARN-like line during the case {mark}"]
+    with pytest.raises(record.ReplayError, match="without a bad word"):
+        record.parse(trace, 0.5)  # kmsg.BAD_WORDS: the planted line holds none
+
+
+def test_a_line_logged_while_the_machine_is_taken_counts_on_both_paths(planting, monkeypatch):
+    """The kernel log is watched from before the machine is taken (a vCPU
+    renewed, a VM made) until after it is given back, on both paths: a
+    line logged by renew() belongs to the case that caused it.  (renew() is
+    wrapped to log a real line at that moment.)"""
+    from kvmtest.backends import kvm as kvm_backend
+
+    renew = kvm_backend.KvmMachine.renew
+    logged: list[str] = []
+
+    def logging_renew(self, *args, **kwargs):
+        line = f"{WORD} renewing a vCPU {len(logged)} {os.getpid()}"
+        logged.append(line)
+        _plant(line)
+        return renew(self, *args, **kwargs)
+
+    monkeypatch.setattr(kvm_backend.KvmMachine, "renew", logging_renew)
+    seen = []
+    for backend in planting:
+        runner.run_case(backend, _case("spin"), 0.2)  # not at a ucall: the next case renews
+        obs = runner.run_case(backend, _case("ping", count=0), 5.0)
+        seen.append(obs.kernel_warnings)
+    assert seen == [[logged[0]], [logged[1]]]
+
+
+def test_a_warn_storm_keeps_the_same_lines_on_both_paths(planting):
+    """More lines than kmsg.KEEP_LINES: each path keeps the first ones and
+    says how many more there were (the trace stays within MAX_TRACE)."""
+    import threading
+
+    observed = []
+    for backend in planting:
+        n = kmsg.KEEP_LINES + 6
+        lines = [f"{WORD} storm {i} {os.getpid()}" for i in range(n)]
+
+        def storm(lines: list[str]) -> None:
+            time.sleep(0.05)
+            for line in lines:
+                _plant(line)
+
+        writer = threading.Thread(target=storm, args=(lines,))
+        writer.start()
+        try:
+            obs = runner.run_case(backend, _case("spin"), 1.0)
+        finally:
+            writer.join()
+        assert obs.kernel_warnings == [*lines[:kmsg.KEEP_LINES], kmsg.dropped(6)]
+        observed.append(obs)
+    assert observed[0] == observed[1]
+
+
+def test_the_c_drain_keeps_what_kmsg_keep_keeps(real_kvm):
+    """kvmtest_kmsg_drain with kmsg.BAD_WORDS, against kmsg.keep, record by
+    record.  The records come from a SOCK_SEQPACKET socket standing in for
+    /dev/kmsg (one read, one record, EAGAIN at the end, as /dev/kmsg): real
+    WARNING lines planted in the real log would be seen by tests beside."""
+    import socket
+
+    backend = real_kvm["backend"]
+    bad = [f"4,{i},5,-;WARNING: CPU: 0 PID: {i} at nested.c\n".encode() for i in range(70)]
+    batches = [
+        [],
+        [b"6,1,2,-;kvm: fine\n", b"4,2,3,-;BUG: kernel NULL pointer\n", b"no prefix Oops",
+         b"4,3,4,-;\xff\xfe UBSAN: array-index\n", b"6,4,5,-;WARNING before semicolon;x\n"],
+        bad,
+        bad[:kmsg.KEEP_LINES],
+        [b"4,1,2,-;RCU stall " + b"z" * 8000] * 4,  # over KEEP_BYTES at the fourth
+        [b"6,1,2,-;fine\n"] * 3 + [b"4,1,2,-;Call Trace:\n"] + [b"4,1,2,-;Oops\n" * 2],
+    ]
+    for records in batches:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            for r in records:
+                a.send(r)
+            b.setblocking(False)
+            trace = backend._kmsg_drain(b.fileno())
+        finally:
+            a.close()
+            b.close()
+        _, log = record.parse(HLT + trace, 5.0)
+        assert log == kmsg.keep(records), records[:2]
+    assert log != [] and len(kmsg.keep(bad)) == kmsg.KEEP_LINES + 1
+
+
+def test_a_signal_handler_runs_while_a_recorded_case_runs(real_kvm):
+    """A stray signal stops KVM_RUN: its Python handler runs at once, as in
+    drive()'s loop (not when the case ends), and an exception it raises ends
+    the case with the deadline disarmed and its signal unblocked."""
+    import signal
+    import threading
+
+    from kvmtest.kvm.deadline import SIGNAL
+
+    class Stop(Exception):
+        pass
+
+    def handler(signo, frame):
+        raise Stop()
+
+    backend = real_kvm["backend"]
+    case = _case("spin")
+    payload = load_payload(case.payload)
+    compiled = record.compile_case(case, payload)
+    old = signal.signal(signal.SIGUSR2, handler)
+    try:
+        seconds = 30.0  # the case's own end, were the handler kept waiting
+        timer = threading.Timer(0.2, signal.pthread_kill,
+                                (threading.main_thread().ident, signal.SIGUSR2))
+        started = time.monotonic()
+        timer.start()
+        with pytest.raises(Stop):
+            backend.record(payload, False, {}, compiled, seconds)
+        assert time.monotonic() - started < seconds / 2
+        timer.join()
+        assert SIGNAL not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        # A harmless stray signal: the case goes on, recorded as an interruption.
+        signal.signal(signal.SIGUSR2, lambda *_: None)
+        timer = threading.Timer(0.1, signal.pthread_kill,
+                                (threading.main_thread().ident, signal.SIGUSR2))
+        timer.start()
+        steps, _ = record.parse(backend.record(payload, False, {}, compiled, 0.5), 0.5)
+        timer.join()
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+    assert [type(s.exit) for s in steps] == [InterruptedExit, TimedOut]
+    assert SIGNAL not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
+def test_a_failed_kvm_run_closes_the_machine(real_kvm):
+    """KVM_RUN fails (here ENOTTY: the C loop is pointed at /dev/null instead
+    of the vCPU): the trace says so, the replay raises the KvmError drive()'s
+    loop raises, and the machine is closed, not kept for the next case."""
+    import errno
+
+    backend = KvmBackend()
+    try:
+        case = _case("ping", count=0)
+        runner.run_case(backend, case, 5.0)
+        (m,) = backend._pool.values()
+        null = os.open("/dev/null", os.O_RDONLY)
+        try:
+            m._record_args.vcpu_fd = null
+            payload = load_payload(case.payload)
+            trace = backend.record(payload, False, {}, record.compile_case(case, payload), 5.0)
+        finally:
+            os.close(null)
+        steps, _ = record.parse(trace, 5.0)
+        assert [(s.exit, s.errno) for s in steps] == [(None, errno.ENOTTY)]
+        assert backend._pool == {} and m.vm.closed
+        with pytest.raises(KvmError) as info:
+            runner.replay_case(case, payload, trace, 5.0)
+        assert info.value.errno == errno.ENOTTY
+        assert runner.run_case(backend, case, 5.0).outcome  # a new machine runs the next
+    finally:
+        backend.close()

@@ -119,12 +119,23 @@ def _low_image(payload: Payload) -> bytes:
 
 DEFAULT_STEP_TIMEOUT = 2.0  # one guest instruction under the host's single-step
 
+def _run_signal_handlers() -> None:
+    """Nothing: entering a Python function is where the interpreter runs the
+    handlers of signals that arrived while C ran (its eval breaker)."""
+
+
 class ResetFailed(KvmError):
     """kvmtest_reset() failed in C: the vCPU cannot be reset (replace it)."""
 
 
-# kvmtest_case()'s words to look for in the kernel log, NUL-separated.
-_BAD_WORDS = ffi.new("char[]", b"".join(w.encode() + b"\0" for w in kmsg.BAD_WORDS) + b"\0")
+
+
+def _words(words: tuple[str, ...]):
+    """kvmtest_kmsg_drain()'s words: each NUL-terminated, then an empty one."""
+    return ffi.new("char[]", b"".join(w.encode() + b"\0" for w in words) + b"\0")
+
+
+_BAD_WORDS = _words(kmsg.BAD_WORDS)
 _NO_MASK = (1 << 64) - 1  # no KVM_SET_SIGNAL_MASK yet (a real one never has every bit)
 
 _RESET_STEPS = ("KVM_GET_NESTED_STATE", "KVM_SET_NESTED_STATE", "KVM_SET_SREGS",
@@ -170,8 +181,8 @@ class KvmMachine:
             self._record_args = self._make_record_args()
             self._bind_vcpu()
             self._load(payload)
-            self._case_args = ffi.new("struct kvmtest_case_args *", {
-                "rec": self._record_args, "words": _BAD_WORDS})
+            self._case_args = ffi.new("struct kvmtest_case_args *",
+                                      {"rec": self._record_args})
             self._finals: dict[tuple, object] = {}
         except BaseException:
             self.vm.close()
@@ -214,6 +225,7 @@ class KvmMachine:
         # Did the last run stop at a ucall (the guest stopped where kvmtest
         # expected)?  Only then can reset() vouch for the vCPU.
         self.at_ucall = False
+        self.run_errno = 0  # record_case(): KVM_RUN failed with it
         self.touched_nested_state = False
         self._pending_irq: int | None = None
 
@@ -352,12 +364,15 @@ class KvmMachine:
         return found
 
     def record_case(self, compiled: record.Compiled, timeout: float,
-                    reset: Payload | None, kmsg_fd: int | None) -> bytes:
+                    reset: Payload | None) -> bytes:
         """Run an eligible case (kvmtest.record) in one C call (kvmtest_case,
         csrc/record.c): with RESET, reset() for that payload first; the
-        kernel log read around it as Kmsg.watch() does, the case's deadline
-        armed as run() arms it; its memory written, then KVM_RUN until it
-        ends.  The trace; ResetFailed if the reset did (nothing ran)."""
+        case's deadline armed as run() arms it; its memory written, then
+        KVM_RUN until it ends.  The trace (without the kernel log: the
+        backend reads it around the whole case); ResetFailed if the reset
+        failed (nothing ran).  run_errno tells whether KVM_RUN failed."""
+        if not timeout > 0:  # NaN included: C would arm a 1 ns deadline
+            raise ValueError(f"a case timeout of {timeout!r} seconds")
         vcpu = self.vcpu
         c = self._case_args
         c.reset = self._fill_reset(reset) if reset is not None else ffi.NULL
@@ -373,10 +388,22 @@ class KvmMachine:
         c.timer = vcpu._thread_timer().handle
         c.timeout = timeout
         c.kvm_sigmask = _NO_MASK if vcpu.signal_mask is None else vcpu.signal_mask
-        c.kmsg_fd = -1 if kmsg_fd is None else kmsg_fd
-        n = lib.kvmtest_case(c)
-        del writes
-        vcpu.signal_mask = c.kvm_sigmask if c.kvm_sigmask != _NO_MASK else vcpu.signal_mask
+        try:
+            n = lib.kvmtest_case(c)
+            while c.paused:
+                # A stray signal stopped KVM_RUN: its Python handler runs
+                # now, as in drive()'s loop (a KeyboardInterrupt ends the
+                # case here), then the case goes on.
+                _run_signal_handlers()
+                n = lib.kvmtest_case_resume(c)
+        except BaseException:
+            if c.paused:
+                lib.kvmtest_case_end(c, 0)  # the deadline ended, as Deadline's finally
+            raise
+        finally:
+            del writes
+            if c.kvm_sigmask != _NO_MASK:
+                vcpu.signal_mask = c.kvm_sigmask
         if n < 0:
             if c.failed_step >= 0:
                 raise ResetFailed(_RESET_STEPS[c.failed_step], -n)
@@ -384,6 +411,7 @@ class KvmMachine:
         if reset is not None:
             self._loaded()
         self.at_ucall = bool(a.at_ucall)
+        self.run_errno = a.run_errno
         return bytes(ffi.buffer(self._trace, n))
 
     def _make_record_args(self):
@@ -400,8 +428,8 @@ class KvmMachine:
         size = max(self.vm.nested_state_size, HEADER_SIZE + lib.KVM_STATE_NESTED_SVM_VMCB_SIZE)
         a.nested_buf = self._record_nested = ffi.new("uint8_t[]", size)
         a.nested_size = size
-        a.out = self._trace = ffi.new("uint8_t[]", record.MAX_TRACE)
-        a.out_cap = record.MAX_TRACE
+        a.out = self._trace = ffi.new("uint8_t[]", record.RUN_SPACE)
+        a.out_cap = record.RUN_SPACE
         return a
 
     def run(self, timeout: float) -> Exit:
@@ -593,8 +621,14 @@ class KvmBackend:
     name = "kvm"
 
     def __init__(self, profile: str | None = None, reuse: bool | None = None,
-                 park: bool | None = None, records: bool | None = None) -> None:
+                 park: bool | None = None, records: bool | None = None,
+                 kmsg_words: tuple[str, ...] = kmsg.BAD_WORDS) -> None:
         self.profile = profile
+        # What a kernel-log line must hold to count against a case: kmsg's
+        # BAD_WORDS (a test that plants lines watches for its own word, so
+        # that tests running beside it see nothing bad).
+        self.kmsg_bad = kmsg.BAD if kmsg_words == kmsg.BAD_WORDS else kmsg.pattern(kmsg_words)
+        self._kmsg_words = _BAD_WORDS if kmsg_words == kmsg.BAD_WORDS else _words(kmsg_words)
         # KVMTEST_RECORD=0: every case on drive()'s Python loop, none recorded
         # in C and replayed (kvmtest.record; for comparison).
         self.records = os.environ.get("KVMTEST_RECORD") != "0" if records is None else records
@@ -605,6 +639,7 @@ class KvmBackend:
         self.park = os.environ.get("KVMTEST_PARK_VCPUS") != "0" if park is None else park
         self._pool: dict[tuple, KvmMachine] = {}
         self._kmsg = kmsg.Kmsg()
+        self._kmsg_args = None
         self.kvm = Kvm(dev_kvm())  # raises KvmUnavailable with an actionable message
         try:
             if not self.kvm.check_extension(lib.KVM_CAP_EXT_CPUID):
@@ -731,26 +766,47 @@ class KvmBackend:
 
     def record(self, payload: Payload, svm: bool, cpuid: dict[str, bool] | None,
                compiled: record.Compiled, timeout: float) -> bytes:
-        """An eligible case (kvmtest.record) in one C call, kernel log and
-        reset included (kvmtest_case); its trace.  The same machine choice
-        as machine(): a vCPU whose reset fails is replaced by a new VM."""
+        """An eligible case (kvmtest.record) in one C call, reset included
+        (kvmtest_case); its trace.  As run_case() does on the Python path:
+        the kernel log watched from before the machine is taken until after
+        it is given back (or closed); a vCPU whose reset fails replaced by a
+        new VM; a machine whose KVM_RUN failed closed."""
+        kmsg_fd = self._kmsg.mark()
         m, reset = self._take(payload, svm, cpuid, defer_reset=True)
-        kmsg_fd = self._kmsg.fd()
         try:
             try:
-                trace = m.record_case(compiled, timeout, payload if reset else None, kmsg_fd)
+                trace = m.record_case(compiled, timeout, payload if reset else None)
             except ResetFailed:
                 m.close()
                 m = self._new_machine(payload, m.cpuid_key)
-                trace = m.record_case(compiled, timeout, None, kmsg_fd)
+                trace = m.record_case(compiled, timeout, None)
         except BaseException:
             m.close()
             raise
-        self._give_back(m)
+        if m.run_errno:  # machine() closes one whose run() raised KvmError
+            m.close()
+        else:
+            self._give_back(m)
+        if kmsg_fd is not None:
+            trace += self._kmsg_drain(kmsg_fd)
         return trace
 
+    def _kmsg_drain(self, fd: int) -> bytes:
+        """The trace's kernel-log records (kvmtest_kmsg_drain, csrc/record.c)."""
+        k = self._kmsg_args
+        if k is None:
+            k = self._kmsg_args = ffi.new("struct kvmtest_kmsg_args *", {
+                "words": self._kmsg_words, "keep_lines": kmsg.KEEP_LINES,
+                "keep_bytes": kmsg.KEEP_BYTES, "out_cap": record.KMSG_SPACE})
+            self._kmsg_out = k.out = ffi.new("uint8_t[]", record.KMSG_SPACE)
+        k.fd = fd
+        n = lib.kvmtest_kmsg_drain(k)
+        if n < 0:
+            raise KvmError("kvmtest_kmsg_drain", -n)
+        return bytes(ffi.buffer(self._kmsg_out, n))
+
     def kernel_log(self):
-        return self._kmsg.watch()
+        return self._kmsg.watch(self.kmsg_bad)
 
     def describe(self) -> dict[str, str]:
         return {"backend": self.name, "kernel": os.uname().release,

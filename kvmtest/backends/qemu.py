@@ -68,6 +68,7 @@ class QemuBackend:
         self.guest_facts: dict = {}
         self.unattributed_warnings: list[str] = []
         self.timings: dict = {}
+        self.replayed = 0
         self.outdir: Path | None = None
         self.run_as = ""
         # share_boot: the guest stays up after a batch; finish_config() ends
@@ -208,6 +209,7 @@ class QemuBackend:
         self.outdir = session.outdir
         self.run_as = session.run_as
         self.timings = {**session.timings, **session.guest_timings()}
+        self.replayed = session.replayed  # kvmtest.record: cases run in C, replayed here
         if session.facts is not None:
             self.guest_facts = {"kernel": session.facts.kernel}
 

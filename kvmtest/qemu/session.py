@@ -244,6 +244,7 @@ class QemuSession:
         # records=False or KVMTEST_RECORD=0: every case whole, on the agent's
         # Python drive() (kvmtest.record; what the recorded path is compared with).
         self.records = os.environ.get("KVMTEST_RECORD") != "0" if records is None else records
+        self.replayed = 0  # cases whose trace was replayed here, over the session
 
     # -- lifecycle
 
@@ -504,7 +505,9 @@ class QemuSession:
         if len(set(ids)) != len(ids):
             raise QemuError("a batch with duplicate case ids")
         by_id = {c.id: c for c in cases}
-        vm.send({"t": "batch", "timeout": timeout, "cases": [self._entry(c) for c in cases]})
+        entries = [self._entry(c) for c in cases]
+        compiled = {e["id"] for e in entries if "record" in e}
+        vm.send({"t": "batch", "timeout": timeout, "cases": entries})
         started = time.monotonic()
         deadline = started + timeout + PER_CASE_BUDGET * len(cases) + 30.0
         silence = timeout + self.case_silence
@@ -522,7 +525,8 @@ class QemuSession:
                 if frame["t"] != "result" or frame["id"] != case_id:
                     raise self._fault(f"the guest broke the protocol: expected the result of "
                                       f"{case_id}, got {self._describe(frame)}")
-                yield case_id, self._result(frame, by_id[case_id], timeout)
+                yield case_id, self._result(frame, by_id[case_id], timeout,
+                                            case_id in compiled)
             done = True
         finally:
             self.timings["cases_s"] = round(time.monotonic() - started, 3)
@@ -550,11 +554,19 @@ class QemuSession:
                 "needs": sorted(case.needs), "cpuid": dict(case.cpuid)}}
         return to_json(case)
 
-    def _result(self, frame: dict[str, Any], case: Case, timeout: float) -> Result:
+    def _result(self, frame: dict[str, Any], case: Case, timeout: float,
+                compiled: bool) -> Result:
+        """COMPILED: the case was sent compiled, so its result is a trace (or
+        a skip or an error), never an observation; else the other way."""
         outcomes = [k for k in ("observation", "skip", "error", "trace") if k in frame]
         if len(outcomes) != 1:
             raise self._fault("the guest broke the protocol: a result with "
                               f"{' and '.join(outcomes) or 'no outcome'}")
+        wrong = "observation" if compiled else "trace"
+        if wrong in frame:
+            raise self._fault(f"the guest broke the protocol: {'an' if compiled else 'a'} "
+                              f"{wrong} for {case.id}, which was sent "
+                              f"{'compiled' if compiled else 'whole'}")
         if "skip" in frame:
             return "guest: " + printable(frame["skip"], 500)
         if "error" in frame:
@@ -576,8 +588,12 @@ class QemuSession:
         except record.ReplayError as e:
             raise self._fault(f"the guest sent a malformed trace for {case.id}: "
                               f"{printable(str(e), 300)}") from None
+        self.replayed += 1
         try:
             obs = record.replay(case, _payload(case.payload), steps, timeout)
+        except record.ReplayError as e:  # well-formed, but not the run drive() asks for
+            raise self._fault(f"the guest's trace for {case.id} does not answer drive(): "
+                              f"{printable(str(e), 300)}") from None
         except Exception as e:  # as the agent reports an error in its drive()
             return CaseError(printable(f"{type(e).__name__}: {e} (replaying its trace on "
                                        "the host)", 2000))

@@ -159,6 +159,15 @@ elif MODE == "bad-trace":        # a recorded case's trace (kvmtest.record) that
     trace = struct.pack("<II", 1, len(io)) + io
     text = binascii.b2a_base64(trace, newline=False).decode()
     send({"t": "result", "id": case_id, "trace": text})
+elif MODE in ("trace-for-whole", "lying-trace"):  # well-formed traces, wrong
+    import binascii, struct
+    case_id = first_case()
+    hlt = struct.pack("<II", 2, 0)  # two KVM_EXIT_HLTs: drive() stops at the first
+    text = binascii.b2a_base64(hlt * 2, newline=False).decode()
+    send({"t": "result", "id": case_id, "trace": text})
+elif MODE == "observation-for-compiled":
+    case_id = first_case()
+    send({"t": "result", "id": case_id, "observation": {"outcome": "sync"}})
 elif MODE == "wrong-case":
     first_case()
     send({"t": "result", "id": "not/in/the/batch", "skip": "no"})
@@ -247,6 +256,12 @@ ATTACKS = {
                         r"64-bit integer, got str"),
     "bad-trace": ("cases", r"malformed trace for insn/nosvm-vmrun: IO record longer than "
                   r"size x count"),
+    "trace-for-whole": ("cases", r"broke the protocol: a trace for insn/nosvm-vmrun, which "
+                        r"was sent whole"),
+    "observation-for-compiled": ("cases", r"broke the protocol: an observation for "
+                                 r"insn/nosvm-vmrun, which was sent compiled"),
+    "lying-trace": ("cases", r"the guest's trace for insn/nosvm-vmrun does not answer "
+                    r"drive\(\): 1 recorded exits not replayed"),
     "wrong-case": ("cases", r"expected the result of .*, got a 'result' frame for "
                    r"'not/in/the/batch'"),
     "die": ("cases", r"the guest agent exited early with status 5"),
@@ -259,6 +274,10 @@ ATTACKS = {
                   r"unknown field"),
 }
 
+# Modes whose batch goes out with every case whole (records=False); in the
+# others the first case, insn/nosvm-vmrun, goes out compiled (kvmtest.record).
+SENT_WHOLE = {"bad-observation", "trace-for-whole"}
+
 
 @pytest.mark.parametrize("mode", sorted(ATTACKS))
 def test_each_attack_ends_in_a_named_fault(mode: str, tmp_path: Path, victim: Path) -> None:
@@ -266,7 +285,8 @@ def test_each_attack_ends_in_a_named_fault(mode: str, tmp_path: Path, victim: Pa
     before = _tree(victim.parent)
     limits = Limits(console_max=256 * 1024)
     session = QemuSession(KERNEL, command=[GUEST_PYTHON, "-S", "-I", SCRIPT, mode, str(victim)],
-                          files={SCRIPT: HOSTILE.encode()}, limits=limits, case_silence=10.0)
+                          files={SCRIPT: HOSTILE.encode()}, limits=limits, case_silence=10.0,
+                          records=mode not in SENT_WHOLE)
     cases = catalogue()[:3]
     t0 = time.monotonic()
     with pytest.raises(GuestFault) as info, session:
