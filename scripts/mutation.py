@@ -66,6 +66,7 @@ MODULES = (
     _module("params", "kvmtest/params.py", False),
     _module("vmcb", "kvmtest/vmcb.py", False),
     _module("record", "kvmtest/record.py", False),
+    _module("kmsg", "kvmtest/kmsg.py", False),
 )
 
 # mutmut mutates function bodies only.  These bugs go into the tables at

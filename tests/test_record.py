@@ -567,6 +567,25 @@ def test_the_c_drain_keeps_what_kmsg_keep_keeps(real_kvm):
     assert log != [] and len(kmsg.keep(bad)) == kmsg.KEEP_LINES + 1
 
 
+def test_keep_takes_the_first_bad_records_then_counts_the_rest():
+    """kmsg.keep, what both paths report: bad records only, in order, the
+    first KEEP_LINES within KEEP_BYTES; after the first one not kept, none
+    is (a prefix of the storm), and one line says how many."""
+    line = b"4,1,2,-;WARNING: x\n"
+    assert kmsg.keep([]) == [] and kmsg.keep([b"6,1,2,-;fine\n"]) == []
+    assert kmsg.keep([line] * kmsg.KEEP_LINES) == ["WARNING: x"] * kmsg.KEEP_LINES
+    assert kmsg.keep([line] * (kmsg.KEEP_LINES + 2)) == (
+        ["WARNING: x"] * kmsg.KEEP_LINES + [kmsg.dropped(2)])
+    big = b"4,1,2,-;Oops " + b"o" * (kmsg.KEEP_BYTES // 2 - 13)
+    assert len(big) * 2 == kmsg.KEEP_BYTES
+    assert kmsg.keep([big, big]) == [kmsg.message(big)] * 2
+    assert kmsg.keep([big, big + b"o", line, b"6,1,2,-;fine\n"]) == [
+        kmsg.message(big), kmsg.dropped(2)]
+    assert kmsg.keep([b"6,1,2,-;mine\n", line], kmsg.pattern(["mine"])) == ["mine"]
+    assert kmsg.dropped(3) == "kvmtest: 3 more kernel-log records with a bad word, not kept"
+    assert not kmsg.BAD.search(kmsg.dropped(3))
+
+
 def test_a_signal_handler_runs_while_a_recorded_case_runs(real_kvm):
     """A stray signal stops KVM_RUN: its Python handler runs at once, as in
     drive()'s loop (not when the case ends), and an exception it raises ends
