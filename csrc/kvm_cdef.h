@@ -357,6 +357,7 @@ struct kvmtest_case_args {
     struct kvmtest_record_args *rec;
     void *timer;
     double timeout;
+    long long timeout_ns;
     uint64_t kvm_sigmask;
     int failed_step;
     int paused;

@@ -423,7 +423,8 @@ struct kvmtest_case_args {
     struct kvmtest_reset_args *reset;  /* NULL: a fresh vCPU, nothing to reset */
     struct kvmtest_record_args *rec;
     void *timer;                   /* the vCPU thread's deadline timer (kvm/deadline.py) */
-    double timeout;
+    double timeout;                /* seconds: the deadline's end, as Deadline's `when` */
+    long long timeout_ns;          /* the timer's, as Timer.arm() computes it (>= 1) */
     uint64_t kvm_sigmask;          /* in/out: the vCPU's KVM_SET_SIGNAL_MASK */
     int failed_step;               /* out: the reset's ioctl that failed */
     int paused;                    /* out: stopped at a stray signal; resume or end */
@@ -494,7 +495,7 @@ static long long kvmtest_case(struct kvmtest_case_args *c)
         c->kvm_sigmask = mask;
     }
     a->when = kvmtest_now() + c->timeout;
-    r = kvmtest_timer_arm(c->timer, c->timeout * 1e9 > 1 ? (long long)(c->timeout * 1e9) : 1);
+    r = kvmtest_timer_arm(c->timer, c->timeout_ns);
     if (r < 0)
         return kvmtest_case_end(c, r);
     r = kvmtest_record_begin(a);
@@ -544,8 +545,8 @@ static long long kvmtest_kmsg_drain(struct kvmtest_kmsg_args *k)
     for (;;) {
         ssize_t r = read(k->fd, buf, sizeof(buf));
 
-        if (r < 0 && errno == EPIPE)
-            continue;  /* records overwritten while we read: go on */
+        if (r < 0 && (errno == EPIPE || errno == EINTR))
+            continue;  /* records overwritten while we read (or a signal): go on */
         if (r <= 0)
             break;     /* EAGAIN: nothing more */
         if (!kvmtest_bad(buf, r, k->words))

@@ -90,9 +90,12 @@ def unpack_trace(text: object) -> bytes:
     if not text.isascii():  # a2b_base64 raises ValueError, not binascii.Error, on those
         raise ReplayError("a trace that is not base64 (a character outside ASCII)")
     try:
-        return binascii.a2b_base64(text, strict_mode=True)
+        data = binascii.a2b_base64(text, strict_mode=True)
     except binascii.Error as e:
         raise ReplayError(f"a trace that is not base64 ({e})") from None
+    if b64(data) != text:  # strict_mode still takes "QUJ=" or "QR=="
+        raise ReplayError("a trace that is not base64 (not as b64() writes it)")
+    return data
 
 
 class ReplayError(RuntimeError):
@@ -178,9 +181,12 @@ def _exit(tag: int, body: bytes, timeout: float) -> Exit:
             raise ReplayError("IO record longer than size x count")
         return IoExit(direction, port, size, count, data)
     if tag == MMIO:
-        if n < _MMIO.size or n > _MMIO.size + 8:
+        if n < _MMIO.size:
             raise ReplayError("bad MMIO record")
         phys, length, is_write = _MMIO.unpack_from(body)
+        # record.c keeps a write's data, min(len, 8) bytes, and none of a read's
+        if is_write > 1 or n - _MMIO.size != (min(length, 8) if is_write else 0):
+            raise ReplayError("bad MMIO record")
         return MmioExit(phys, body[_MMIO.size:], length, bool(is_write))
     if tag == FAIL_ENTRY:
         _size(body, _FAIL.size)
@@ -266,6 +272,9 @@ def parse(trace: bytes, timeout: float, bad: re.Pattern[str] = kmsg.BAD
             if log is None or closed:
                 raise ReplayError("a kernel-log record out of place or too long")
             if tag == KMSG_DROPPED:
+                # record.c drops a record only when the next could not fit
+                if len(log) < kmsg.KEEP_LINES and kept + kmsg.RECORD_MAX <= kmsg.KEEP_BYTES:
+                    raise ReplayError("kernel-log records dropped while there was room")
                 log.append(_kmsg_dropped(body))
                 closed = True
                 continue
@@ -292,7 +301,7 @@ def parse(trace: bytes, timeout: float, bad: re.Pattern[str] = kmsg.BAD
             if not steps:
                 raise ReplayError("nested state recorded before any exit")
             ok, flags, vmcb_pa = _NESTED.unpack(body)
-            if ok not in (0, 1) or flags > 0xFFFF:
+            if ok not in (0, 1) or flags > 0xFFFF or (not ok and (flags or vmcb_pa)):
                 raise ReplayError("bad NESTED record")
             guest_mode = flags & KVM_STATE_NESTED_GUEST_MODE
             steps[-1].nested = NestedView(flags, vmcb_pa if guest_mode else None) if ok else None

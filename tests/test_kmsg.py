@@ -92,5 +92,25 @@ def test_watches_do_not_nest() -> None:
         with k.watch(MARK), pytest.raises(RuntimeError, match="inside a watch"), \
                 k.watch(MARK):
             pass
+        with k.watch(MARK), pytest.raises(RuntimeError) as info:
+            k.mark()  # nor does a C helper's watch (KvmBackend.record)
+        assert str(info.value) == "Kmsg.mark inside a watch of the same Kmsg"
     finally:
         k.close()
+
+
+def test_an_unreadable_log_is_not_opened_again(monkeypatch, tmp_path) -> None:
+    """A log that cannot be opened is not retried case after case (one open
+    per backend): every watch says "not checked" (None), even once the path
+    would open."""
+    absent = tmp_path / "kmsg"
+    monkeypatch.setattr(kmsg, "KMSG", str(absent))
+    k = kmsg.Kmsg()
+    with k.watch() as found:
+        assert found is None
+    assert k.mark() is None
+    absent.write_bytes(b"")
+    with k.watch() as found:
+        assert found is None
+    assert k.mark() is None
+    k.close()

@@ -62,6 +62,20 @@ def test_recorded_cases_observe_what_the_python_loop_observes(backends, real_kvm
         assert a == b, case.id
 
 
+def test_odd_timeouts_end_the_same_on_both_paths(backends):
+    """A timeout of zero or less expires at once (Timer.arm: 1 ns) on both
+    paths; NaN and infinity raise what Timer.arm raises, on both paths."""
+    case = _case("spin")
+    for seconds in (0.0, -1.0):
+        a, b = (runner.run_case(backend, case, seconds) for backend in backends)
+        assert a == b and a.outcome == "timeout", seconds
+    for seconds, error in ((float("nan"), ValueError), (float("inf"), OverflowError),
+                           (1e10, OverflowError)):
+        for backend in backends:
+            with pytest.raises(error):
+                runner.run_case(backend, case, seconds)
+
+
 def test_the_c_loop_records_what_drive_reads(real_kvm):
     """The trace of a SYNC-then-DONE case: two ucall exits, each with the
     ucall's arguments; the SYNC also with the result block and nested state."""
@@ -121,6 +135,14 @@ def snap(gpa: int, data: bytes) -> bytes:
      "IO record longer than size x count"),
     (rec(record.MMIO, bytes(15)), "bad MMIO record"),
     (rec(record.MMIO, bytes(16 + 9)), "bad MMIO record"),
+    (rec(record.MMIO, struct.pack("<QIB3x", 0xFEE00000, 4, 0) + bytes(4)),
+     "bad MMIO record"),  # a read carries no data
+    (rec(record.MMIO, struct.pack("<QIB3x", 0xFEE00000, 4, 2) + bytes(4)), "bad MMIO record"),
+    (rec(record.MMIO, struct.pack("<QIB3x", 0xFEE00000, 4, 1) + bytes(3)), "bad MMIO record"),
+    (rec(record.MMIO, struct.pack("<QIB3x", 0xFEE00000, 16, 1) + bytes(7)), "bad MMIO record"),
+    (rec(record.MMIO, struct.pack("<QIB3x", 0xFEE00000, 16, 1) + bytes(9)), "bad MMIO record"),
+    (HLT + rec(record.NESTED, struct.pack("<IIQ", 0, 1, 0)), "bad NESTED record"),
+    (HLT + rec(record.NESTED, struct.pack("<IIQ", 0, 0, 0x9000)), "bad NESTED record"),
     (rec(record.INTERNAL, bytes(7)), "short record"),
     (rec(record.INTERNAL, struct.pack("<II", 1, 17) + bytes(8 * 17)), "bad data count"),
     (rec(record.SYSTEM_EVENT, struct.pack("<II", 1, 2) + bytes(8)), "bad data count"),
@@ -145,7 +167,7 @@ def test_malformed_traces_are_refused(trace, why):
 
 def test_every_exit_record_becomes_the_exit_vcpu_run_makes():
     """Each tag's body decoded field by field, at the edges of its size
-    (an MMIO write of 8 bytes, 16 data words)."""
+    (MMIO writes of 8 and 16 bytes, 8 of data; 16 data words)."""
     from kvmtest.exits import (
         DebugExit,
         FailEntryExit,
@@ -161,6 +183,7 @@ def test_every_exit_record_becomes_the_exit_vcpu_run_makes():
     trace = (rec(record.IO, struct.pack("<BBHI", 0, 2, 0x3F8, 3) + b"abcdef")
              + rec(record.MMIO, struct.pack("<QIB3x", 0x40_0000, 8, 1) + b"12345678")
              + rec(record.MMIO, struct.pack("<QIB3x", 0x40_1000, 4, 0))
+             + rec(record.MMIO, struct.pack("<QIB3x", 0x40_2000, 16, 1) + b"ABCDEFGH")
              + rec(record.FAIL_ENTRY, struct.pack("<QI", 0xFFFF_FFFF_FFFF_FFFF, 7))
              + rec(record.INTERNAL, struct.pack("<II", 3, 16) + struct.pack("<16Q", *words))
              + rec(record.SYSTEM_EVENT, struct.pack("<II", 2, 1) + struct.pack("<Q", 9))
@@ -176,6 +199,7 @@ def test_every_exit_record_becomes_the_exit_vcpu_run_makes():
         IoExit(0, 0x3F8, 2, 3, b"abcdef"),
         MmioExit(0x40_0000, b"12345678", 8, True),
         MmioExit(0x40_1000, b"", 4, False),
+        MmioExit(0x40_2000, b"ABCDEFGH", 16, True),  # data[8]: the first 8 bytes
         FailEntryExit(0xFFFF_FFFF_FFFF_FFFF, 7),
         InternalErrorExit(3, words),
         SystemEventExit(2, (9,)),
@@ -228,6 +252,9 @@ LONGEST = (record.MAX_TRACE + 2) // 3 * 4  # base64 of MAX_TRACE bytes
     ("QUJD\n", "a trace that is not base64 ("),
     ("QUJ", "a trace that is not base64 ("),
     ("QUJ\u00e9", "a trace that is not base64 (a character outside ASCII)"),
+    ("QUJ=", "a trace that is not base64 (not as b64() writes it)"),
+    ("QR==", "a trace that is not base64 (not as b64() writes it)"),
+    ("QUJDQUJDQUJD=", "a trace that is not base64 ("),
     ("\u0660\u0661\u0662\u0663", "a trace that is not base64 (a character outside ASCII)"),
     (5, f"a trace that is not base64 of at most {record.MAX_TRACE} bytes"),
     ("A" * (LONGEST + 4), f"a trace that is not base64 of at most {record.MAX_TRACE} bytes"),
@@ -318,6 +345,10 @@ def test_nested_state_records_become_what_nested_state_returns():
     assert failed is None  # KVM_GET_NESTED_STATE failed: as KvmMachine.nested_state()
 
 
+# The kernel log read, and KEEP_LINES bad records kept: no room for more.
+FULL = rec(record.KMSG_READ) + rec(record.KMSG, b"4,1,2,-;WARNING: x\n") * kmsg.KEEP_LINES
+
+
 @pytest.mark.parametrize("tail, why", [
     (rec(record.KMSG, b"4,1,2,-;WARNING: x\n"), "a kernel-log record out of place or too long"),
     (rec(record.KMSG_READ) + rec(record.KMSG_READ), "the kernel log read twice"),
@@ -327,15 +358,18 @@ def test_nested_state_records_become_what_nested_state_returns():
     (rec(record.KMSG_READ, b"x"), "record of 1 bytes, expected 0"),
     (rec(record.KMSG_DROPPED, struct.pack("<I", 1)),
      "a kernel-log record out of place or too long"),
-    (rec(record.KMSG_READ) + rec(record.KMSG_DROPPED, struct.pack("<I", 0)),
-     "0 kernel-log records dropped"),
-    (rec(record.KMSG_READ) + rec(record.KMSG_DROPPED, struct.pack("<I", 1 << 31)),
+    (FULL + rec(record.KMSG_DROPPED, struct.pack("<I", 0)), "0 kernel-log records dropped"),
+    (FULL + rec(record.KMSG_DROPPED, struct.pack("<I", 1 << 31)),
      "2147483648 kernel-log records dropped"),
-    (rec(record.KMSG_READ) + rec(record.KMSG_DROPPED, bytes(3)), "record of 3 bytes, expected 4"),
-    (rec(record.KMSG_READ) + rec(record.KMSG_DROPPED, struct.pack("<I", 1))
+    (FULL + rec(record.KMSG_DROPPED, bytes(3)), "record of 3 bytes, expected 4"),
+    (FULL + rec(record.KMSG_DROPPED, struct.pack("<I", 1))
      + rec(record.KMSG, b"4,1,2,-;WARNING: x\n"), "a kernel-log record out of place or too long"),
-    (rec(record.KMSG_READ) + rec(record.KMSG_DROPPED, struct.pack("<I", 1)) * 2,
+    (FULL + rec(record.KMSG_DROPPED, struct.pack("<I", 1)) * 2,
      "a kernel-log record out of place or too long"),
+    (rec(record.KMSG_READ) + rec(record.KMSG_DROPPED, struct.pack("<I", 1)),
+     "kernel-log records dropped while there was room"),
+    (FULL[:-27] + rec(record.KMSG_DROPPED, struct.pack("<I", 1)),
+     "kernel-log records dropped while there was room"),
     (rec(record.KMSG_READ) + rec(record.KMSG, b"4,1,2,-;WARNING: x\n") * 65,
      "more kernel-log records than kmsg.KEEP_LINES/_BYTES"),
     (rec(record.KMSG_READ) + rec(record.KMSG, b"4,1,2,-;WARNING: " + b"x" * 8000) * 4,
@@ -404,6 +438,14 @@ def test_the_edges_of_the_kernel_log_and_a_failed_run():
     big = b"4,1,2,-;WARNING: " + b"y" * (kmsg.KEEP_BYTES // 3 - 17)
     _, log = record.parse(HLT + rec(record.KMSG_READ) + rec(record.KMSG, big) * 3, 5.0)
     assert len(big) * 3 == kmsg.KEEP_BYTES and len(log) == 3
+    # Dropped only once a record might not fit: more than KEEP_BYTES - RECORD_MAX kept.
+    whole = rec(record.KMSG, b"4,1,2,-;WARNING: " + b"y" * (kmsg.RECORD_MAX - 17))
+    room = HLT + rec(record.KMSG_READ) + whole * 2  # 16 KiB kept: a whole record fits
+    dropped = rec(record.KMSG_DROPPED, struct.pack("<I", 1))
+    _, log = record.parse(room + rec(record.KMSG, b"4,1,2,-;Oops") + dropped, 5.0)
+    assert log[-2:] == ["Oops", kmsg.dropped(1)]
+    with pytest.raises(record.ReplayError, match="while there was room"):
+        record.parse(room + dropped, 5.0)
     for err in (1, record.ERRNO_MAX):
         steps, _ = record.parse(rec(record.RUN_ERROR, struct.pack("<I", err))
                                 + snap(0x100, b"ab"), 5.0)
@@ -424,11 +466,10 @@ def test_the_trace_fits_one_channel_string():
 
 # ---- the kernel log around a recorded case ------------------------------------------
 #
-# Lines planted in the real /dev/kmsg hold a word of this module's own
-# (KvmBackend(kmsg_words=)): tests running beside these (pytest-xdist) watch
-# the same log for kmsg.BAD_WORDS and must not see a planted WARNING.
-
-WORD = "kvmtest-test-record"
+# Lines planted in the real /dev/kmsg hold a word of the test's own
+# (KvmBackend(kmsg_words=)): tests running beside these (pytest-xdist, or
+# another run on the machine) watch the same log for kmsg.BAD_WORDS, or for
+# another test's word, and must see none of them.
 
 
 def _plant(line: str) -> None:
@@ -442,18 +483,24 @@ def _plant(line: str) -> None:
 
 
 @pytest.fixture
-def planting(real_kvm):
+def word(request) -> str:
+    """This test's own word, in this process."""
+    return f"kvmtest-test-record-{request.node.name[5:25]}-{os.getpid()}-{time.monotonic_ns()}"
+
+
+@pytest.fixture
+def planting(real_kvm, word):
     """Both paths on the host's KVM, watching the kernel log for WORD."""
     if not os.access(kmsg.KMSG, os.R_OK | os.W_OK):
         pytest.skip("cannot read and write /dev/kmsg: run as root to test the kernel-log read")
-    recorded = KvmBackend(kmsg_words=(WORD,))
-    python = KvmBackend(records=False, kmsg_words=(WORD,))
+    recorded = KvmBackend(kmsg_words=(word,))
+    python = KvmBackend(records=False, kmsg_words=(word,))
     yield recorded, python
     recorded.close()
     python.close()
 
 
-def test_the_kernel_log_during_a_case_is_read_in_c(planting):
+def test_the_kernel_log_during_a_case_is_read_in_c(planting, word):
     """Lines logged while a recorded case runs: those with the word come back
     in the trace, as Kmsg.watch() would report them; the others do not; a
     line logged before the case does not."""
@@ -462,13 +509,13 @@ def test_the_kernel_log_during_a_case_is_read_in_c(planting):
     recorded, _ = planting
     case = _case("spin")
     payload = load_payload(case.payload)
-    mark = f"{os.getpid()}-{time.monotonic_ns()}"
-    _plant(f"{WORD} before the case {mark}")
+    mark = "(a test line)"
+    _plant(f"{word} before the case {mark}")
 
     def log() -> None:
         time.sleep(0.1)
         _plant(f"an ordinary line {mark}")
-        _plant(f"{WORD}: WARN-like line during the case {mark}")
+        _plant(f"{word}: WARN-like line during the case {mark}")
 
     writer = threading.Thread(target=log)
     writer.start()
@@ -478,12 +525,13 @@ def test_the_kernel_log_during_a_case_is_read_in_c(planting):
         writer.join()
     steps, lines = record.parse(trace, 0.5, recorded.kmsg_bad)
     assert type(steps[-1].exit) is TimedOut
-    assert lines == [f"{WORD}: WARN-like line during the case {mark}"]
+    assert lines == [f"{word}: WARN-like line during the case {mark}"]
     with pytest.raises(record.ReplayError, match="without a bad word"):
         record.parse(trace, 0.5)  # kmsg.BAD_WORDS: the planted line holds none
 
 
-def test_a_line_logged_while_the_machine_is_taken_counts_on_both_paths(planting, monkeypatch):
+def test_a_line_logged_while_the_machine_is_taken_counts_on_both_paths(planting, word,
+                                                                       monkeypatch):
     """The kernel log is watched from before the machine is taken (a vCPU
     renewed, a VM made) until after it is given back, on both paths: a
     line logged by renew() belongs to the case that caused it.  (renew() is
@@ -494,7 +542,7 @@ def test_a_line_logged_while_the_machine_is_taken_counts_on_both_paths(planting,
     logged: list[str] = []
 
     def logging_renew(self, *args, **kwargs):
-        line = f"{WORD} renewing a vCPU {len(logged)} {os.getpid()}"
+        line = f"{word} renewing a vCPU {len(logged)}"
         logged.append(line)
         _plant(line)
         return renew(self, *args, **kwargs)
@@ -508,7 +556,7 @@ def test_a_line_logged_while_the_machine_is_taken_counts_on_both_paths(planting,
     assert seen == [[logged[0]], [logged[1]]]
 
 
-def test_a_warn_storm_keeps_the_same_lines_on_both_paths(planting):
+def test_a_warn_storm_keeps_the_same_lines_on_both_paths(planting, word):
     """More lines than kmsg.KEEP_LINES: each path keeps the first ones and
     says how many more there were (the trace stays within MAX_TRACE)."""
     import threading
@@ -516,7 +564,7 @@ def test_a_warn_storm_keeps_the_same_lines_on_both_paths(planting):
     observed = []
     for backend in planting:
         n = kmsg.KEEP_LINES + 6
-        lines = [f"{WORD} storm {i} {os.getpid()}" for i in range(n)]
+        lines = [f"{word} storm {i}" for i in range(n)]
 
         def storm(lines: list[str]) -> None:
             time.sleep(0.05)
@@ -550,6 +598,7 @@ def test_the_c_drain_keeps_what_kmsg_keep_keeps(real_kvm):
         bad,
         bad[:kmsg.KEEP_LINES],
         [b"4,1,2,-;RCU stall " + b"z" * 8000] * 4,  # over KEEP_BYTES at the fourth
+        [b"4,1,2,-;RCU stall " + b"z" * 8000] * 4 + [b"4,1,2,-;BUG: small\n"],  # not kept
         [b"6,1,2,-;fine\n"] * 3 + [b"4,1,2,-;Call Trace:\n"] + [b"4,1,2,-;Oops\n" * 2],
     ]
     for records in batches:

@@ -371,8 +371,9 @@ class KvmMachine:
         KVM_RUN until it ends.  The trace (without the kernel log: the
         backend reads it around the whole case); ResetFailed if the reset
         failed (nothing ran).  run_errno tells whether KVM_RUN failed."""
-        if not timeout > 0:  # NaN included: C would arm a 1 ns deadline
-            raise ValueError(f"a case timeout of {timeout!r} seconds")
+        # As Timer.arm(): at least 1 ns (0 would disarm); NaN and infinity
+        # raise here as they raise there.
+        timeout_ns = max(1, int(timeout * 1e9))
         vcpu = self.vcpu
         c = self._case_args
         c.reset = self._fill_reset(reset) if reset is not None else ffi.NULL
@@ -386,7 +387,7 @@ class KvmMachine:
         a.final_snaps, a.n_final = finals, len(compiled.final)
         a.final_nested = compiled.final_nested
         c.timer = vcpu._thread_timer().handle
-        c.timeout = timeout
+        c.timeout, c.timeout_ns = timeout, timeout_ns
         c.kvm_sigmask = _NO_MASK if vcpu.signal_mask is None else vcpu.signal_mask
         try:
             n = lib.kvmtest_case(c)

@@ -42,11 +42,11 @@ def _observations(kernel: str, cpu: str | None, kvm_amd: dict[str, str],
 def test_recorded_cases_observe_what_the_agents_drive_observes(qemu_available, kernel, cpu,
                                                                kvm_amd):
     recorded, replayed = _observations(kernel, cpu, kvm_amd, True)
-    whole, none = _observations(kernel, cpu, kvm_amd, False)
+    whole, _ = _observations(kernel, cpu, kvm_amd, False)
     assert differences(recorded, whole) == {}
     # Every eligible case the guest ran took the recorded path (the others
-    # were skipped in the guest), with every kind of ending; none without it.
+    # were skipped in the guest), with every kind of ending.
     ran = [c for c in catalogue() if record.eligible(c) and isinstance(recorded[c.id], dict)]
-    assert replayed == len(ran) > 350 and none == 0
+    assert replayed == len(ran) > 350
     outcomes = {recorded[c.id]["outcome"] for c in ran}  # type: ignore[index]
     assert {"sync", "exception"} <= outcomes
