@@ -271,17 +271,17 @@ def parse(trace: bytes, timeout: float, bad: re.Pattern[str] = kmsg.BAD
         elif tag in (KMSG, KMSG_DROPPED):
             if log is None or closed:
                 raise ReplayError("a kernel-log record out of place or too long")
-            if tag == KMSG_DROPPED:
-                # record.c drops a record only when the next could not fit
+            if tag == KMSG:
+                log.append(_kmsg_line(body, bad))
+                kept += len(body)
+                if len(log) > kmsg.KEEP_LINES or kept > kmsg.KEEP_BYTES:
+                    raise ReplayError("more kernel-log records than kmsg.KEEP_LINES/_BYTES")
+            else:
+                # record.c drops a record only when the next might not fit
                 if len(log) < kmsg.KEEP_LINES and kept + kmsg.RECORD_MAX <= kmsg.KEEP_BYTES:
                     raise ReplayError("kernel-log records dropped while there was room")
                 log.append(_kmsg_dropped(body))
                 closed = True
-                continue
-            log.append(_kmsg_line(body, bad))
-            kept += len(body)
-            if len(log) > kmsg.KEEP_LINES or kept > kmsg.KEEP_BYTES:
-                raise ReplayError("more kernel-log records than kmsg.KEEP_LINES/_BYTES")
         elif log is not None:
             raise ReplayError("a record after the kernel log")
         elif tag == SNAP:

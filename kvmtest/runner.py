@@ -213,7 +213,7 @@ def run_case(backend: Backend, case: Case, timeout: float = DEFAULT_TIMEOUT) -> 
     if getattr(backend, "records", False) and record.eligible(case):
         compiled = record.compile_case(case, payload)
         trace = backend.record(payload, svm, case.cpuid, compiled, timeout)
-        return replay_case(case, payload, trace, timeout, getattr(backend, "kmsg_bad", kmsg.BAD))
+        return replay_case(case, payload, trace, timeout, backend.kmsg_bad)
     # Only a case that changes the guest CPUID passes cpuid= (other backends
     # need not know the keyword).
     extra = {"cpuid": case.cpuid} if case.cpuid else {}

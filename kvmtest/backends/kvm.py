@@ -119,6 +119,7 @@ def _low_image(payload: Payload) -> bytes:
 
 DEFAULT_STEP_TIMEOUT = 2.0  # one guest instruction under the host's single-step
 
+
 def _run_signal_handlers() -> None:
     """Nothing: entering a Python function is where the interpreter runs the
     handlers of signals that arrived while C ran (its eval breaker)."""
@@ -128,14 +129,6 @@ class ResetFailed(KvmError):
     """kvmtest_reset() failed in C: the vCPU cannot be reset (replace it)."""
 
 
-
-
-def _words(words: tuple[str, ...]):
-    """kvmtest_kmsg_drain()'s words: each NUL-terminated, then an empty one."""
-    return ffi.new("char[]", b"".join(w.encode() + b"\0" for w in words) + b"\0")
-
-
-_BAD_WORDS = _words(kmsg.BAD_WORDS)
 _NO_MASK = (1 << 64) - 1  # no KVM_SET_SIGNAL_MASK yet (a real one never has every bit)
 
 _RESET_STEPS = ("KVM_GET_NESTED_STATE", "KVM_SET_NESTED_STATE", "KVM_SET_SREGS",
@@ -628,8 +621,10 @@ class KvmBackend:
         # What a kernel-log line must hold to count against a case: kmsg's
         # BAD_WORDS (a test that plants lines watches for its own word, so
         # that tests running beside it see nothing bad).
-        self.kmsg_bad = kmsg.BAD if kmsg_words == kmsg.BAD_WORDS else kmsg.pattern(kmsg_words)
-        self._kmsg_words = _BAD_WORDS if kmsg_words == kmsg.BAD_WORDS else _words(kmsg_words)
+        self.kmsg_bad = kmsg.pattern(kmsg_words)
+        # kvmtest_kmsg_drain()'s words: each NUL-terminated, then an empty one.
+        self._kmsg_words = ffi.new("char[]", b"".join(w.encode() + b"\0" for w in kmsg_words)
+                                   + b"\0")
         # KVMTEST_RECORD=0: every case on drive()'s Python loop, none recorded
         # in C and replayed (kvmtest.record; for comparison).
         self.records = os.environ.get("KVMTEST_RECORD") != "0" if records is None else records
